@@ -1,0 +1,129 @@
+//! The Điểm cầu conference engine: joins a room on a `diemcau-server`, publishes a site's
+//! camera and microphone (or their synthetic twins) as H.264 and Opus over WebRTC
+//! (webrtc-rs 0.21), and receives, decodes and verifies the other sites' media.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), diemcau_client::ClientError> {
+//! use diemcau_client::{JoinOptions, Room, RoomEvent};
+//! let (room, mut events) = Room::connect("ws://127.0.0.1:7600", JoinOptions::synthetic("xa-a", "hop")).await?;
+//! while let Some(ev) = events.recv().await {
+//!     if let RoomEvent::SiteJoined { site } = ev { println!("{} vào phòng", site.name); }
+//! }
+//! let report = room.leave().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`signal`] is the one boundary with the wire protocol; [`peer`] builds the
+//! WebRTC peer connection; [`publish`] runs capture → encode threads and writes samples;
+//! [`receive`] reads remote tracks, depacketises, decodes and verifies; [`room`] ties them
+//! together behind [`Room`] and a stream of [`RoomEvent`]s; [`report`] is the JSON report
+//! `diemcau-cli join` prints.
+
+pub mod assemble;
+pub mod peer;
+pub mod publish;
+pub mod receive;
+pub mod report;
+pub mod room;
+pub mod signal;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diemcau_media::I420Frame;
+use diemcau_protocol::{ErrorCode, LeaveReason, MediaKind, Role, SiteId, SiteInfo};
+
+pub use report::Report;
+pub use room::{AudioInput, JoinOptions, Room, VideoInput};
+
+/// What can go wrong when joining or in a meeting.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the server at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("the server refused: {message} ({code:?})")]
+    Refused { code: ErrorCode, message: String },
+    #[error("the server closed the connection")]
+    ServerClosed,
+    #[error("the server did not answer in time ({0})")]
+    Timeout(&'static str),
+    #[error("media connection failed: {0}")]
+    Media(String),
+    #[error("WebRTC: {0}")]
+    WebRtc(String),
+    #[error("device or codec: {0}")]
+    Device(String),
+}
+
+impl ClientError {
+    pub(crate) fn webrtc(e: impl std::fmt::Display) -> Self {
+        ClientError::WebRtc(e.to_string())
+    }
+
+    /// A sentence for a person, in Vietnamese.
+    pub fn vi(&self) -> String {
+        match self {
+            ClientError::Unreachable { url, .. } => format!(
+                "Không kết nối được tới máy chủ {url}. Hãy kiểm tra mạng hoặc địa chỉ máy chủ."
+            ),
+            ClientError::Refused { code, .. } => code.vi().to_string(),
+            ClientError::ServerClosed => "Máy chủ đã đóng kết nối.".into(),
+            ClientError::Timeout(_) => "Máy chủ không trả lời kịp; hãy thử lại.".into(),
+            ClientError::Media(_) => ErrorCode::MediaTimeout.vi().to_string(),
+            ClientError::WebRtc(_) => "Lỗi thiết lập kết nối hình và tiếng.".into(),
+            ClientError::Device(d) => format!("Lỗi thiết bị hoặc bộ mã hóa: {d}"),
+        }
+    }
+}
+
+/// What happens in a room, as the engine sees it.
+#[derive(Debug, Clone)]
+pub enum RoomEvent {
+    Joined {
+        you: SiteInfo,
+        role: Role,
+        sites: Vec<SiteInfo>,
+    },
+    SiteJoined {
+        site: SiteInfo,
+    },
+    SiteLeft {
+        site: SiteId,
+        reason: LeaveReason,
+    },
+    /// The server started sending this site's media to us.
+    TrackAdded {
+        site: SiteId,
+        kind: MediaKind,
+    },
+    TrackRemoved {
+        site: SiteId,
+        kind: MediaKind,
+    },
+    /// ICE and DTLS are up; media flows.
+    MediaConnected,
+    /// The first picture from `site` whose stamp checked out.
+    FirstVerifiedFrame {
+        site: SiteId,
+        since_join: Duration,
+    },
+    /// A decoded remote picture (only with [`JoinOptions::deliver_video`]).
+    VideoFrame {
+        site: SiteId,
+        picture: Arc<I420Frame>,
+    },
+    /// An error the server reported; `fatal` ends the meeting.
+    ServerError {
+        code: ErrorCode,
+        message: String,
+        fatal: bool,
+    },
+    /// A local device or codec failed (the message is Vietnamese).
+    DeviceError {
+        message: String,
+    },
+    /// The meeting ended for this site (server gone or media failed).
+    Disconnected {
+        reason: String,
+    },
+}

@@ -1,0 +1,306 @@
+//! The WebRTC peer connection (webrtc-rs 0.21): codecs, interceptors, local tracks.
+//!
+//! Interceptor chain: NACK generator/responder, RTCP sender/receiver reports, TWCC with the
+//! GCC send-side estimator (its target bitrate is published to the encoder through an
+//! atomic), and, application-most, [`KeyframeRequests`], which hands inbound PLI/FIR to the
+//! application so the encoder can answer them with an IDR.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::{
+    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, Packet, PacketReport,
+    Registry, Slot, StreamInfo, TaggedPacket,
+};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_congestion_control, register_default_interceptors, CongestionFeedback,
+};
+use rtc::peer_connection::configuration::media_engine::{
+    MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS,
+};
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use tokio::sync::{mpsc, watch};
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
+    RTCPeerConnectionState, SettingEngineBuilder,
+};
+
+use crate::ClientError;
+
+/// Send-side bandwidth estimator bounds (bits per second).
+pub const BWE_INITIAL_BPS: f64 = 1_200_000.0;
+pub const BWE_MIN_BPS: f64 = 80_000.0;
+pub const BWE_MAX_BPS: f64 = 4_000_000.0;
+
+pub fn h264_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_H264.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+            .to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1;usedtx=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// Wraps the GCC estimator so its target is readable outside the interceptor chain.
+struct ReportingEstimator<E: BandwidthEstimator> {
+    inner: E,
+    target: Arc<AtomicU64>,
+}
+
+impl<E: BandwidthEstimator> ReportingEstimator<E> {
+    fn publish(&self) {
+        self.target
+            .store(self.inner.target_bitrate().to_bits(), Ordering::Relaxed);
+    }
+}
+
+impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
+    fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        self.inner.on_reports(now, reports);
+        self.publish();
+    }
+    fn target_bitrate(&self) -> f64 {
+        self.inner.target_bitrate()
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.inner.handle_timeout(now);
+        self.publish();
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+    fn stats(&self) -> EstimatorStats {
+        self.inner.stats()
+    }
+}
+
+/// Marks inbound PLI/FIR for delivery to the application (inbound RTCP otherwise stops at
+/// the end of the chain) and lets everything else end there as usual.
+#[derive(Default)]
+struct KeyframeRequests {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = webrtc::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let keep: Vec<Box<dyn rtc::rtcp::Packet>> = packets
+                .iter()
+                .filter(|p| {
+                    let a = p.as_any();
+                    a.is::<PictureLossIndication>() || a.is::<FullIntraRequest>()
+                })
+                .cloned()
+                .collect();
+            if keep.is_empty() {
+                return Ok(());
+            }
+            msg.message.packet = Packet::Rtcp(keep);
+            msg.message.add(Attribute::DeliverToApplication);
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeRequests {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
+/// Forwards the peer connection's callbacks into channels (callbacks run on the
+/// connection's driver task and must not block).
+struct Handler {
+    gathering: watch::Sender<RTCIceGatheringState>,
+    state: watch::Sender<RTCPeerConnectionState>,
+    tracks: mpsc::UnboundedSender<Arc<dyn TrackRemote>>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, s: RTCIceGatheringState) {
+        self.gathering.send_replace(s);
+    }
+    async fn on_connection_state_change(&self, s: RTCPeerConnectionState) {
+        self.state.send_replace(s);
+    }
+    async fn on_track(&self, t: Arc<dyn TrackRemote>) {
+        let _ = self.tracks.send(t);
+    }
+}
+
+/// A built peer connection and what the room needs from it.
+pub struct Peer {
+    pub pc: Arc<dyn PeerConnection>,
+    pub gathering: watch::Receiver<RTCIceGatheringState>,
+    pub state: watch::Receiver<RTCPeerConnectionState>,
+    pub tracks: mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
+    /// GCC target bitrate as `f64::to_bits`.
+    pub bwe_bps: Arc<AtomicU64>,
+}
+
+/// Where the peer connection binds its sockets.
+#[derive(Debug, Clone)]
+pub struct Transports {
+    pub udp: bool,
+    pub tcp: bool,
+    /// Local IP to bind (e.g. 127.0.0.1 for loopback tests, 0.0.0.0 otherwise).
+    pub bind_ip: std::net::IpAddr,
+}
+
+pub async fn build(transports: &Transports) -> Result<Peer, ClientError> {
+    let mut me = MediaEngine::default();
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: h264_codec(),
+            payload_type: 102,
+            ..Default::default()
+        },
+        RtpCodecKind::Video,
+    )
+    .map_err(ClientError::webrtc)?;
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: opus_codec(),
+            payload_type: 111,
+            ..Default::default()
+        },
+        RtpCodecKind::Audio,
+    )
+    .map_err(ClientError::webrtc)?;
+    me.register_feedback(
+        RTCPFeedback {
+            typ: "ccm".into(),
+            parameter: "fir".into(),
+        },
+        RtpCodecKind::Video,
+    );
+    let bwe_bps = Arc::new(AtomicU64::new(BWE_INITIAL_BPS.to_bits()));
+    let estimator = ReportingEstimator {
+        inner: Gcc::new(BWE_INITIAL_BPS, BWE_MIN_BPS, BWE_MAX_BPS),
+        target: bwe_bps.clone(),
+    };
+    let registry = configure_congestion_control(
+        Registry::new(),
+        estimator,
+        CongestionFeedback::Twcc,
+        &mut me,
+    )
+    .map_err(ClientError::webrtc)?;
+    let registry = register_default_interceptors(registry, &mut me).map_err(ClientError::webrtc)?;
+    let registry = registry.with(Slot::from(14_000), KeyframeRequests::default());
+
+    let se = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .build();
+    let (gather_tx, gathering) = watch::channel(RTCIceGatheringState::New);
+    let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
+    let (tracks_tx, tracks) = mpsc::unbounded_channel();
+    let handler = Arc::new(Handler {
+        gathering: gather_tx,
+        state: state_tx,
+        tracks: tracks_tx,
+    });
+    let bind = format!("{}:0", transports.bind_ip);
+    let udp: Vec<String> = if transports.udp {
+        vec![bind.clone()]
+    } else {
+        Vec::new()
+    };
+    let tcp: Vec<String> = if transports.tcp {
+        vec![bind]
+    } else {
+        Vec::new()
+    };
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_interceptor_registry(registry)
+        .with_setting_engine(se)
+        .with_handler(handler)
+        .with_udp_addrs(udp)
+        .with_tcp_addrs(tcp)
+        .build()
+        .await
+        .map_err(ClientError::webrtc)?;
+    Ok(Peer {
+        pc: Arc::new(pc),
+        gathering,
+        state,
+        tracks,
+        bwe_bps,
+    })
+}
+
+/// A local track we write encoded samples into.
+pub fn sample_track(
+    kind: RtpCodecKind,
+    id: &str,
+    stream: &str,
+) -> Result<Arc<TrackLocalStaticSample>, ClientError> {
+    let codec = match kind {
+        RtpCodecKind::Video => h264_codec(),
+        _ => opus_codec(),
+    };
+    let track = MediaStreamTrack::new(
+        stream.to_owned(),
+        id.to_owned(),
+        id.to_owned(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(rand::random()),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }],
+    );
+    Ok(Arc::new(
+        TrackLocalStaticSample::new(Instant::now(), track).map_err(ClientError::webrtc)?,
+    ))
+}

@@ -1,0 +1,273 @@
+//! Publishing: a thread per source (capture → encode), and a task per track that writes the
+//! encoded samples once the media path is up.
+//!
+//! The capture thread owns the device (cameras must stay on the thread that opened them) and
+//! is paced by it. It reads the congestion controller's target before every frame and moves
+//! the encoder's bitrate when it has changed by more than 15 %. A keyframe request (PLI/FIR
+//! from the server) sets a flag the thread checks before encoding.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use diemcau_media::{AudioEncoder, AudioSource, VideoEncoder, VideoSource};
+use rtc::media::Sample;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::Track;
+use webrtc::peer_connection::RTCPeerConnectionState;
+use webrtc::rtp_transceiver::RtpSender;
+
+/// One encoded frame ready for the wire.
+#[derive(Debug)]
+pub struct Encoded {
+    pub data: Bytes,
+    pub keyframe: bool,
+    pub duration: Duration,
+}
+
+/// Counters the publisher keeps.
+#[derive(Debug, Default)]
+pub struct SendCounters {
+    pub video_frames: AtomicU64,
+    pub video_keyframes: AtomicU64,
+    pub video_bytes: AtomicU64,
+    pub audio_frames: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+    /// Current encoder bitrate (bps).
+    pub video_bitrate: AtomicU64,
+}
+
+/// Shared controls between the room, the capture thread and the writer task.
+#[derive(Debug, Default)]
+pub struct VideoControl {
+    pub force_keyframe: AtomicBool,
+    pub stop: AtomicBool,
+}
+
+/// Bitrate the video encoder may use given the estimate for the whole connection.
+pub fn video_share(estimate_bps: f64, max_video_bps: u32) -> u32 {
+    // Leave room for audio (~40 kbit/s with overhead) and RTP/RTCP overhead (~10 %).
+    let share = (estimate_bps * 0.9 - 40_000.0).max(60_000.0);
+    (share as u32).min(max_video_bps)
+}
+
+/// Runs the video capture/encode loop until `control.stop`.
+pub fn spawn_video_thread(
+    mut source: Box<dyn VideoSource>,
+    max_bitrate_bps: u32,
+    bwe_bps: Arc<AtomicU64>,
+    control: Arc<VideoControl>,
+    counters: Arc<SendCounters>,
+    out: mpsc::Sender<Encoded>,
+    errors: mpsc::UnboundedSender<String>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("video-capture".into())
+        .spawn(move || {
+            let fps = source.fps();
+            let start_bps = video_share(
+                f64::from_bits(bwe_bps.load(Ordering::Relaxed)),
+                max_bitrate_bps,
+            );
+            let mut enc = match VideoEncoder::new(start_bps, fps as f32) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = errors.send(format!("H.264 encoder: {e}"));
+                    return;
+                }
+            };
+            counters
+                .video_bitrate
+                .store(u64::from(start_bps), Ordering::Relaxed);
+            let duration = Duration::from_secs_f64(1.0 / f64::from(fps.max(1)));
+            while !control.stop.load(Ordering::Relaxed) {
+                let frame = match source.read() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = errors.send(e.vi());
+                        return;
+                    }
+                };
+                let target = video_share(
+                    f64::from_bits(bwe_bps.load(Ordering::Relaxed)),
+                    max_bitrate_bps,
+                );
+                let cur = enc.bitrate_bps();
+                if target.abs_diff(cur) * 100 > cur * 15 {
+                    match enc.set_bitrate(target) {
+                        Ok(()) => {
+                            debug!(from = cur, to = target, "video bitrate");
+                            counters
+                                .video_bitrate
+                                .store(u64::from(target), Ordering::Relaxed);
+                        }
+                        Err(e) => warn!("bitrate change failed: {e}"),
+                    }
+                }
+                if control.force_keyframe.swap(false, Ordering::Relaxed) {
+                    enc.force_keyframe();
+                }
+                match enc.encode(&frame.picture) {
+                    Ok(Some(au)) => {
+                        let e = Encoded {
+                            data: Bytes::from(au.data),
+                            keyframe: au.keyframe,
+                            duration,
+                        };
+                        // Full queue: the writer is behind or not connected yet. Drop the
+                        // frame and ask for a keyframe so the stream restarts cleanly.
+                        if out.try_send(e).is_err() {
+                            control.force_keyframe.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let _ = errors.send(format!("H.264 encoder: {e}"));
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawning a thread only fails when the OS is out of resources")
+}
+
+/// Runs the audio capture/encode loop until `stop`.
+pub fn spawn_audio_thread(
+    mut source: Box<dyn AudioSource>,
+    stop: Arc<VideoControl>,
+    out: mpsc::Sender<Encoded>,
+    errors: mpsc::UnboundedSender<String>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("audio-capture".into())
+        .spawn(move || {
+            let mut enc = match AudioEncoder::new(32_000) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = errors.send(format!("Opus encoder: {e}"));
+                    return;
+                }
+            };
+            while !stop.stop.load(Ordering::Relaxed) {
+                let frame = match source.read() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = errors.send(e.vi());
+                        return;
+                    }
+                };
+                match enc.encode(&frame.samples) {
+                    Ok(pkt) => {
+                        let _ = out.try_send(Encoded {
+                            data: Bytes::from(pkt),
+                            keyframe: false,
+                            duration: Duration::from_millis(20),
+                        });
+                    }
+                    Err(e) => {
+                        let _ = errors.send(format!("Opus encoder: {e}"));
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawning a thread only fails when the OS is out of resources")
+}
+
+async fn negotiated_pt(sender: &Arc<dyn RtpSender>) -> Option<u8> {
+    sender
+        .get_parameters()
+        .await
+        .ok()?
+        .rtp_parameters
+        .codecs
+        .first()
+        .map(|c| c.payload_type)
+}
+
+/// Waits for the media path, then writes samples from `input` into `track`.
+pub async fn write_track(
+    track: Arc<TrackLocalStaticSample>,
+    sender: Arc<dyn RtpSender>,
+    mut state: watch::Receiver<RTCPeerConnectionState>,
+    mut input: mpsc::Receiver<Encoded>,
+    video: Option<Arc<VideoControl>>,
+    counters: Arc<SendCounters>,
+) {
+    if state
+        .wait_for(|s| *s == RTCPeerConnectionState::Connected)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Some(pt) = negotiated_pt(&sender).await else {
+        warn!("no codec negotiated for a local track; not sending it");
+        return;
+    };
+    let Some(&ssrc) = track.ssrcs().await.first() else {
+        return;
+    };
+    // Start from a fresh keyframe: whatever queued before the connection is stale.
+    while input.try_recv().is_ok() {}
+    let mut waiting_keyframe = false;
+    if let Some(v) = &video {
+        v.force_keyframe.store(true, Ordering::Relaxed);
+        waiting_keyframe = true;
+    }
+    while let Some(e) = input.recv().await {
+        if waiting_keyframe && !e.keyframe {
+            continue;
+        }
+        waiting_keyframe = false;
+        let len = e.data.len() as u64;
+        let sample = Sample {
+            data: e.data,
+            duration: e.duration,
+            ..Sample::new(Instant::now())
+        };
+        if let Err(err) = track.write_sample(ssrc, pt, &sample, &[]).await {
+            debug!("write_sample: {err}");
+            break;
+        }
+        if video.is_some() {
+            counters.video_frames.fetch_add(1, Ordering::Relaxed);
+            counters.video_bytes.fetch_add(len, Ordering::Relaxed);
+            if e.keyframe {
+                counters.video_keyframes.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            counters.audio_frames.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Turns PLI/FIR arriving for our video track into a keyframe on the next frame.
+pub async fn answer_keyframe_requests(
+    track: Arc<TrackLocalStaticSample>,
+    control: Arc<VideoControl>,
+    counters: Arc<SendCounters>,
+) {
+    while let Some(ev) = track.poll().await {
+        if let TrackLocalEvent::OnRtcpPacket(_) = ev {
+            counters.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+            control.force_keyframe.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::video_share;
+
+    #[test]
+    fn video_share_leaves_room_for_audio_and_respects_cap() {
+        assert_eq!(video_share(1_000_000.0, 2_000_000), 860_000);
+        assert_eq!(video_share(10_000_000.0, 1_500_000), 1_500_000);
+        assert_eq!(video_share(50_000.0, 1_500_000), 60_000);
+    }
+}

@@ -1,0 +1,242 @@
+//! Receiving: one task per remote track reads RTP, reassembles H.264 access units (or takes
+//! Opus packets whole), and hands them to a decoder; the verifying sink reads the synthetic
+//! stamps back and keeps per-site counters.
+//!
+//! A receive track is one of the slots negotiated at join; which site it carries comes from
+//! the server's latest `slots` message (kept in [`Remote::slots`]). Video decoding runs on a
+//! thread of its own per slot, so a slow decoder never stalls the network tasks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use diemcau_media::stamp::site_tag;
+use diemcau_media::synthetic::{detect_tone, VideoCheck};
+use diemcau_media::{now_us, AudioDecoder, VideoDecoder};
+use diemcau_protocol::{MediaKind, SiteId};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use tokio::sync::mpsc;
+use tracing::debug;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::PeerConnection;
+
+use crate::assemble::H264Assembler;
+use crate::RoomEvent;
+
+/// What was received from one remote site.
+#[derive(Debug, Clone, Default)]
+pub struct SiteCounters {
+    pub video: VideoCheck,
+    pub video_decode_errors: u64,
+    pub audio_frames: u64,
+    /// Decoded audio frames that carried the synthetic tone marks.
+    pub audio_verified: u64,
+    /// Time from the start of the join to this site's first verified picture.
+    pub first_verified: Option<Duration>,
+}
+
+/// State shared by the receive tasks and the room.
+pub struct Remote {
+    /// mid → (kind, site currently carried).
+    pub slots: Mutex<HashMap<String, (MediaKind, Option<SiteId>)>>,
+    pub sites: Mutex<BTreeMap<SiteId, SiteCounters>>,
+    pub started: Instant,
+    pub first_verified: Mutex<Option<Duration>>,
+    pub events: mpsc::UnboundedSender<RoomEvent>,
+    pub deliver_video: bool,
+    pub keyframe_requests_sent: AtomicU64,
+    /// Measure PSNR on every n-th verified frame per site (0 = never).
+    pub psnr_every: u64,
+}
+
+impl Remote {
+    fn site_of(&self, mid: &str) -> Option<SiteId> {
+        self.slots
+            .lock()
+            .expect("slot map lock poisoned")
+            .get(mid)
+            .and_then(|(_, s)| s.clone())
+    }
+}
+
+/// Finds the mid of the transceiver whose receiver has `receiver_id`.
+async fn mid_of(
+    pc: &Arc<dyn PeerConnection>,
+    receiver_id: webrtc::rtp_transceiver::RTCRtpReceiverId,
+) -> Option<String> {
+    for t in pc.get_transceivers().await {
+        if let Ok(Some(r)) = t.receiver().await {
+            if r.id() == receiver_id {
+                return t.mid().await.ok().flatten();
+            }
+        }
+    }
+    None
+}
+
+/// Reads one remote track until it ends.
+pub async fn run_track(
+    pc: Arc<dyn PeerConnection>,
+    track: Arc<dyn TrackRemote>,
+    remote: Arc<Remote>,
+) {
+    let kind = track.kind().await;
+    let mut mid: Option<String> = None;
+    match kind {
+        RtpCodecKind::Video => {
+            let (tx, rx) = std::sync::mpsc::channel::<(String, Bytes, bool)>();
+            let (pli_tx, mut pli_rx) = mpsc::unbounded_channel::<()>();
+            let thread_remote = remote.clone();
+            let decoder = std::thread::Builder::new()
+                .name("video-decode".into())
+                .spawn(move || decode_video(rx, thread_remote, pli_tx))
+                .expect("spawning a thread only fails when the OS is out of resources");
+            let mut assembler = H264Assembler::new();
+            let mut last_pli: Option<Instant> = None;
+            loop {
+                tokio::select! {
+                    ev = track.poll() => {
+                        let Some(ev) = ev else { break };
+                        match ev {
+                            TrackRemoteEvent::OnOpen(init) => {
+                                mid = mid_of(&pc, init.receiver_id).await;
+                                debug!(?mid, "video track open");
+                            }
+                            TrackRemoteEvent::OnRtpPacket(pkt) => {
+                                let Some(m) = mid.clone() else { continue };
+                                for f in assembler.push(pkt, Instant::now()) {
+                                    if tx.send((m.clone(), f.data, f.after_loss)).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            TrackRemoteEvent::OnEnded => break,
+                            _ => {}
+                        }
+                    }
+                    Some(()) = pli_rx.recv() => {
+                        let now = Instant::now();
+                        if last_pli.is_some_and(|t| now - t < Duration::from_millis(300)) {
+                            continue;
+                        }
+                        last_pli = Some(now);
+                        if let Some(&ssrc) = track.ssrcs().await.first() {
+                            remote.keyframe_requests_sent.fetch_add(1, Ordering::Relaxed);
+                            let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
+                            let _ = track.write_rtcp(vec![Box::new(pli)]).await;
+                        }
+                    }
+                }
+            }
+            drop(tx);
+            let _ = tokio::task::spawn_blocking(move || decoder.join()).await;
+        }
+        _ => {
+            let mut dec = match AudioDecoder::new() {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!("opus decoder: {e}");
+                    return;
+                }
+            };
+            while let Some(ev) = track.poll().await {
+                match ev {
+                    TrackRemoteEvent::OnOpen(init) => {
+                        mid = mid_of(&pc, init.receiver_id).await;
+                    }
+                    TrackRemoteEvent::OnRtpPacket(pkt) => {
+                        let Some(m) = mid.as_deref() else { continue };
+                        let Some(site) = remote.site_of(m) else {
+                            continue;
+                        };
+                        if pkt.payload.is_empty() {
+                            continue;
+                        }
+                        let Ok(pcm) = dec.decode(&pkt.payload) else {
+                            continue;
+                        };
+                        let tone = detect_tone(&pcm).is_some();
+                        let mut sites = remote.sites.lock().expect("site counters lock poisoned");
+                        let c = sites.entry(site).or_default();
+                        c.audio_frames += 1;
+                        if tone {
+                            c.audio_verified += 1;
+                        }
+                    }
+                    TrackRemoteEvent::OnEnded => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn decode_video(
+    rx: std::sync::mpsc::Receiver<(String, Bytes, bool)>,
+    remote: Arc<Remote>,
+    pli: mpsc::UnboundedSender<()>,
+) {
+    let mut dec = match VideoDecoder::new() {
+        Ok(d) => d,
+        Err(e) => {
+            debug!("H.264 decoder: {e}");
+            return;
+        }
+    };
+    while let Ok((mid, data, lost)) = rx.recv() {
+        if lost {
+            let _ = pli.send(());
+        }
+        let Some(site) = remote.site_of(&mid) else {
+            continue;
+        };
+        let picture = match dec.decode(&data) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(_) => {
+                remote
+                    .sites
+                    .lock()
+                    .expect("site counters lock poisoned")
+                    .entry(site)
+                    .or_default()
+                    .video_decode_errors += 1;
+                let _ = pli.send(());
+                continue;
+            }
+        };
+        let now = now_us();
+        let verified = {
+            let mut sites = remote.sites.lock().expect("site counters lock poisoned");
+            let c = sites.entry(site.clone()).or_default();
+            let ok = c
+                .video
+                .check(&picture, now, Some(site_tag(&site)), remote.psnr_every)
+                .is_some();
+            if ok && c.first_verified.is_none() {
+                c.first_verified = Some(remote.started.elapsed());
+            }
+            ok
+        };
+        if verified {
+            let mut first = remote.first_verified.lock().expect("lock poisoned");
+            if first.is_none() {
+                let since = remote.started.elapsed();
+                *first = Some(since);
+                let _ = remote.events.send(RoomEvent::FirstVerifiedFrame {
+                    site: site.clone(),
+                    since_join: since,
+                });
+            }
+        }
+        if remote.deliver_video {
+            let _ = remote.events.send(RoomEvent::VideoFrame {
+                site,
+                picture: Arc::new(picture),
+            });
+        }
+    }
+}

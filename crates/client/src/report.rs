@@ -1,0 +1,63 @@
+//! The JSON report `diemcau-cli join --report json` prints when it leaves. Field names are a
+//! contract other tools rely on; add fields, never rename or remove them.
+
+use serde::{Deserialize, Serialize};
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sent {
+    pub video_frames: u64,
+    pub video_keyframes: u64,
+    pub video_bytes: u64,
+    pub audio_frames: u64,
+    /// Keyframe requests (PLI/FIR) that reached our encoder.
+    pub keyframe_requests: u64,
+    /// Encoder bitrate when leaving (bps).
+    pub video_bitrate_bps: u64,
+}
+
+/// What arrived from one remote site.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Received {
+    pub site: String,
+    /// Decoded pictures.
+    pub video_frames: u64,
+    /// Pictures whose stamp was intact and carried this site's tag.
+    pub video_frames_verified: u64,
+    pub video_frames_lost: u64,
+    pub video_frames_out_of_order: u64,
+    pub video_decode_errors: u64,
+    pub audio_frames: u64,
+    pub audio_frames_verified: u64,
+    pub latency_ms: Latency,
+    pub psnr_db: Option<f64>,
+    /// From the start of the join to this site's first verified picture.
+    pub first_verified_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub site: String,
+    pub room: String,
+    pub server: String,
+    pub duration_s: f64,
+    /// "udp" or "tcp": the transport of the selected ICE candidate pair.
+    pub transport: Option<String>,
+    pub sent: Sent,
+    pub received: Vec<Received>,
+    /// Glass-to-glass video latency over all remote sites.
+    pub latency_ms: Latency,
+    /// From the start of the join to the first verified remote picture.
+    pub join_ms: Option<f64>,
+    pub keyframe_requests_sent: u64,
+    /// Sites seen in the room (joined before or during our stay), by id.
+    pub sites_seen: Vec<String>,
+    /// Problems met on the way, in Vietnamese.
+    pub errors: Vec<String>,
+}

@@ -1,0 +1,646 @@
+//! [`Room`]: join, stay, leave.
+//!
+//! Joining is: signalling `join` → `welcome` (how many receive slots to offer) → build the
+//! peer connection with one send-only video and audio track and the receive-only slots →
+//! `offer` → `answer` → media. After that a room task turns server messages into
+//! [`RoomEvent`]s and keeps the slot map the receive tasks read.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diemcau_media::synthetic::{percentile, SyntheticCamera, SyntheticTone};
+use diemcau_media::{AudioSource, VideoSource};
+use diemcau_protocol::{ClientMessage, ErrorCode, ServerMessage, SiteId, PROTOCOL_VERSION};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::peer_connection::{
+    PeerConnection, RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionState,
+    RTCSessionDescription, RTCStatsReportEntry, StatsSelector,
+};
+
+use crate::peer::{self, Transports};
+use crate::publish::{self, SendCounters, VideoControl};
+use crate::receive::{self, Remote};
+use crate::report::{Latency, Received, Report, Sent};
+use crate::signal;
+use crate::{ClientError, RoomEvent};
+
+/// Where the site's picture comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VideoInput {
+    None,
+    /// The labelled, stamped test pattern.
+    Synthetic {
+        width: usize,
+        height: usize,
+        fps: u32,
+    },
+}
+
+/// Where the site's sound comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AudioInput {
+    None,
+    /// The stepped test tone.
+    Synthetic,
+}
+
+/// How to join.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    pub site: SiteId,
+    pub room: String,
+    pub token: Option<String>,
+    pub video: VideoInput,
+    pub audio: AudioInput,
+    /// Upper bound for the video encoder; the congestion controller sets it lower.
+    pub max_video_bitrate_bps: u32,
+    /// Offer UDP and/or TCP candidates.
+    pub udp: bool,
+    pub tcp: bool,
+    /// Emit decoded pictures as [`RoomEvent::VideoFrame`] (for a UI).
+    pub deliver_video: bool,
+    /// Measure PSNR of every n-th verified picture (0 = never).
+    pub psnr_every: u64,
+}
+
+impl JoinOptions {
+    /// 640x360 at 15 fps test pattern and test tone, UDP and TCP.
+    pub fn synthetic(site: &str, room: &str) -> Self {
+        JoinOptions {
+            site: site.into(),
+            room: room.into(),
+            token: None,
+            video: VideoInput::Synthetic {
+                width: 640,
+                height: 360,
+                fps: 15,
+            },
+            audio: AudioInput::Synthetic,
+            max_video_bitrate_bps: 1_500_000,
+            udp: true,
+            tcp: true,
+            deliver_video: false,
+            psnr_every: 10,
+        }
+    }
+}
+
+/// A joined room. Call [`Room::leave`] to hang up and get the report.
+pub struct Room {
+    url: String,
+    options: JoinOptions,
+    pc: Arc<dyn PeerConnection>,
+    outbox: mpsc::UnboundedSender<ClientMessage>,
+    flushed: Option<tokio::sync::oneshot::Receiver<()>>,
+    remote: Arc<Remote>,
+    counters: Arc<SendCounters>,
+    video_control: Arc<VideoControl>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    sites_seen: Arc<Mutex<BTreeSet<SiteId>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    started: Instant,
+    closed: Arc<AtomicBool>,
+}
+
+/// Waits for a server message that `pick` accepts; others are kept in `backlog`.
+async fn expect<T>(
+    inbox: &mut mpsc::UnboundedReceiver<ServerMessage>,
+    backlog: &mut VecDeque<ServerMessage>,
+    what: &'static str,
+    fail_on: &[ErrorCode],
+    mut pick: impl FnMut(&ServerMessage) -> Option<T>,
+) -> Result<T, ClientError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, inbox.recv())
+            .await
+            .map_err(|_| ClientError::Timeout(what))?
+            .ok_or(ClientError::ServerClosed)?;
+        if let Some(t) = pick(&msg) {
+            return Ok(t);
+        }
+        if let ServerMessage::Error {
+            code,
+            message,
+            fatal,
+        } = &msg
+        {
+            if *fatal || fail_on.contains(code) {
+                return Err(ClientError::Refused {
+                    code: *code,
+                    message: message.clone(),
+                });
+            }
+        }
+        backlog.push_back(msg);
+    }
+}
+
+/// Whether the server URL's host is a loopback address (then media binds to loopback too).
+fn bind_ip_for(url: &str) -> IpAddr {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = host
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(host)
+        .trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
+    if loopback {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        IpAddr::from([0, 0, 0, 0])
+    }
+}
+
+impl Room {
+    /// Joins `options.room` on the server at `url` (`ws://host:port`).
+    pub async fn connect(
+        url: &str,
+        options: JoinOptions,
+    ) -> Result<(Room, mpsc::UnboundedReceiver<RoomEvent>), ClientError> {
+        let started = Instant::now();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let mut sig = signal::connect(url).await?;
+        let _ = sig.outbox.send(ClientMessage::Join {
+            v: PROTOCOL_VERSION,
+            room: options.room.clone(),
+            site: options.site.clone(),
+            token: options.token.clone(),
+        });
+        let mut backlog = VecDeque::new();
+        let (you, role, video_slots, audio_slots, sites) =
+            expect(&mut sig.inbox, &mut backlog, "welcome", &[], |m| match m {
+                ServerMessage::Welcome {
+                    you,
+                    role,
+                    video_slots,
+                    audio_slots,
+                    sites,
+                    ..
+                } => Some((
+                    you.clone(),
+                    *role,
+                    *video_slots,
+                    *audio_slots,
+                    sites.clone(),
+                )),
+                _ => None,
+            })
+            .await?;
+        let sites_seen = Arc::new(Mutex::new(
+            sites.iter().map(|s| s.id.clone()).collect::<BTreeSet<_>>(),
+        ));
+        let _ = events_tx.send(RoomEvent::Joined { you, role, sites });
+
+        let transports = Transports {
+            udp: options.udp,
+            tcp: options.tcp,
+            bind_ip: bind_ip_for(url),
+        };
+        let mut peer = peer::build(&transports).await?;
+        let pc = peer.pc.clone();
+        let sendonly = || {
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Sendonly,
+                ..Default::default()
+            })
+        };
+        let recvonly = || {
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Recvonly,
+                ..Default::default()
+            })
+        };
+        let stream = format!("site-{}", options.site);
+        let mut local = Vec::new();
+        if options.video != VideoInput::None {
+            let t = peer::sample_track(RtpCodecKind::Video, "video", &stream)?;
+            let tr = pc
+                .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
+                .await
+                .map_err(ClientError::webrtc)?;
+            let sender = tr
+                .sender()
+                .await
+                .map_err(ClientError::webrtc)?
+                .ok_or_else(|| ClientError::WebRtc("video transceiver has no sender".into()))?;
+            local.push((RtpCodecKind::Video, t, sender));
+        }
+        if options.audio != AudioInput::None {
+            let t = peer::sample_track(RtpCodecKind::Audio, "audio", &stream)?;
+            let tr = pc
+                .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
+                .await
+                .map_err(ClientError::webrtc)?;
+            let sender = tr
+                .sender()
+                .await
+                .map_err(ClientError::webrtc)?
+                .ok_or_else(|| ClientError::WebRtc("audio transceiver has no sender".into()))?;
+            local.push((RtpCodecKind::Audio, t, sender));
+        }
+        for (kind, n) in [
+            (RtpCodecKind::Video, video_slots),
+            (RtpCodecKind::Audio, audio_slots),
+        ] {
+            for _ in 0..n {
+                pc.add_transceiver_from_kind(kind, recvonly())
+                    .await
+                    .map_err(ClientError::webrtc)?;
+            }
+        }
+        let offer = pc.create_offer(None).await.map_err(ClientError::webrtc)?;
+        pc.set_local_description(offer)
+            .await
+            .map_err(ClientError::webrtc)?;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            peer.gathering
+                .wait_for(|s| *s == RTCIceGatheringState::Complete),
+        )
+        .await;
+        let sdp = pc
+            .local_description()
+            .await
+            .ok_or_else(|| ClientError::WebRtc("no local description".into()))?
+            .sdp;
+        let _ = sig.outbox.send(ClientMessage::Offer { sdp });
+        let answer = expect(
+            &mut sig.inbox,
+            &mut backlog,
+            "answer",
+            &[ErrorCode::BadSdp],
+            |m| match m {
+                ServerMessage::Answer { sdp } => Some(sdp.clone()),
+                _ => None,
+            },
+        )
+        .await?;
+        pc.set_remote_description(
+            RTCSessionDescription::answer(answer.clone()).map_err(ClientError::webrtc)?,
+        )
+        .await
+        .map_err(ClientError::webrtc)?;
+        if options.tcp {
+            dial_tcp_candidates(&pc, &answer).await;
+        }
+
+        let remote = Arc::new(Remote {
+            slots: Mutex::new(HashMap::new()),
+            sites: Mutex::new(Default::default()),
+            started,
+            first_verified: Mutex::new(None),
+            events: events_tx.clone(),
+            deliver_video: options.deliver_video,
+            keyframe_requests_sent: Default::default(),
+            psnr_every: options.psnr_every,
+        });
+        let counters = Arc::new(SendCounters::default());
+        let video_control = Arc::new(VideoControl::default());
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+        let mut threads = Vec::new();
+        let mut tasks = Vec::new();
+
+        for (kind, track, sender) in local {
+            let (tx, rx) = mpsc::channel(if kind == RtpCodecKind::Video { 4 } else { 25 });
+            match kind {
+                RtpCodecKind::Video => {
+                    let VideoInput::Synthetic { width, height, fps } = options.video else {
+                        continue;
+                    };
+                    let source: Box<dyn VideoSource> = Box::new(
+                        SyntheticCamera::new(width, height, fps, &options.site)
+                            .map_err(|e| ClientError::Device(e.vi()))?,
+                    );
+                    info!("video: {}", source.describe());
+                    threads.push(publish::spawn_video_thread(
+                        source,
+                        options.max_video_bitrate_bps,
+                        peer.bwe_bps.clone(),
+                        video_control.clone(),
+                        counters.clone(),
+                        tx,
+                        err_tx.clone(),
+                    ));
+                    tasks.push(tokio::spawn(publish::answer_keyframe_requests(
+                        track.clone(),
+                        video_control.clone(),
+                        counters.clone(),
+                    )));
+                    tasks.push(tokio::spawn(publish::write_track(
+                        track,
+                        sender,
+                        peer.state.clone(),
+                        rx,
+                        Some(video_control.clone()),
+                        counters.clone(),
+                    )));
+                }
+                _ => {
+                    let source: Box<dyn AudioSource> = Box::new(SyntheticTone::new());
+                    info!("audio: {}", source.describe());
+                    threads.push(publish::spawn_audio_thread(
+                        source,
+                        video_control.clone(),
+                        tx,
+                        err_tx.clone(),
+                    ));
+                    tasks.push(tokio::spawn(publish::write_track(
+                        track,
+                        sender,
+                        peer.state.clone(),
+                        rx,
+                        None,
+                        counters.clone(),
+                    )));
+                }
+            }
+        }
+
+        // Remote tracks.
+        let track_pc = pc.clone();
+        let track_remote = remote.clone();
+        let mut tracks = std::mem::replace(&mut peer.tracks, mpsc::unbounded_channel().1);
+        tasks.push(tokio::spawn(async move {
+            while let Some(t) = tracks.recv().await {
+                tokio::spawn(receive::run_track(
+                    track_pc.clone(),
+                    t,
+                    track_remote.clone(),
+                ));
+            }
+        }));
+
+        // The room task: server messages, connection state, local errors.
+        let closed = Arc::new(AtomicBool::new(false));
+        let room_task = {
+            let remote = remote.clone();
+            let events = events_tx.clone();
+            let sites_seen = sites_seen.clone();
+            let errors = errors.clone();
+            let closed = closed.clone();
+            let mut state = peer.state.clone();
+            let mut inbox = sig.inbox;
+            async move {
+                for msg in backlog {
+                    on_server_message(msg, &remote, &events, &sites_seen);
+                }
+                loop {
+                    tokio::select! {
+                        msg = inbox.recv() => match msg {
+                            Some(m) => {
+                                if let ServerMessage::Error { code, message, .. } = &m {
+                                    errors.lock().expect("lock poisoned").push(format!("{} ({message})", code.vi()));
+                                }
+                                on_server_message(m, &remote, &events, &sites_seen)
+                            }
+                            None => {
+                                if !closed.load(Ordering::Relaxed) {
+                                    let _ = events.send(RoomEvent::Disconnected { reason: "signalling closed".into() });
+                                }
+                                break;
+                            }
+                        },
+                        r = state.changed() => {
+                            if r.is_err() { break; }
+                            let s = *state.borrow();
+                            match s {
+                                RTCPeerConnectionState::Connected => { let _ = events.send(RoomEvent::MediaConnected); }
+                                RTCPeerConnectionState::Failed => {
+                                    let _ = events.send(RoomEvent::Disconnected { reason: "media connection failed".into() });
+                                }
+                                _ => debug!(?s, "peer connection state"),
+                            }
+                        }
+                        Some(e) = err_rx.recv() => {
+                            warn!("{e}");
+                            errors.lock().expect("lock poisoned").push(e.clone());
+                            let _ = events.send(RoomEvent::DeviceError { message: e });
+                        }
+                    }
+                }
+            }
+        };
+        tasks.push(tokio::spawn(room_task));
+
+        Ok((
+            Room {
+                url: url.into(),
+                options,
+                pc,
+                outbox: sig.outbox,
+                flushed: Some(sig.flushed),
+                remote,
+                counters,
+                video_control,
+                threads,
+                tasks,
+                sites_seen,
+                errors,
+                started,
+                closed,
+            },
+            events,
+        ))
+    }
+
+    pub fn options(&self) -> &JoinOptions {
+        &self.options
+    }
+
+    /// The report as of now (also what [`Room::leave`] returns).
+    pub async fn report(&self) -> Report {
+        let transport = selected_transport(&self.pc).await;
+        let sites = self.remote.sites.lock().expect("lock poisoned").clone();
+        let mut all_lat = Vec::new();
+        let received = sites
+            .into_iter()
+            .map(|(site, c)| {
+                all_lat.extend_from_slice(&c.video.latencies_us);
+                Received {
+                    site,
+                    video_frames: c.video.frames,
+                    video_frames_verified: c.video.verified,
+                    video_frames_lost: c.video.lost,
+                    video_frames_out_of_order: c.video.out_of_order,
+                    video_decode_errors: c.video_decode_errors,
+                    audio_frames: c.audio_frames,
+                    audio_frames_verified: c.audio_verified,
+                    latency_ms: latency(&c.video.latencies_us),
+                    psnr_db: c.video.mean_psnr(),
+                    first_verified_ms: c.first_verified.map(|d| d.as_secs_f64() * 1000.0),
+                }
+            })
+            .collect();
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Report {
+            site: self.options.site.clone(),
+            room: self.options.room.clone(),
+            server: self.url.clone(),
+            duration_s: self.started.elapsed().as_secs_f64(),
+            transport,
+            sent: Sent {
+                video_frames: ld(&self.counters.video_frames),
+                video_keyframes: ld(&self.counters.video_keyframes),
+                video_bytes: ld(&self.counters.video_bytes),
+                audio_frames: ld(&self.counters.audio_frames),
+                keyframe_requests: ld(&self.counters.keyframe_requests),
+                video_bitrate_bps: ld(&self.counters.video_bitrate),
+            },
+            received,
+            latency_ms: latency(&all_lat),
+            join_ms: self
+                .remote
+                .first_verified
+                .lock()
+                .expect("lock poisoned")
+                .map(|d| d.as_secs_f64() * 1000.0),
+            keyframe_requests_sent: ld(&self.remote.keyframe_requests_sent),
+            sites_seen: self
+                .sites_seen
+                .lock()
+                .expect("lock poisoned")
+                .iter()
+                .cloned()
+                .collect(),
+            errors: self.errors.lock().expect("lock poisoned").clone(),
+        }
+    }
+
+    /// Leaves the room, stops capture and the peer connection, and returns the report.
+    pub async fn leave(mut self) -> Report {
+        let report = self.report().await;
+        self.closed.store(true, Ordering::Relaxed);
+        let _ = self.outbox.send(ClientMessage::Leave);
+        self.video_control.stop.store(true, Ordering::Relaxed);
+        // Let the server hear `leave` before the media path closes.
+        if let Some(f) = self.flushed.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
+        }
+        let _ = self.pc.close().await;
+        for t in self.threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        report
+    }
+}
+
+fn latency(us: &[u32]) -> Latency {
+    Latency {
+        p50: percentile(us, 50.0).map(|v| f64::from(v) / 1000.0),
+        p95: percentile(us, 95.0).map(|v| f64::from(v) / 1000.0),
+    }
+}
+
+fn on_server_message(
+    msg: ServerMessage,
+    remote: &Remote,
+    events: &mpsc::UnboundedSender<RoomEvent>,
+    sites_seen: &Mutex<BTreeSet<SiteId>>,
+) {
+    match msg {
+        ServerMessage::SiteJoined { site } => {
+            sites_seen
+                .lock()
+                .expect("lock poisoned")
+                .insert(site.id.clone());
+            let _ = events.send(RoomEvent::SiteJoined { site });
+        }
+        ServerMessage::SiteLeft { site, reason } => {
+            let _ = events.send(RoomEvent::SiteLeft { site, reason });
+        }
+        ServerMessage::Slots { slots } => {
+            let mut map = remote.slots.lock().expect("lock poisoned");
+            for s in slots {
+                let before = map.get(&s.mid).and_then(|(_, site)| site.clone());
+                if before != s.site {
+                    if let Some(b) = &before {
+                        let _ = events.send(RoomEvent::TrackRemoved {
+                            site: b.clone(),
+                            kind: s.kind,
+                        });
+                    }
+                    if let Some(a) = &s.site {
+                        let _ = events.send(RoomEvent::TrackAdded {
+                            site: a.clone(),
+                            kind: s.kind,
+                        });
+                    }
+                }
+                map.insert(s.mid, (s.kind, s.site));
+            }
+        }
+        ServerMessage::Error {
+            code,
+            message,
+            fatal,
+        } => {
+            let _ = events.send(RoomEvent::ServerError {
+                code,
+                message,
+                fatal,
+            });
+        }
+        ServerMessage::Welcome { .. }
+        | ServerMessage::Answer { .. }
+        | ServerMessage::Pong { .. } => {}
+    }
+}
+
+/// webrtc-rs dials a remote passive TCP candidate only when it is added explicitly, not when
+/// it arrives inside the SDP.
+async fn dial_tcp_candidates(pc: &Arc<dyn PeerConnection>, sdp: &str) {
+    for line in sdp.lines() {
+        let Some(c) = line.trim().strip_prefix("a=") else {
+            continue;
+        };
+        let l = c.to_ascii_lowercase();
+        if l.starts_with("candidate:") && l.contains(" tcp ") && l.contains("tcptype passive") {
+            let init = RTCIceCandidateInit {
+                candidate: c.to_owned(),
+                ..Default::default()
+            };
+            if let Err(e) = pc.add_ice_candidate(init).await {
+                debug!("TCP candidate not added: {e}");
+            }
+        }
+    }
+}
+
+/// "udp" or "tcp" for the nominated candidate pair.
+async fn selected_transport(pc: &Arc<dyn PeerConnection>) -> Option<String> {
+    let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
+    // The pair carrying the media: nominated if the stack marks it, else the busiest.
+    let pair = report
+        .candidate_pairs()
+        .max_by_key(|p| (p.nominated, p.bytes_received))?
+        .local_candidate_id
+        .clone();
+    match report.get(&pair)? {
+        RTCStatsReportEntry::LocalCandidate(c) => Some(c.protocol.to_ascii_lowercase()),
+        _ => None,
+    }
+}

@@ -1,0 +1,91 @@
+//! Raw media frames: planar I420 video and 48 kHz mono PCM audio.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Audio sample rate everywhere inside the engine.
+pub const AUDIO_RATE: u32 = 48_000;
+/// One Opus frame: 20 ms at 48 kHz, mono.
+pub const AUDIO_FRAME_SAMPLES: usize = 960;
+
+/// A planar I420 (YUV 4:2:0) picture with tight strides: `y` is `width*height` bytes, `u`
+/// and `v` are `ceil(width/2)*ceil(height/2)` bytes each.
+#[derive(Clone, PartialEq, Eq)]
+pub struct I420Frame {
+    pub width: usize,
+    pub height: usize,
+    pub y: Vec<u8>,
+    pub u: Vec<u8>,
+    pub v: Vec<u8>,
+}
+
+impl std::fmt::Debug for I420Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "I420Frame({}x{})", self.width, self.height)
+    }
+}
+
+impl I420Frame {
+    /// A black picture.
+    pub fn black(width: usize, height: usize) -> Self {
+        let (cw, ch) = Self::chroma_size(width, height);
+        I420Frame {
+            width,
+            height,
+            y: vec![16; width * height],
+            u: vec![128; cw * ch],
+            v: vec![128; cw * ch],
+        }
+    }
+
+    pub fn chroma_size(width: usize, height: usize) -> (usize, usize) {
+        (width.div_ceil(2), height.div_ceil(2))
+    }
+
+    /// Copies planes given with arbitrary strides (as decoders hand them out).
+    pub fn from_strided(
+        width: usize,
+        height: usize,
+        planes: [&[u8]; 3],
+        strides: [usize; 3],
+    ) -> Self {
+        let (cw, ch) = Self::chroma_size(width, height);
+        let copy = |plane: &[u8], stride: usize, w: usize, h: usize| {
+            let mut out = Vec::with_capacity(w * h);
+            for row in 0..h {
+                out.extend_from_slice(&plane[row * stride..row * stride + w]);
+            }
+            out
+        };
+        I420Frame {
+            width,
+            height,
+            y: copy(planes[0], strides[0], width, height),
+            u: copy(planes[1], strides[1], cw, ch),
+            v: copy(planes[2], strides[2], cw, ch),
+        }
+    }
+}
+
+/// A video frame with its capture time.
+#[derive(Debug, Clone)]
+pub struct VideoFrame {
+    pub picture: I420Frame,
+    /// Microseconds since the Unix epoch when the frame was captured.
+    pub captured_us: u64,
+}
+
+/// 20 ms of 48 kHz mono audio.
+#[derive(Debug, Clone)]
+pub struct AudioFrame {
+    pub samples: Vec<i16>,
+    pub captured_us: u64,
+}
+
+/// Microseconds since the Unix epoch, from the wall clock. Sender and receiver on one
+/// machine share it, which is what glass-to-glass latency needs.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,410 @@
+//! Wire types of Điểm cầu: the signalling messages exchanged over the WebSocket between a site
+//! and the room server, the site directory, and the error codes both ends share.
+//!
+//! This crate does no I/O. Everything else in the workspace speaks domain types and converts
+//! at one boundary (the client's `signal` module, the server's `signalling` module).
+//!
+//! # Wire format
+//! Each WebSocket text message is one JSON object with a `"type"` field (snake_case). The
+//! first message a client sends is [`ClientMessage::Join`] carrying
+//! [`PROTOCOL_VERSION`]; a message larger than [`MAX_MESSAGE_BYTES`] is refused. See
+//! `docs/protocol.md` for the whole conversation.
+
+pub mod directory;
+
+use serde::{Deserialize, Serialize};
+
+pub use directory::{Directory, DirectoryError, SiteEntry};
+
+/// Version of the signalling protocol; a join with another `v` is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest signalling message either side accepts, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// A site's id in the directory (ASCII slug such as `tp-vinh-hung-dung`).
+pub type SiteId = String;
+
+/// Place of a site in the administrative tree. The tree's depth is data; the level is a label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Province,
+    District,
+    Commune,
+}
+
+/// What a site may do in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Chair,
+    District,
+    Commune,
+    Observer,
+}
+
+/// A site as the room describes it to others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteInfo {
+    pub id: SiteId,
+    pub name: String,
+    pub level: Level,
+    /// Ancestor ids from the root down (empty for the root).
+    pub path: Vec<SiteId>,
+}
+
+/// Media kind of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+/// Which remote site the server currently forwards on one of the client's receive slots.
+/// `site: None` means the slot is idle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotAssignment {
+    pub mid: String,
+    pub kind: MediaKind,
+    pub site: Option<SiteId>,
+}
+
+/// Messages a site sends to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message on a connection.
+    Join {
+        v: u32,
+        room: String,
+        site: SiteId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// The client's SDP offer: one send-only audio and video m-line (what it publishes) and
+    /// the receive-only slots the `welcome` message asked for.
+    Offer { sdp: String },
+    /// Ask the publisher side of the server for a keyframe of a remote site's video. Normally
+    /// RTCP PLI does this; this message is the fallback for clients whose stack cannot.
+    RequestKeyframe { site: SiteId },
+    /// Liveness probe; answered with `pong`.
+    Ping {
+        #[serde(default)]
+        id: u64,
+    },
+    /// Leave the room cleanly.
+    Leave,
+}
+
+/// Messages the server sends to a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The join was accepted. The client now sends an `offer` with one send-only audio and
+    /// one send-only video m-line followed by `video_slots` receive-only video and
+    /// `audio_slots` receive-only audio m-lines.
+    Welcome {
+        v: u32,
+        room: String,
+        you: SiteInfo,
+        role: Role,
+        video_slots: u8,
+        audio_slots: u8,
+        /// Sites already in the room.
+        sites: Vec<SiteInfo>,
+    },
+    /// The server's answer to the client's offer.
+    Answer {
+        sdp: String,
+    },
+    SiteJoined {
+        site: SiteInfo,
+    },
+    SiteLeft {
+        site: SiteId,
+        reason: LeaveReason,
+    },
+    /// The full current mapping of the client's receive slots. Sent after the answer and
+    /// whenever it changes; the newest message replaces the older one.
+    Slots {
+        slots: Vec<SlotAssignment>,
+    },
+    Pong {
+        id: u64,
+    },
+    /// Something went wrong. `fatal: true` means the server closes the connection next.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default)]
+        fatal: bool,
+    },
+}
+
+/// Why a site left the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveReason {
+    /// The site said `leave`.
+    Left,
+    /// The WebSocket closed or the media path timed out.
+    Disconnected,
+    /// The server refused the site after a protocol error.
+    Dropped,
+}
+
+/// Error codes on the wire. Clients branch on these and show [`ErrorCode::vi`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadJson,
+    UnknownType,
+    UnsupportedVersion,
+    TooLarge,
+    BadSdp,
+    SiteTaken,
+    UnknownSite,
+    Unauthenticated,
+    NotJoined,
+    AlreadyJoined,
+    RoomFull,
+    MediaTimeout,
+    Internal,
+}
+
+impl ErrorCode {
+    /// A sentence for a person, in Vietnamese.
+    pub fn vi(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "Máy chủ không hiểu tin nhắn từ ứng dụng (dữ liệu hỏng).",
+            ErrorCode::UnknownType => "Máy chủ không nhận ra yêu cầu này; hãy cập nhật ứng dụng.",
+            ErrorCode::UnsupportedVersion => {
+                "Phiên bản ứng dụng không tương thích với máy chủ; hãy cập nhật ứng dụng."
+            }
+            ErrorCode::TooLarge => "Tin nhắn gửi lên máy chủ quá lớn.",
+            ErrorCode::BadSdp => "Không thiết lập được kết nối hình và tiếng với máy chủ.",
+            ErrorCode::SiteTaken => "Điểm cầu này đã đang tham gia phòng họp từ một máy khác.",
+            ErrorCode::UnknownSite => "Mã điểm cầu không có trong danh bạ của máy chủ.",
+            ErrorCode::Unauthenticated => "Máy chủ từ chối: thiếu hoặc sai mã xác thực.",
+            ErrorCode::NotJoined => "Chưa tham gia phòng họp.",
+            ErrorCode::AlreadyJoined => "Điểm cầu đã tham gia phòng họp rồi.",
+            ErrorCode::RoomFull => "Phòng họp đã đầy.",
+            ErrorCode::MediaTimeout => {
+                "Không kết nối được đường hình và tiếng tới máy chủ; mạng có thể đang chặn kết nối."
+            }
+            ErrorCode::Internal => "Máy chủ gặp lỗi nội bộ; hãy thử lại sau ít phút.",
+        }
+    }
+
+    /// A sentence for a person, in English.
+    pub fn en(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "The server could not read a message from the app.",
+            ErrorCode::UnknownType => "The server does not know this request; update the app.",
+            ErrorCode::UnsupportedVersion => "This app version does not match the server.",
+            ErrorCode::TooLarge => "A message to the server was too large.",
+            ErrorCode::BadSdp => "Could not set up audio and video with the server.",
+            ErrorCode::SiteTaken => "This site is already in the meeting from another computer.",
+            ErrorCode::UnknownSite => "The site id is not in the server's directory.",
+            ErrorCode::Unauthenticated => "The server refused: missing or invalid credentials.",
+            ErrorCode::NotJoined => "Not in the meeting yet.",
+            ErrorCode::AlreadyJoined => "This site has already joined.",
+            ErrorCode::RoomFull => "The meeting room is full.",
+            ErrorCode::MediaTimeout => {
+                "Audio and video could not reach the server; the network may block them."
+            }
+            ErrorCode::Internal => "The server had an internal error; try again shortly.",
+        }
+    }
+}
+
+/// Why an incoming text could not be turned into a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("not a JSON object: {0}")]
+    BadJson(String),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("protocol version {0} is not supported (server speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u64),
+    #[error("malformed {kind:?} message: {detail}")]
+    BadFields { kind: String, detail: String },
+}
+
+impl DecodeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge(_) => ErrorCode::TooLarge,
+            DecodeError::BadJson(_) | DecodeError::BadFields { .. } => ErrorCode::BadJson,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+        }
+    }
+}
+
+const CLIENT_TYPES: &[&str] = &["join", "offer", "request_keyframe", "ping", "leave"];
+
+impl ClientMessage {
+    /// Parses one signalling message, telling apart the ways it can be wrong.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        if text.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::TooLarge(text.len()));
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| DecodeError::BadJson(e.to_string()))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| DecodeError::BadJson("top level is not an object".into()))?;
+        let kind = obj
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| DecodeError::BadJson("missing string field \"type\"".into()))?
+            .to_string();
+        if !CLIENT_TYPES.contains(&kind.as_str()) {
+            return Err(DecodeError::UnknownType(kind));
+        }
+        if kind == "join" {
+            match obj.get("v").and_then(|v| v.as_u64()) {
+                Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+                Some(v) => return Err(DecodeError::UnsupportedVersion(v)),
+                None => {
+                    return Err(DecodeError::BadFields {
+                        kind,
+                        detail: "missing protocol version \"v\"".into(),
+                    })
+                }
+            }
+        }
+        serde_json::from_value(value).map_err(|e| DecodeError::BadFields {
+            kind,
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        // Serialising these plain enums cannot fail (no maps with non-string keys).
+        serde_json::to_string(self).expect("client message serialises")
+    }
+}
+
+impl ServerMessage {
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        if text.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::TooLarge(text.len()));
+        }
+        serde_json::from_str(text).map_err(|e| DecodeError::BadJson(e.to_string()))
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("server message serialises")
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>, fatal: bool) -> Self {
+        ServerMessage::Error {
+            code,
+            message: message.into(),
+            fatal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_round_trips() {
+        let m = ClientMessage::Join {
+            v: PROTOCOL_VERSION,
+            room: "hop-tinh".into(),
+            site: "tp-vinh".into(),
+            token: None,
+        };
+        let text = m.encode();
+        assert_eq!(
+            text,
+            r#"{"type":"join","v":1,"room":"hop-tinh","site":"tp-vinh"}"#
+        );
+        assert_eq!(ClientMessage::decode(&text).unwrap(), m);
+    }
+
+    #[test]
+    fn decode_tells_errors_apart() {
+        assert_eq!(
+            ClientMessage::decode("{not json").unwrap_err().code(),
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            ClientMessage::decode("[1,2]").unwrap_err().code(),
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            ClientMessage::decode(r#"{"type":"dance"}"#).unwrap_err(),
+            DecodeError::UnknownType("dance".into())
+        );
+        assert_eq!(
+            ClientMessage::decode(r#"{"type":"join","v":7,"room":"r","site":"s"}"#).unwrap_err(),
+            DecodeError::UnsupportedVersion(7)
+        );
+        assert!(matches!(
+            ClientMessage::decode(r#"{"type":"join","v":1,"room":"r"}"#).unwrap_err(),
+            DecodeError::BadFields { .. }
+        ));
+        let big = format!(
+            r#"{{"type":"offer","sdp":"{}"}}"#,
+            "a".repeat(MAX_MESSAGE_BYTES)
+        );
+        assert_eq!(
+            ClientMessage::decode(&big).unwrap_err().code(),
+            ErrorCode::TooLarge
+        );
+    }
+
+    #[test]
+    fn server_messages_round_trip() {
+        let msgs = vec![
+            ServerMessage::Slots {
+                slots: vec![SlotAssignment {
+                    mid: "2".into(),
+                    kind: MediaKind::Video,
+                    site: Some("tp-vinh".into()),
+                }],
+            },
+            ServerMessage::error(ErrorCode::SiteTaken, "site tp-vinh is already here", true),
+            ServerMessage::SiteLeft {
+                site: "x".into(),
+                reason: LeaveReason::Disconnected,
+            },
+        ];
+        for m in msgs {
+            assert_eq!(ServerMessage::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn every_error_code_has_both_languages() {
+        use ErrorCode::*;
+        for c in [
+            BadJson,
+            UnknownType,
+            UnsupportedVersion,
+            TooLarge,
+            BadSdp,
+            SiteTaken,
+            UnknownSite,
+            Unauthenticated,
+            NotJoined,
+            AlreadyJoined,
+            RoomFull,
+            MediaTimeout,
+            Internal,
+        ] {
+            assert!(!c.vi().is_empty() && !c.en().is_empty());
+            assert_ne!(c.vi(), c.en());
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The TCP side of the server: one port carries both the signalling WebSocket and ICE-TCP.
+//!
+//! A new connection is classified by its first bytes: `GET ` starts an HTTP upgrade to the
+//! WebSocket; anything else is taken as RFC 4571-framed ICE-TCP (a 2-byte length, then a
+//! STUN/DTLS/RTP packet), which offices behind UDP-blocking firewalls fall back to.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diemcau_protocol::{ClientMessage, ErrorCode, LeaveReason, ServerMessage, MAX_MESSAGE_BYTES};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{debug, info, warn};
+
+use crate::sfu::{Command, ConnId};
+
+/// How long a connection may take to say what it is, and a WebSocket to send `join`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Frames above this are refused by the WebSocket layer itself (the connection drops);
+/// between [`MAX_MESSAGE_BYTES`] and this, the client gets a `too_large` error and stays.
+const HARD_FRAME_LIMIT: usize = 4 * MAX_MESSAGE_BYTES;
+
+pub async fn accept_loop(listener: TcpListener, engine: mpsc::UnboundedSender<Command>) {
+    let next_id = Arc::new(AtomicU64::new(1));
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let engine = engine.clone();
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            match tokio::time::timeout(HELLO_TIMEOUT, sniff(&stream)).await {
+                Ok(Ok(Kind::WebSocket)) => serve_websocket(stream, from, id, engine).await,
+                Ok(Ok(Kind::IceTcp)) => serve_ice_tcp(stream, from, engine).await,
+                Ok(Err(e)) => debug!(%from, "connection closed before saying anything: {e}"),
+                Err(_) => debug!(%from, "connection silent; dropped"),
+            }
+        });
+    }
+}
+
+enum Kind {
+    WebSocket,
+    IceTcp,
+}
+
+async fn sniff(stream: &TcpStream) -> std::io::Result<Kind> {
+    let mut buf = [0u8; 4];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if n >= 4 {
+            return Ok(if &buf == b"GET " {
+                Kind::WebSocket
+            } else {
+                Kind::IceTcp
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn serve_ice_tcp(
+    stream: TcpStream,
+    from: SocketAddr,
+    engine: mpsc::UnboundedSender<Command>,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(512);
+    if engine.send(Command::TcpOpened { peer: from, tx }).is_err() {
+        return;
+    }
+    debug!(%from, "ICE-TCP connection");
+    let writer = tokio::spawn(async move {
+        while let Some(pkt) = rx.recv().await {
+            let len = (pkt.len() as u16).to_be_bytes();
+            if wr.write_all(&len).await.is_err() || wr.write_all(&pkt).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let mut len = [0u8; 2];
+        if rd.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let n = usize::from(u16::from_be_bytes(len));
+        if rd.read_exact(&mut buf[..n]).await.is_err() {
+            break;
+        }
+        let packet = Command::TcpPacket {
+            peer: from,
+            data: buf[..n].to_vec(),
+        };
+        if engine.send(packet).is_err() {
+            break;
+        }
+    }
+    let _ = engine.send(Command::TcpClosed { peer: from });
+    writer.abort();
+}
+
+async fn serve_websocket(
+    stream: TcpStream,
+    from: SocketAddr,
+    conn: ConnId,
+    engine: mpsc::UnboundedSender<Command>,
+) {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(HARD_FRAME_LIMIT))
+        .max_frame_size(Some(HARD_FRAME_LIMIT));
+    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            debug!(%from, "WebSocket handshake failed: {e}");
+            return;
+        }
+    };
+    let (mut sink, mut incoming) = ws.split();
+    let (to_client, mut outbox) = mpsc::unbounded_channel::<ServerMessage>();
+    let writer = async move {
+        while let Some(msg) = outbox.recv().await {
+            let fatal = matches!(msg, ServerMessage::Error { fatal: true, .. });
+            if sink.send(Message::Text(msg.encode().into())).await.is_err() {
+                break;
+            }
+            if fatal {
+                let _ = sink.close().await;
+                break;
+            }
+        }
+    };
+    let reader = read_loop(&mut incoming, from, conn, &engine, to_client);
+    tokio::pin!(writer);
+    let left = tokio::select! {
+        left = reader => left,
+        _ = &mut writer => false,
+    };
+    if !left {
+        let _ = engine.send(Command::Leave {
+            conn,
+            reason: LeaveReason::Disconnected,
+        });
+    }
+    debug!(%from, conn, "signalling connection closed");
+}
+
+/// Reads client messages until the socket closes; true if the client left cleanly.
+async fn read_loop<S>(
+    incoming: &mut S,
+    from: SocketAddr,
+    conn: ConnId,
+    engine: &mpsc::UnboundedSender<Command>,
+    to_client: mpsc::UnboundedSender<ServerMessage>,
+) -> bool
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let mut joined = false;
+    let reply = |code: ErrorCode, msg: String, fatal: bool| {
+        let _ = to_client.send(ServerMessage::error(code, msg, fatal));
+    };
+    loop {
+        let next = if joined {
+            incoming.next().await
+        } else {
+            match tokio::time::timeout(HELLO_TIMEOUT, incoming.next()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    warn!(%from, "no join within {HELLO_TIMEOUT:?}; closing");
+                    reply(ErrorCode::NotJoined, "no join message in time".into(), true);
+                    return false;
+                }
+            }
+        };
+        let text = match next {
+            None => return false,
+            Some(Err(e)) => {
+                warn!(%from, "signalling read error: {e}");
+                return false;
+            }
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                warn!(%from, "binary signalling message refused");
+                reply(
+                    ErrorCode::BadJson,
+                    "signalling messages are JSON text".into(),
+                    false,
+                );
+                continue;
+            }
+            Some(Ok(Message::Close(_))) => return false,
+            Some(Ok(_)) => continue,
+        };
+        let msg = match ClientMessage::decode(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(%from, "bad signalling message: {e}");
+                // A join in a version we do not speak cannot go on; anything else may.
+                let fatal = e.code() == ErrorCode::UnsupportedVersion;
+                reply(e.code(), e.to_string(), fatal);
+                if fatal {
+                    return false;
+                }
+                continue;
+            }
+        };
+        match msg {
+            ClientMessage::Ping { id } => {
+                let _ = to_client.send(ServerMessage::Pong { id });
+            }
+            ClientMessage::Join { room, site, .. } => {
+                if joined {
+                    reply(ErrorCode::AlreadyJoined, "already joined".into(), false);
+                    continue;
+                }
+                joined = true;
+                info!(%from, %site, %room, "join");
+                let _ = engine.send(Command::Join {
+                    conn,
+                    room,
+                    site,
+                    from,
+                    to_client: to_client.clone(),
+                });
+            }
+            _ if !joined => {
+                reply(
+                    ErrorCode::NotJoined,
+                    "send join before anything else".into(),
+                    false,
+                );
+            }
+            ClientMessage::Offer { sdp } => {
+                let _ = engine.send(Command::Offer { conn, sdp });
+            }
+            ClientMessage::RequestKeyframe { site } => {
+                let _ = engine.send(Command::RequestKeyframe { conn, site });
+            }
+            ClientMessage::Leave => {
+                let _ = engine.send(Command::Leave {
+                    conn,
+                    reason: LeaveReason::Left,
+                });
+                return true;
+            }
+        }
+    }
+}
