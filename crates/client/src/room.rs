@@ -295,6 +295,14 @@ impl Room {
             },
         )
         .await?;
+        // rtc-ice 0.21.1 looks remote candidates up by address alone, ignoring the
+        // transport; the server's UDP and TCP candidates share an address, so a TCP-only
+        // client must not see the UDP one or its TCP checks never validate.
+        let answer = if options.udp {
+            answer
+        } else {
+            without_udp_candidates(&answer)
+        };
         pc.set_remote_description(
             RTCSessionDescription::answer(answer.clone()).map_err(ClientError::webrtc)?,
         )
@@ -630,6 +638,19 @@ async fn dial_tcp_candidates(pc: &Arc<dyn PeerConnection>, sdp: &str) {
     }
 }
 
+/// The SDP without its UDP `a=candidate` lines.
+fn without_udp_candidates(sdp: &str) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.split_inclusive('\n') {
+        let l = line.trim().to_ascii_lowercase();
+        if l.starts_with("a=candidate:") && l.split_whitespace().nth(2) == Some("udp") {
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
 /// "udp" or "tcp" for the nominated candidate pair.
 async fn selected_transport(pc: &Arc<dyn PeerConnection>) -> Option<String> {
     let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
@@ -639,8 +660,43 @@ async fn selected_transport(pc: &Arc<dyn PeerConnection>) -> Option<String> {
         .max_by_key(|p| (p.nominated, p.bytes_received))?
         .local_candidate_id
         .clone();
-    match report.get(&pair)? {
-        RTCStatsReportEntry::LocalCandidate(c) => Some(c.protocol.to_ascii_lowercase()),
+    // Candidate entries are keyed "RTCLocalIceCandidate_<pair's local_candidate_id>".
+    let protocol = report.iter().find_map(|e| match e {
+        RTCStatsReportEntry::LocalCandidate(c) if c.stats.id.ends_with(pair.as_str()) => {
+            Some(c.protocol.to_ascii_lowercase())
+        }
         _ => None,
+    });
+    protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_ip_follows_server_host() {
+        assert_eq!(
+            bind_ip_for("ws://127.0.0.1:7600"),
+            IpAddr::from([127, 0, 0, 1])
+        );
+        assert_eq!(
+            bind_ip_for("ws://localhost:7600/"),
+            IpAddr::from([127, 0, 0, 1])
+        );
+        assert_eq!(bind_ip_for("ws://[::1]:7600"), IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(
+            bind_ip_for("wss://hop.nghean.gov.vn"),
+            IpAddr::from([0, 0, 0, 0])
+        );
+    }
+
+    #[test]
+    fn strips_only_udp_candidates() {
+        let sdp = "v=0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 7600 typ host\r\na=candidate:2 1 tcp 1 127.0.0.1 7600 typ host tcptype passive\r\na=mid:0\r\n";
+        let out = without_udp_candidates(sdp);
+        assert!(!out.contains(" udp "));
+        assert!(out.contains("tcptype passive"));
+        assert!(out.contains("a=mid:0\r\n"));
     }
 }
