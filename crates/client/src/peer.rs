@@ -198,7 +198,6 @@ pub async fn build(transports: &Transports) -> Result<Peer, ClientError> {
         RTCRtpCodecParameters {
             rtp_codec: h264_codec(),
             payload_type: 102,
-            ..Default::default()
         },
         RtpCodecKind::Video,
     )
@@ -207,7 +206,6 @@ pub async fn build(transports: &Transports) -> Result<Peer, ClientError> {
         RTCRtpCodecParameters {
             rtp_codec: opus_codec(),
             payload_type: 111,
-            ..Default::default()
         },
         RtpCodecKind::Audio,
     )

@@ -79,7 +79,7 @@ pub struct SyntheticCamera {
 
 impl SyntheticCamera {
     pub fn new(width: usize, height: usize, fps: u32, site: &str) -> Result<Self, SourceError> {
-        if !stamp::fits(width, height) || width % 2 != 0 || height % 2 != 0 || fps == 0 {
+        if !stamp::fits(width, height) || !width.is_multiple_of(2) || !height.is_multiple_of(2) || fps == 0 {
             return Err(SourceError::UnsupportedFormat(format!(
                 "synthetic camera {width}x{height}@{fps}"
             )));

@@ -576,10 +576,8 @@ impl Engine {
                 }
                 self.remove(id, LeaveReason::Disconnected);
             }
-            Event::Closed => {
-                if self.peers.contains_key(&id) {
-                    self.remove(id, LeaveReason::Disconnected);
-                }
+            Event::Closed if self.peers.contains_key(&id) => {
+                self.remove(id, LeaveReason::Disconnected);
             }
             Event::MediaAdded(m) => {
                 let Some(p) = self.peers.get_mut(&id) else {

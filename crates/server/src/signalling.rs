@@ -147,15 +147,20 @@ async fn serve_websocket(
     };
     let reader = read_loop(&mut incoming, from, conn, &engine, to_client);
     tokio::pin!(writer);
-    let left = tokio::select! {
-        left = reader => left,
-        _ = &mut writer => false,
+    let (left, writer_done) = tokio::select! {
+        left = reader => (left, false),
+        _ = &mut writer => (false, true),
     };
     if !left {
         let _ = engine.send(Command::Leave {
             conn,
             reason: LeaveReason::Disconnected,
         });
+    }
+    // Let the writer deliver what is queued (a fatal error's explanation above all). It ends
+    // when every sender is gone: ours now, the engine's once it has removed the site.
+    if !writer_done {
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     }
     debug!(%from, conn, "signalling connection closed");
 }

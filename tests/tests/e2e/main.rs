@@ -1,0 +1,6 @@
+//! End-to-end tests: a `--dev` room server and sites (the real client engine, or raw
+//! WebSockets for malformed input) on loopback.
+
+mod bad_input;
+mod cli;
+mod media;
