@@ -97,7 +97,11 @@ impl VideoEncoder {
 
     /// Encodes one picture. `None` when the rate controller skipped it.
     pub fn encode(&mut self, pic: &I420Frame) -> Result<Option<EncodedVideo>> {
-        if !pic.width.is_multiple_of(2) || !pic.height.is_multiple_of(2) || pic.width > 3840 || pic.height > 3840 {
+        if !pic.width.is_multiple_of(2)
+            || !pic.height.is_multiple_of(2)
+            || pic.width > 3840
+            || pic.height > 3840
+        {
             return Err(CodecError::BadSize(pic.width, pic.height));
         }
         let (cw, _) = I420Frame::chroma_size(pic.width, pic.height);

@@ -79,7 +79,11 @@ pub struct SyntheticCamera {
 
 impl SyntheticCamera {
     pub fn new(width: usize, height: usize, fps: u32, site: &str) -> Result<Self, SourceError> {
-        if !stamp::fits(width, height) || !width.is_multiple_of(2) || !height.is_multiple_of(2) || fps == 0 {
+        if !stamp::fits(width, height)
+            || !width.is_multiple_of(2)
+            || !height.is_multiple_of(2)
+            || fps == 0
+        {
             return Err(SourceError::UnsupportedFormat(format!(
                 "synthetic camera {width}x{height}@{fps}"
             )));
@@ -281,7 +285,7 @@ impl VideoCheck {
             None => self.last_frame = Some(s.frame),
         }
         self.latencies_us.push(s.age_us(now_us));
-        if psnr_every > 0 && self.verified % psnr_every == 1 {
+        if psnr_every > 0 && (self.verified - 1).is_multiple_of(psnr_every) {
             let expected = test_picture(pic.width, pic.height, s);
             self.psnr_sum += psnr_y(&expected, pic);
             self.psnr_count += 1;

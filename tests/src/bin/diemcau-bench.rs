@@ -1,0 +1,222 @@
+//! `diemcau-bench`: the figures in docs/benchmarks.md. Not a test: it measures and prints.
+//!
+//! Run: `cargo run --release -p diemcau-e2e --bin diemcau-bench [-- codec|latency|join|server]`
+
+use std::time::{Duration, Instant};
+
+use diemcau_client::{JoinOptions, Report, Room, VideoInput};
+use diemcau_media::stamp::{site_tag, Stamp};
+use diemcau_media::synthetic::{percentile, test_picture};
+use diemcau_media::{VideoDecoder, VideoEncoder};
+use diemcau_server::{RunningServer, ServerConfig};
+
+fn main() {
+    let which: Vec<String> = std::env::args().skip(1).collect();
+    let all = which.is_empty();
+    let want = |n: &str| all || which.iter().any(|w| w == n);
+    println!(
+        "# diemcau-bench ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if want("codec") {
+        codec(640, 360, 1_000_000);
+        codec(1280, 720, 2_500_000);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if want("latency") {
+        rt.block_on(latency());
+    }
+    if want("join") {
+        rt.block_on(join_time());
+    }
+    if want("server") {
+        server_cpu(&rt);
+    }
+}
+
+fn codec(w: usize, h: usize, bps: u32) {
+    let n = 300u32;
+    let pics: Vec<_> = (0..n)
+        .map(|i| {
+            test_picture(
+                w,
+                h,
+                Stamp {
+                    frame: i,
+                    time_us: i,
+                    site_tag: site_tag("bench"),
+                },
+            )
+        })
+        .collect();
+    let mut enc = VideoEncoder::new(bps, 30.0).expect("encoder");
+    let mut dec = VideoDecoder::new().expect("decoder");
+    let mut enc_ms = Vec::new();
+    let mut dec_ms = Vec::new();
+    let mut bytes = 0usize;
+    for p in &pics {
+        let t = Instant::now();
+        let au = enc.encode(p).expect("encode").expect("no skip");
+        enc_ms.push(t.elapsed().as_micros() as u32);
+        bytes += au.data.len();
+        let t = Instant::now();
+        dec.decode(&au.data).expect("decode").expect("picture");
+        dec_ms.push(t.elapsed().as_micros() as u32);
+    }
+    let mean = |v: &[u32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64 / 1000.0;
+    println!(
+        "codec {w}x{h} @ {} kbit/s: encode mean {:.2} ms (p95 {:.2}), decode mean {:.2} ms (p95 {:.2}), {:.0} kbit/s at 30 fps",
+        bps / 1000,
+        mean(&enc_ms),
+        f64::from(percentile(&enc_ms, 95.0).unwrap_or(0)) / 1000.0,
+        mean(&dec_ms),
+        f64::from(percentile(&dec_ms, 95.0).unwrap_or(0)) / 1000.0,
+        bytes as f64 * 8.0 * 30.0 / f64::from(n) / 1000.0
+    );
+}
+
+async fn dev_server() -> RunningServer {
+    diemcau_server::start(ServerConfig::dev("127.0.0.1:0".parse().expect("literal")))
+        .await
+        .expect("server")
+}
+
+fn opts(site: &str, room: &str, w: usize, h: usize, fps: u32) -> JoinOptions {
+    let mut o = JoinOptions::synthetic(site, room);
+    o.video = VideoInput::Synthetic {
+        width: w,
+        height: h,
+        fps,
+    };
+    o.max_video_bitrate_bps = 2_500_000;
+    o.psnr_every = 0;
+    o
+}
+
+async fn latency() {
+    let server = dev_server().await;
+    let (a, _ea) = Room::connect(&server.url(), opts("nghe-an", "bench", 1280, 720, 30))
+        .await
+        .expect("join");
+    let (b, _eb) = Room::connect(&server.url(), opts("tp-vinh", "bench", 1280, 720, 30))
+        .await
+        .expect("join");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (ra, rb) = (a.leave().await, b.leave().await);
+    for r in [&ra, &rb] {
+        let x = &r.received[0];
+        println!(
+            "glass-to-glass 720p30 {} <- {}: p50 {:.1} ms, p95 {:.1} ms over {} verified frames ({} sent by the other, {} lost)",
+            r.site,
+            x.site,
+            x.latency_ms.p50.unwrap_or(f64::NAN),
+            x.latency_ms.p95.unwrap_or(f64::NAN),
+            x.video_frames_verified,
+            if r.site == ra.site { rb.sent.video_frames } else { ra.sent.video_frames },
+            x.video_frames_lost
+        );
+    }
+    server.stop();
+}
+
+async fn join_time() {
+    let server = dev_server().await;
+    let (host, _e) = Room::connect(&server.url(), opts("nghe-an", "join", 640, 360, 15))
+        .await
+        .expect("join");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut joins = Vec::new();
+    for i in 0..8 {
+        let site = format!("xa-thu-{i}");
+        let (r, _e) = Room::connect(&server.url(), opts(&site, "join", 640, 360, 15))
+            .await
+            .expect("join");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut rep: Report = r.report().await;
+        while rep.join_ms.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            rep = r.report().await;
+        }
+        if let Some(ms) = rep.join_ms {
+            joins.push((ms * 1000.0) as u32);
+        }
+        r.leave().await;
+    }
+    let ms = |v: Option<u32>| f64::from(v.unwrap_or(0)) / 1000.0;
+    println!(
+        "join_ms (join -> first verified remote frame, 640x360@15 publisher, {} joins): p50 {:.0} ms, max {:.0} ms",
+        joins.len(),
+        ms(percentile(&joins, 50.0)),
+        ms(percentile(&joins, 100.0))
+    );
+    host.leave().await;
+    server.stop();
+}
+
+/// CPU time (user + system, seconds) of one thread of this process.
+fn thread_cpu_s(tid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn server_cpu(rt: &tokio::runtime::Runtime) {
+    let sites = 5;
+    // The server gets a runtime of its own on one thread, so its CPU time can be read alone.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_thread = std::thread::spawn(move || {
+        let tid = std::fs::read_link("/proc/thread-self")
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+            .unwrap_or_default();
+        let srt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        srt.block_on(async move {
+            let server = dev_server().await;
+            tx.send((server.url(), server.stats.clone(), tid))
+                .expect("main thread waits");
+            let _ = stop_rx.await;
+            server.stop();
+        });
+    });
+    let (url, stats, tid) = rx.recv().expect("server started");
+    rt.block_on(async {
+        let mut rooms = Vec::new();
+        for i in 0..sites {
+            let (r, e) = Room::connect(&url, opts(&format!("xa-{i}"), "cpu", 320, 180, 15)).await.expect("join");
+            rooms.push((r, e));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        use std::sync::atomic::Ordering::Relaxed;
+        let (c0, p0, f0, b0) = (thread_cpu_s(&tid), stats.datagrams_out.load(Relaxed), stats.frames_out.load(Relaxed), stats.bytes_out.load(Relaxed));
+        let window = 10.0;
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let (c1, p1, f1, b1) = (thread_cpu_s(&tid), stats.datagrams_out.load(Relaxed), stats.frames_out.load(Relaxed), stats.bytes_out.load(Relaxed));
+        let cpu = c1 - c0;
+        let pkts = (p1 - p0) as f64;
+        println!(
+            "server, {sites} sites x (320x180@15 video + Opus), each receiving the other {}: {:.0} packets/s out, {:.0} frames/s forwarded, {:.2} Mbit/s payload; server thread CPU {:.1} % of a core => {:.1} µs per packet, ~{:.0} packets/s per core",
+            sites - 1,
+            pkts / window,
+            (f1 - f0) as f64 / window,
+            (b1 - b0) as f64 * 8.0 / window / 1e6,
+            cpu / window * 100.0,
+            cpu / pkts * 1e6,
+            pkts / cpu.max(1e-9)
+        );
+        for (r, _) in rooms {
+            r.leave().await;
+        }
+    });
+    let _ = stop_tx.send(());
+    let _ = server_thread.join();
+}
