@@ -232,8 +232,22 @@ impl Room {
         };
         let stream = format!("site-{}", options.site);
         let mut local = Vec::new();
-        if options.video != VideoInput::None {
-            let t = peer::sample_track(RtpCodecKind::Video, "video", &stream)?;
+        for (kind, id, wanted) in [
+            (
+                RtpCodecKind::Video,
+                "video",
+                options.video != VideoInput::None,
+            ),
+            (
+                RtpCodecKind::Audio,
+                "audio",
+                options.audio != AudioInput::None,
+            ),
+        ] {
+            if !wanted {
+                continue;
+            }
+            let t = peer::sample_track(kind, id, &stream)?;
             let tr = pc
                 .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
                 .await
@@ -242,21 +256,8 @@ impl Room {
                 .sender()
                 .await
                 .map_err(ClientError::webrtc)?
-                .ok_or_else(|| ClientError::WebRtc("video transceiver has no sender".into()))?;
-            local.push((RtpCodecKind::Video, t, sender));
-        }
-        if options.audio != AudioInput::None {
-            let t = peer::sample_track(RtpCodecKind::Audio, "audio", &stream)?;
-            let tr = pc
-                .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
-                .await
-                .map_err(ClientError::webrtc)?;
-            let sender = tr
-                .sender()
-                .await
-                .map_err(ClientError::webrtc)?
-                .ok_or_else(|| ClientError::WebRtc("audio transceiver has no sender".into()))?;
-            local.push((RtpCodecKind::Audio, t, sender));
+                .ok_or_else(|| ClientError::WebRtc(format!("{id} transceiver has no sender")))?;
+            local.push((kind, t, sender));
         }
         for (kind, n) in [
             (RtpCodecKind::Video, video_slots),

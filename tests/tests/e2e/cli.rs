@@ -113,39 +113,25 @@ async fn cli_sites_report_each_other_in_the_contracted_json() {
     assert!(ea.contains("Đã tham gia"), "{ea}");
 }
 
+/// `diemcau-cli join` against loopback port 9 (discard), where nothing listens.
+fn join_nowhere(extra: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("diemcau-cli"))
+        .args(["join", "--server", "ws://127.0.0.1:9", "--site", "x"])
+        .args(extra)
+        .output()
+        .expect("diemcau-cli runs")
+}
+
 #[test]
 fn cli_refuses_unknown_sources_with_a_clear_message() {
-    let out = Command::new(workspace_bin("diemcau-cli"))
-        .args([
-            "join",
-            "--server",
-            "ws://127.0.0.1:9",
-            "--site",
-            "x",
-            "--video",
-            "projector",
-        ])
-        .output()
-        .unwrap();
+    let out = join_nowhere(&["--video", "projector"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--video projector"));
 }
 
 #[test]
 fn cli_says_in_vietnamese_when_the_server_is_unreachable() {
-    // Port 9 (discard) on loopback: nothing listens there.
-    let out = Command::new(workspace_bin("diemcau-cli"))
-        .args([
-            "join",
-            "--server",
-            "ws://127.0.0.1:9",
-            "--site",
-            "x",
-            "--duration",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let out = join_nowhere(&["--duration", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Không kết nối được tới máy chủ"), "{err}");
