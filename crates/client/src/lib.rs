@@ -20,6 +20,7 @@
 //! `diemcau-cli join` prints.
 
 pub mod assemble;
+pub mod control;
 pub mod peer;
 pub mod publish;
 pub mod receive;
@@ -31,7 +32,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diemcau_media::I420Frame;
-use diemcau_protocol::{ErrorCode, LeaveReason, MediaKind, Role, SiteId, SiteInfo};
+use diemcau_protocol::{
+    ErrorCode, FloorState, Hand, LeaveReason, MediaKind, Role, RollEntry, SiteId, SiteInfo,
+};
 
 pub use report::Report;
 pub use room::{AudioInput, JoinOptions, Room, VideoInput};
@@ -117,6 +120,23 @@ pub enum RoomEvent {
         code: ErrorCode,
         message: String,
         fatal: bool,
+    },
+    /// The hand queue as this site may see it.
+    Hands {
+        queue: Vec<Hand>,
+        total: u32,
+    },
+    /// The floor changed.
+    Floor {
+        state: FloorState,
+    },
+    /// The chair asks this site to unmute; answer with [`Room::reply_unmute`].
+    AskUnmute {
+        by: SiteId,
+    },
+    /// The roll-call changed (chair only).
+    RollCall {
+        entries: Vec<RollEntry>,
     },
     /// A local device or codec failed (the message is Vietnamese).
     DeviceError {

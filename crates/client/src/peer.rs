@@ -20,7 +20,7 @@ use rtc::peer_connection::configuration::interceptor_registry::{
     configure_congestion_control, register_default_interceptors, CongestionFeedback,
 };
 use rtc::peer_connection::configuration::media_engine::{
-    MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS,
+    MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX,
 };
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
@@ -198,6 +198,22 @@ pub async fn build(transports: &Transports) -> Result<Peer, ClientError> {
         RTCRtpCodecParameters {
             rtp_codec: h264_codec(),
             payload_type: 102,
+        },
+        RtpCodecKind::Video,
+    )
+    .map_err(ClientError::webrtc)?;
+    // RTX (RFC 4588) for H.264: without it the server cannot answer our NACKs (str0m only
+    // retransmits on a negotiated RTX stream).
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_RTX.to_owned(),
+                clock_rate: 90_000,
+                channels: 0,
+                sdp_fmtp_line: "apt=102".to_owned(),
+                rtcp_feedback: vec![],
+            },
+            payload_type: 103,
         },
         RtpCodecKind::Video,
     )

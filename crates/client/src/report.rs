@@ -1,6 +1,7 @@
 //! The JSON report `diemcau-cli join --report json` prints when it leaves. Field names are a
 //! contract other tools rely on; add fields, never rename or remove them.
 
+use diemcau_protocol::{FloorState, Hand};
 use serde::{Deserialize, Serialize};
 
 /// Latency percentiles in milliseconds.
@@ -60,4 +61,8 @@ pub struct Report {
     pub sites_seen: Vec<String>,
     /// Problems met on the way, in Vietnamese.
     pub errors: Vec<String>,
+    /// The hand queue as this site last saw it.
+    pub hand_queue: Vec<Hand>,
+    /// The floor as this site last saw it.
+    pub floor: Option<FloorState>,
 }

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use diemcau_media::synthetic::{percentile, SyntheticCamera, SyntheticTone};
 use diemcau_media::{AudioSource, VideoSource};
-use diemcau_protocol::{ClientMessage, ErrorCode, ServerMessage, SiteId, PROTOCOL_VERSION};
+use diemcau_protocol::{
+    ChairCommand, ClientMessage, ErrorCode, FloorState, Hand, ServerMessage, SiteId,
+    PROTOCOL_VERSION,
+};
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use tokio::sync::mpsc;
@@ -25,6 +28,7 @@ use webrtc::peer_connection::{
     RTCSessionDescription, RTCStatsReportEntry, StatsSelector,
 };
 
+use crate::control::{self, ChairResult, Requests};
 use crate::peer::{self, Transports};
 use crate::publish::{self, SendCounters, VideoControl};
 use crate::receive::{self, Remote};
@@ -58,6 +62,8 @@ pub struct JoinOptions {
     pub site: SiteId,
     pub room: String,
     pub token: Option<String>,
+    /// Enrollment secret (from the installer): traded for a token when there is none.
+    pub secret: Option<String>,
     pub video: VideoInput,
     pub audio: AudioInput,
     /// Upper bound for the video encoder; the congestion controller sets it lower.
@@ -78,6 +84,7 @@ impl JoinOptions {
             site: site.into(),
             room: room.into(),
             token: None,
+            secret: None,
             video: VideoInput::Synthetic {
                 width: 640,
                 height: 360,
@@ -107,6 +114,8 @@ pub struct Room {
     tasks: Vec<JoinHandle<()>>,
     sites_seen: Arc<Mutex<BTreeSet<SiteId>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    meeting: Arc<Mutex<MeetingView>>,
+    requests: Arc<Requests>,
     started: Instant,
     closed: Arc<AtomicBool>,
 }
@@ -132,6 +141,7 @@ async fn expect<T>(
             code,
             message,
             fatal,
+            ..
         } = &msg
         {
             if *fatal || fail_on.contains(code) {
@@ -180,11 +190,19 @@ impl Room {
         let started = Instant::now();
         let (events_tx, events) = mpsc::unbounded_channel();
         let mut sig = signal::connect(url).await?;
+        let token = match (&options.token, &options.secret) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(secret)) => {
+                Some(control::enroll(&mut sig, &options.site, &options.room, secret).await?)
+            }
+            (None, None) => None,
+        };
         let _ = sig.outbox.send(ClientMessage::Join {
             v: PROTOCOL_VERSION,
             room: options.room.clone(),
             site: options.site.clone(),
-            token: options.token.clone(),
+            token,
+            control: false,
         });
         let mut backlog = VecDeque::new();
         let (you, role, video_slots, audio_slots, sites) =
@@ -402,17 +420,28 @@ impl Room {
 
         // The room task: server messages, connection state, local errors.
         let closed = Arc::new(AtomicBool::new(false));
+        let meeting = Arc::new(Mutex::new(MeetingView::default()));
+        let requests = Arc::new(Requests::default());
         let room_task = {
             let remote = remote.clone();
             let events = events_tx.clone();
             let sites_seen = sites_seen.clone();
             let errors = errors.clone();
             let closed = closed.clone();
+            let meeting = meeting.clone();
+            let requests = requests.clone();
             let mut state = peer.state.clone();
             let mut inbox = sig.inbox;
             async move {
+                let ctx = Ctx {
+                    remote: &remote,
+                    events: &events,
+                    sites_seen: &sites_seen,
+                    meeting: &meeting,
+                    requests: &requests,
+                };
                 for msg in backlog {
-                    on_server_message(msg, &remote, &events, &sites_seen);
+                    on_server_message(msg, &ctx);
                 }
                 loop {
                     tokio::select! {
@@ -421,7 +450,7 @@ impl Room {
                                 if let ServerMessage::Error { code, message, .. } = &m {
                                     errors.lock().expect("lock poisoned").push(format!("{} ({message})", code.vi()));
                                 }
-                                on_server_message(m, &remote, &events, &sites_seen)
+                                on_server_message(m, &ctx)
                             }
                             None => {
                                 if !closed.load(Ordering::Relaxed) {
@@ -466,6 +495,8 @@ impl Room {
                 tasks,
                 sites_seen,
                 errors,
+                meeting,
+                requests,
                 started,
                 closed,
             },
@@ -502,6 +533,7 @@ impl Room {
             })
             .collect();
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let meeting = self.meeting();
         Report {
             site: self.options.site.clone(),
             room: self.options.room.clone(),
@@ -533,7 +565,32 @@ impl Room {
                 .cloned()
                 .collect(),
             errors: self.errors.lock().expect("lock poisoned").clone(),
+            hand_queue: meeting.hands,
+            floor: meeting.floor,
         }
+    }
+
+    pub fn raise_hand(&self) {
+        let _ = self.outbox.send(ClientMessage::RaiseHand);
+    }
+
+    pub fn lower_hand(&self) {
+        let _ = self.outbox.send(ClientMessage::LowerHand);
+    }
+
+    /// Answers the chair's request to unmute.
+    pub fn reply_unmute(&self, accept: bool) {
+        let _ = self.outbox.send(ClientMessage::UnmuteReply { accept });
+    }
+
+    /// Gives a chair command (refused by the server unless this site is the chair).
+    pub async fn chair(&self, command: ChairCommand) -> ChairResult {
+        control::send_command(&self.outbox, &self.requests, command).await
+    }
+
+    /// The hand queue and floor as last seen.
+    pub fn meeting(&self) -> MeetingView {
+        self.meeting.lock().expect("lock poisoned").clone()
     }
 
     /// Leaves the room, stops capture and the peer connection, and returns the report.
@@ -564,12 +621,28 @@ fn latency(us: &[u32]) -> Latency {
     }
 }
 
-fn on_server_message(
-    msg: ServerMessage,
-    remote: &Remote,
-    events: &mpsc::UnboundedSender<RoomEvent>,
-    sites_seen: &Mutex<BTreeSet<SiteId>>,
-) {
+/// What the room task needs to act on a server message.
+struct Ctx<'a> {
+    remote: &'a Remote,
+    events: &'a mpsc::UnboundedSender<RoomEvent>,
+    sites_seen: &'a Mutex<BTreeSet<SiteId>>,
+    meeting: &'a Mutex<MeetingView>,
+    requests: &'a Requests,
+}
+
+/// The meeting as this site last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct MeetingView {
+    pub hands: Vec<Hand>,
+    pub hands_total: u32,
+    pub floor: Option<FloorState>,
+}
+
+fn on_server_message(msg: ServerMessage, ctx: &Ctx<'_>) {
+    let (remote, events, sites_seen) = (ctx.remote, ctx.events, ctx.sites_seen);
+    if ctx.requests.resolve(&msg) {
+        return;
+    }
     match msg {
         ServerMessage::SiteJoined { site } => {
             sites_seen
@@ -606,6 +679,7 @@ fn on_server_message(
             code,
             message,
             fatal,
+            ..
         } => {
             let _ = events.send(RoomEvent::ServerError {
                 code,
@@ -613,9 +687,30 @@ fn on_server_message(
                 fatal,
             });
         }
+        ServerMessage::Hands { queue, total } => {
+            {
+                let mut m = ctx.meeting.lock().expect("lock poisoned");
+                m.hands = queue.clone();
+                m.hands_total = total;
+            }
+            let _ = events.send(RoomEvent::Hands { queue, total });
+        }
+        ServerMessage::Floor { state } => {
+            ctx.meeting.lock().expect("lock poisoned").floor = Some(state.clone());
+            let _ = events.send(RoomEvent::Floor { state });
+        }
+        ServerMessage::AskUnmute { by } => {
+            let _ = events.send(RoomEvent::AskUnmute { by });
+        }
+        ServerMessage::RollCall { entries } => {
+            let _ = events.send(RoomEvent::RollCall { entries });
+        }
         ServerMessage::Welcome { .. }
         | ServerMessage::Answer { .. }
-        | ServerMessage::Pong { .. } => {}
+        | ServerMessage::Pong { .. }
+        | ServerMessage::Enrolled { .. }
+        | ServerMessage::Ack { .. }
+        | ServerMessage::RollCallCsv { .. } => {}
     }
 }
 

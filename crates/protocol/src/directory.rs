@@ -22,6 +22,25 @@ pub struct SiteEntry {
     /// Marks sample entries whose names are illustrative.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub example: bool,
+    /// Enrollment secret the installer puts on the site's PC (SITE_KEY); lets the site get
+    /// a token by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Role given on enrollment; default by level (province → chair, district → district,
+    /// commune → commune).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::Role>,
+}
+
+impl SiteEntry {
+    /// The role this site gets when it enrolls with its secret.
+    pub fn enrollment_role(&self) -> crate::Role {
+        self.role.unwrap_or(match self.level {
+            Level::Province => crate::Role::Chair,
+            Level::District => crate::Role::District,
+            Level::Commune => crate::Role::Commune,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,10 +11,13 @@
 //! `docs/protocol.md` for the whole conversation.
 
 pub mod directory;
+pub mod meeting;
+pub mod token;
 
 use serde::{Deserialize, Serialize};
 
 pub use directory::{Directory, DirectoryError, SiteEntry};
+pub use meeting::{ChairCommand, FloorMode, FloorState, Hand, RollEntry, RollStatus};
 
 /// Version of the signalling protocol; a join with another `v` is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -82,13 +85,40 @@ pub enum ClientMessage {
         site: SiteId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// A control session (an operator's CLI): not a site in the roster, sends no media,
+        /// may give the commands its token's role allows.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        control: bool,
+    },
+    /// Trade the site's enrollment secret (from the installer) for a short-lived token.
+    /// Answered with `enrolled` or an error; may come instead of `join` as first message.
+    Enroll {
+        v: u32,
+        room: String,
+        site: SiteId,
+        secret: String,
+    },
+    RaiseHand,
+    LowerHand,
+    /// A chair command; answered with `ack` or `error` carrying the same `id`.
+    Chair {
+        id: u64,
+        command: ChairCommand,
+    },
+    /// The site's answer to `ask_unmute`.
+    UnmuteReply {
+        accept: bool,
     },
     /// The client's SDP offer: one send-only audio and video m-line (what it publishes) and
     /// the receive-only slots the `welcome` message asked for.
-    Offer { sdp: String },
+    Offer {
+        sdp: String,
+    },
     /// Ask the publisher side of the server for a keyframe of a remote site's video. Normally
     /// RTCP PLI does this; this message is the fallback for clients whose stack cannot.
-    RequestKeyframe { site: SiteId },
+    RequestKeyframe {
+        site: SiteId,
+    },
     /// Liveness probe; answered with `pong`.
     Ping {
         #[serde(default)]
@@ -134,12 +164,47 @@ pub enum ServerMessage {
     Pong {
         id: u64,
     },
+    /// The enrollment secret was accepted: join with this token until it expires.
+    Enrolled {
+        token: String,
+        exp: u64,
+    },
+    /// The hand queue as the recipient may see it: the chair sees every hand, a district
+    /// its own and its communes', any other site only its own. `total` counts all hands.
+    Hands {
+        queue: Vec<Hand>,
+        total: u32,
+    },
+    /// The floor as the recipient sees it.
+    Floor {
+        state: FloorState,
+    },
+    /// The chair asks this site to unmute; it answers with `unmute_reply`.
+    AskUnmute {
+        by: SiteId,
+    },
+    /// A chair command with this id was carried out.
+    Ack {
+        id: u64,
+    },
+    /// The roll-call, sent to the chair whenever it changes.
+    RollCall {
+        entries: Vec<RollEntry>,
+    },
+    /// Answer to `roll_call_export`.
+    RollCallCsv {
+        id: u64,
+        csv: String,
+    },
     /// Something went wrong. `fatal: true` means the server closes the connection next.
+    /// `id` is set when the error answers a chair command.
     Error {
         code: ErrorCode,
         message: String,
         #[serde(default)]
         fatal: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
     },
 }
 
@@ -153,6 +218,8 @@ pub enum LeaveReason {
     Disconnected,
     /// The server refused the site after a protocol error.
     Dropped,
+    /// The chair removed the site.
+    Removed,
 }
 
 /// Error codes on the wire. Clients branch on these and show [`ErrorCode::vi`].
@@ -171,12 +238,19 @@ pub enum ErrorCode {
     AlreadyJoined,
     RoomFull,
     MediaTimeout,
+    TokenExpired,
+    TokenWrongRoom,
+    TokenInvalid,
+    Forbidden,
+    Removed,
+    RoomLocked,
+    NotInRoom,
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for tables and tests.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::UnsupportedVersion,
@@ -189,6 +263,13 @@ impl ErrorCode {
         ErrorCode::AlreadyJoined,
         ErrorCode::RoomFull,
         ErrorCode::MediaTimeout,
+        ErrorCode::TokenExpired,
+        ErrorCode::TokenWrongRoom,
+        ErrorCode::TokenInvalid,
+        ErrorCode::Forbidden,
+        ErrorCode::Removed,
+        ErrorCode::RoomLocked,
+        ErrorCode::NotInRoom,
         ErrorCode::Internal,
     ];
 
@@ -211,6 +292,13 @@ impl ErrorCode {
             ErrorCode::MediaTimeout => {
                 "Không kết nối được đường hình và tiếng tới máy chủ; mạng có thể đang chặn kết nối."
             }
+            ErrorCode::TokenExpired => "Mã tham gia đã hết hạn; hãy xin mã mới.",
+            ErrorCode::TokenWrongRoom => "Mã tham gia không dành cho phòng họp này.",
+            ErrorCode::TokenInvalid => "Mã tham gia không hợp lệ.",
+            ErrorCode::Forbidden => "Điểm cầu của bạn không có quyền thực hiện thao tác này.",
+            ErrorCode::Removed => "Chủ tọa đã mời điểm cầu của bạn ra khỏi phòng họp.",
+            ErrorCode::RoomLocked => "Phòng họp đã khóa; không thể tham gia lúc này.",
+            ErrorCode::NotInRoom => "Điểm cầu được chọn không có trong phòng họp.",
             ErrorCode::Internal => "Máy chủ gặp lỗi nội bộ; hãy thử lại sau ít phút.",
         }
     }
@@ -232,6 +320,13 @@ impl ErrorCode {
             ErrorCode::MediaTimeout => {
                 "Audio and video could not reach the server; the network may block them."
             }
+            ErrorCode::TokenExpired => "The join token has expired; ask for a new one.",
+            ErrorCode::TokenWrongRoom => "The join token is not for this room.",
+            ErrorCode::TokenInvalid => "The join token is not valid.",
+            ErrorCode::Forbidden => "Your site may not do this.",
+            ErrorCode::Removed => "The chair removed your site from the meeting.",
+            ErrorCode::RoomLocked => "The room is locked; joining is not possible now.",
+            ErrorCode::NotInRoom => "The chosen site is not in the room.",
             ErrorCode::Internal => "The server had an internal error; try again shortly.",
         }
     }
@@ -263,7 +358,18 @@ impl DecodeError {
     }
 }
 
-const CLIENT_TYPES: &[&str] = &["join", "offer", "request_keyframe", "ping", "leave"];
+const CLIENT_TYPES: &[&str] = &[
+    "join",
+    "enroll",
+    "offer",
+    "request_keyframe",
+    "ping",
+    "leave",
+    "raise_hand",
+    "lower_hand",
+    "chair",
+    "unmute_reply",
+];
 
 impl ClientMessage {
     /// Parses one signalling message, telling apart the ways it can be wrong.
@@ -284,7 +390,7 @@ impl ClientMessage {
         if !CLIENT_TYPES.contains(&kind.as_str()) {
             return Err(DecodeError::UnknownType(kind));
         }
-        if kind == "join" {
+        if kind == "join" || kind == "enroll" {
             match obj.get("v").and_then(|v| v.as_u64()) {
                 Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
                 Some(v) => return Err(DecodeError::UnsupportedVersion(v)),
@@ -325,6 +431,7 @@ impl ServerMessage {
             code,
             message: message.into(),
             fatal,
+            id: None,
         }
     }
 }
@@ -340,6 +447,7 @@ mod tests {
             room: "hop-tinh".into(),
             site: "tp-vinh".into(),
             token: None,
+            control: false,
         };
         let text = m.encode();
         assert_eq!(

@@ -10,6 +10,8 @@
 //! Signalling sessions and ICE-TCP links talk to the engine over one command channel; the
 //! engine answers each site through that site's own outbox. No locks guard media state.
 
+pub mod audit;
+pub mod meeting;
 pub mod sfu;
 pub mod signalling;
 pub mod slots;
@@ -18,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use diemcau_protocol::token::Key;
 use diemcau_protocol::Directory;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
@@ -40,6 +43,10 @@ pub struct ServerConfig {
     pub video_slots: u8,
     pub audio_slots: u8,
     pub connect_timeout: Duration,
+    /// Token signing key (production). `None` with `dev` accepts only dev tokens.
+    pub key: Option<Key>,
+    /// Append-only JSONL audit log; `None` logs privileged actions to the log output only.
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl ServerConfig {
@@ -54,6 +61,8 @@ impl ServerConfig {
             video_slots: 9,
             audio_slots: 3,
             connect_timeout: Duration::from_secs(20),
+            key: None,
+            audit_log: None,
         }
     }
 }
@@ -68,6 +77,13 @@ pub enum ServerError {
     },
     #[error("listening on {0} (all interfaces) needs --advertise-ip: the address sites reach this server at")]
     NeedAdvertiseIp(IpAddr),
+    #[error("without --dev the server needs a token key (--key-file)")]
+    NeedKey,
+    #[error("cannot open the audit log {path}: {source}")]
+    Audit {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::stop`].
@@ -93,6 +109,16 @@ impl RunningServer {
 
 /// Binds the ports and starts serving on the current tokio runtime.
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
+    if !cfg.dev && cfg.key.is_none() {
+        return Err(ServerError::NeedKey);
+    }
+    let audit = match &cfg.audit_log {
+        Some(p) => audit::AuditLog::open(p).map_err(|source| ServerError::Audit {
+            path: p.clone(),
+            source,
+        })?,
+        None => audit::AuditLog::disabled(),
+    };
     let ip = cfg.listen.ip();
     let advertise = match (cfg.advertise_ip, ip.is_unspecified()) {
         (Some(a), _) => a,
@@ -143,9 +169,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         udp_candidate: SocketAddr::new(advertise, media_udp.port()),
         tcp_candidate: SocketAddr::new(advertise, signalling.port()),
         connect_timeout: cfg.connect_timeout,
+        key: cfg.key.clone(),
+        enrollment_ttl: Duration::from_secs(15 * 60),
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let engine = sfu::Engine::new(engine_cfg, Arc::new(udp), stats.clone());
+    let engine = sfu::Engine::new(engine_cfg, Arc::new(udp), stats.clone(), audit);
     let tasks = vec![
         tokio::spawn(engine.run(rx)),
         tokio::spawn(signalling::accept_loop(listener, tx)),

@@ -1,21 +1,75 @@
-//! `diemcau-server`: the room server binary.
+//! `diemcau-server`: the room server binary, its key and token tools.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::Parser;
-use diemcau_protocol::Directory;
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use diemcau_protocol::token::{parse_ttl, Claims, Key};
+use diemcau_protocol::{Directory, Role};
 use diemcau_server::{start, ServerConfig};
 
 /// Điểm cầu room server (SFU).
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Development mode on loopback: no TLS, the built-in Nghệ An sample directory, and
-    /// joins from any site id without a token. Never expose it to a network.
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a new random token key (64 hex digits) to FILE, readable by its owner only.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a signed join token on stdout.
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct IssueArgs {
+    /// Key file from `keygen`.
+    #[arg(long, required_unless_present = "dev", conflicts_with = "dev")]
+    key_file: Option<PathBuf>,
+    /// Sign with the public development key (accepted only by --dev servers).
+    #[arg(long)]
+    dev: bool,
+    #[arg(long)]
+    site: String,
+    /// chair | district | commune | observer
+    #[arg(long, value_parser = parse_role)]
+    role: Role,
+    /// Room the token admits to ("*" = any room).
+    #[arg(long, default_value = "*")]
+    room: String,
+    /// Lifetime, e.g. 8h, 30m, 2d.
+    #[arg(long, default_value = "8h")]
+    ttl: String,
+    /// Check the site against this directory file before signing.
+    #[arg(long)]
+    directory: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Development mode on loopback: no TLS, the built-in Nghệ An sample directory, joins
+    /// from any site id without a token (as commune), and tokens signed with the public dev
+    /// key. Never expose it to a network.
     #[arg(long)]
     dev: bool,
     /// Address for signalling (WebSocket) and ICE-TCP.
@@ -28,15 +82,106 @@ struct Args {
     /// listening on 0.0.0.0 or ::).
     #[arg(long)]
     advertise_ip: Option<IpAddr>,
-    /// Site directory (TOML). Default: the built-in sample.
+    /// Site directory (TOML). Default: the built-in sample (dev only).
     #[arg(long)]
     directory: Option<PathBuf>,
+    /// Token key file (from `keygen`); required without --dev.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Append-only audit log (JSON lines) of privileged actions and refusals.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
     /// Video slots per site: how many remote videos one site receives at most.
     #[arg(long, default_value_t = 9)]
     video_slots: u8,
     /// Audio slots per site: how many of the loudest remote sites one site hears at most.
     #[arg(long, default_value_t = 3)]
     audio_slots: u8,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "chair" => Ok(Role::Chair),
+        "district" => Ok(Role::District),
+        "commune" => Ok(Role::Commune),
+        "observer" => Ok(Role::Observer),
+        _ => Err(format!(
+            "{s:?} is not a role (chair, district, commune, observer)"
+        )),
+    }
+}
+
+fn read_key(path: &Path) -> anyhow::Result<Key> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    Key::from_hex(&text).with_context(|| {
+        format!(
+            "{} is not a key file (64 hex digits, from `diemcau-server keygen`)",
+            path.display()
+        )
+    })
+}
+
+fn read_directory(path: &Path) -> anyhow::Result<Directory> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read directory file {}", path.display()))?;
+    Directory::from_toml(&text).with_context(|| format!("in {}", path.display()))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        bail!(
+            "{} exists; refusing to overwrite a key (tokens signed with it would stop working)",
+            out.display()
+        );
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).context("no randomness from the operating system")?;
+    let key = Key::new(&bytes);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    std::io::Write::write_all(&mut f, format!("{}\n", key.to_hex()).as_bytes())?;
+    eprintln!("wrote a new token key to {}", out.display());
+    Ok(())
+}
+
+fn issue(a: &IssueArgs) -> anyhow::Result<()> {
+    let key = match &a.key_file {
+        Some(p) => read_key(p)?,
+        None => Key::dev(),
+    };
+    if let Some(d) = &a.directory {
+        if !read_directory(d)?.contains(&a.site) {
+            bail!("site {} is not in {}", a.site, d.display());
+        }
+    }
+    let ttl =
+        parse_ttl(&a.ttl).with_context(|| format!("--ttl {}: use e.g. 8h, 30m, 2d", a.ttl))?;
+    let now = unix_now();
+    let claims = Claims {
+        site: a.site.clone(),
+        role: a.role,
+        room: a.room.clone(),
+        iat: now,
+        exp: now + ttl,
+    };
+    println!("{}", key.sign(&claims));
+    Ok(())
 }
 
 #[tokio::main]
@@ -48,21 +193,27 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let directory = match &args.directory {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read directory file {}", p.display()))?;
-            Directory::from_toml(&text).with_context(|| format!("in {}", p.display()))?
-        }
-        None => Directory::sample(),
-    };
-    if !args.dev {
-        anyhow::bail!(
-            "without --dev this server needs join tokens, which this version does not have yet; \
-             run with --dev on loopback"
-        );
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Keygen { out }) => return keygen(out),
+        Some(Command::Token {
+            command: TokenCommand::Issue(a),
+        }) => return issue(a),
+        None => {}
     }
+    let args = cli.run;
+    let directory = match &args.directory {
+        Some(p) => read_directory(p)?,
+        None if args.dev => Directory::sample(),
+        None => bail!("--directory FILE is required without --dev"),
+    };
+    let key = match &args.key_file {
+        Some(p) => Some(read_key(p)?),
+        None if args.dev => None,
+        None => bail!(
+            "--key-file FILE is required without --dev (create one with `diemcau-server keygen --out FILE`)"
+        ),
+    };
     if args.dev && !args.listen.ip().is_loopback() {
         tracing::warn!("--dev on a non-loopback address: anyone who reaches it can join");
     }
@@ -75,12 +226,16 @@ async fn main() -> anyhow::Result<()> {
         video_slots: args.video_slots,
         audio_slots: args.audio_slots,
         connect_timeout: Duration::from_secs(20),
+        key,
+        audit_log: args.audit_log.clone(),
     };
     let sites = cfg.directory.len();
     let server = start(cfg).await?;
-    eprintln!(
-        "!!! --dev: joins are NOT authenticated; any site id may join. Loopback testing only. !!!"
-    );
+    if args.dev {
+        eprintln!(
+            "!!! --dev: joins without a token are NOT authenticated, and the public dev key is accepted. Loopback testing only. !!!"
+        );
+    }
     eprintln!(
         "directory: {sites} sites; media: UDP {}, ICE-TCP on the signalling port",
         server.media_udp

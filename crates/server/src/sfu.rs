@@ -16,9 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diemcau_protocol::meeting::roll_call_csv;
+use diemcau_protocol::token::{Claims, Key, TokenError};
 use diemcau_protocol::{
-    Directory, ErrorCode, LeaveReason, Level, MediaKind as WireKind, Role, ServerMessage, SiteInfo,
-    SlotAssignment, PROTOCOL_VERSION,
+    ChairCommand, Directory, ErrorCode, LeaveReason, Level, MediaKind as WireKind, Role,
+    ServerMessage, SiteId, SiteInfo, SlotAssignment, PROTOCOL_VERSION,
 };
 use str0m::bwe::Bitrate;
 use str0m::change::SdpOffer;
@@ -29,6 +31,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::audit::{AuditEntry, AuditLog};
+use crate::meeting::Meeting;
 use crate::slots;
 
 /// Identifies one signalling connection (and the site joined on it).
@@ -41,8 +45,32 @@ pub enum Command {
         conn: ConnId,
         room: String,
         site: String,
+        token: Option<String>,
+        control: bool,
         from: SocketAddr,
         to_client: mpsc::UnboundedSender<ServerMessage>,
+    },
+    Enroll {
+        room: String,
+        site: String,
+        secret: String,
+        from: SocketAddr,
+        to_client: mpsc::UnboundedSender<ServerMessage>,
+    },
+    RaiseHand {
+        conn: ConnId,
+    },
+    LowerHand {
+        conn: ConnId,
+    },
+    Chair {
+        conn: ConnId,
+        id: u64,
+        command: ChairCommand,
+    },
+    UnmuteReply {
+        conn: ConnId,
+        accept: bool,
     },
     Offer {
         conn: ConnId,
@@ -79,6 +107,8 @@ pub struct Stats {
     pub datagrams_out: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub sites: AtomicU64,
+    /// Audio frames not forwarded because their site did not have the floor.
+    pub audio_dropped_floor: AtomicU64,
 }
 
 /// Engine settings.
@@ -94,6 +124,11 @@ pub struct EngineConfig {
     pub tcp_candidate: SocketAddr,
     /// A site whose media has not connected by then is dropped.
     pub connect_timeout: Duration,
+    /// Key that signs and checks join tokens (production). A `--dev` server also accepts
+    /// tokens signed with the public development key.
+    pub key: Option<Key>,
+    /// How long a token issued for an enrollment secret lasts.
+    pub enrollment_ttl: Duration,
 }
 
 struct OutSlot {
@@ -105,6 +140,10 @@ struct OutSlot {
 
 struct Peer {
     site: SiteInfo,
+    role: Role,
+    /// An operator's control session: not in the roster, no media.
+    control: bool,
+    from: SocketAddr,
     room: String,
     join_seq: u64,
     to_client: mpsc::UnboundedSender<ServerMessage>,
@@ -121,6 +160,8 @@ struct Peer {
     loudness: f64,
     audio_bytes: u64,
     last_keyframe_request: Option<Instant>,
+    /// A keyframe request that came inside the throttle gap, sent when the gap ends.
+    keyframe_pending: Option<KeyframeRequestKind>,
 }
 
 impl Peer {
@@ -137,6 +178,8 @@ pub struct Engine {
     tcp: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     peers: HashMap<ConnId, Peer>,
     rooms: HashMap<String, Vec<ConnId>>,
+    meetings: HashMap<String, Meeting>,
+    audit: AuditLog,
     /// Remote transport address → peer, learned once `accepts` matched.
     routes: HashMap<(bool, SocketAddr), ConnId>,
     events: VecDeque<(ConnId, Event)>,
@@ -162,13 +205,15 @@ fn rtc_config() -> RtcConfig {
 }
 
 impl Engine {
-    pub fn new(cfg: EngineConfig, udp: Arc<UdpSocket>, stats: Arc<Stats>) -> Self {
+    pub fn new(cfg: EngineConfig, udp: Arc<UdpSocket>, stats: Arc<Stats>, audit: AuditLog) -> Self {
         Engine {
             cfg,
             udp,
             tcp: HashMap::new(),
             peers: HashMap::new(),
             rooms: HashMap::new(),
+            meetings: HashMap::new(),
+            audit,
             routes: HashMap::new(),
             events: VecDeque::new(),
             dirty: HashSet::new(),
@@ -205,7 +250,8 @@ impl Engine {
 
     fn next_deadline(&self) -> Instant {
         let now = Instant::now();
-        let cap = now + Duration::from_millis(100);
+        let pending = self.peers.values().any(|p| p.keyframe_pending.is_some());
+        let cap = now + Duration::from_millis(if pending { 20 } else { 100 });
         self.peers
             .values()
             .filter(|p| p.rtc.is_some())
@@ -244,6 +290,7 @@ impl Engine {
             }
             self.remove(id, LeaveReason::Dropped);
         }
+        self.flush_keyframe_requests(now);
         if now - self.last_loudness_tick >= LOUDNESS_TICK {
             self.last_loudness_tick = now;
             let rooms: Vec<String> = self.rooms.keys().cloned().collect();
@@ -353,9 +400,30 @@ impl Engine {
                 conn,
                 room,
                 site,
+                token,
+                control,
                 from,
                 to_client,
-            } => self.join(conn, room, site, from, to_client),
+            } => self.join(conn, room, site, token, control, from, to_client),
+            Command::Enroll {
+                room,
+                site,
+                secret,
+                from,
+                to_client,
+            } => self.enroll(room, site, secret, from, to_client),
+            Command::RaiseHand { conn } => self.hand(conn, true),
+            Command::LowerHand { conn } => self.hand(conn, false),
+            Command::Chair { conn, id, command } => self.chair(conn, id, command),
+            Command::UnmuteReply { conn, accept } => {
+                if let Some(p) = self.peers.get(&conn) {
+                    if accept {
+                        let (room, site) = (p.room.clone(), p.site.id.clone());
+                        self.meeting(&room).unmute(&site);
+                        self.broadcast_meeting(&room);
+                    }
+                }
+            }
             Command::Offer { conn, sdp } => self.offer(conn, &sdp),
             Command::RequestKeyframe { conn, site } => {
                 let target = self.peers.get(&conn).and_then(|p| {
@@ -383,17 +451,17 @@ impl Engine {
         self.process_events();
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
         conn: ConnId,
         room: String,
         site: String,
+        token: Option<String>,
+        control: bool,
         from: SocketAddr,
         to_client: mpsc::UnboundedSender<ServerMessage>,
     ) {
-        let refuse = |code: ErrorCode, msg: String| {
-            let _ = to_client.send(ServerMessage::error(code, msg, true));
-        };
         if self.peers.contains_key(&conn) {
             let _ = to_client.send(ServerMessage::error(
                 ErrorCode::AlreadyJoined,
@@ -402,28 +470,57 @@ impl Engine {
             ));
             return;
         }
-        if !self.cfg.dev {
-            warn!(%site, %from, "refused: this server needs join tokens");
-            return refuse(
-                ErrorCode::Unauthenticated,
-                "this server accepts only authenticated joins".into(),
-            );
-        }
+        let refuse = |me: &mut Self, code: ErrorCode, msg: String, role: Option<Role>| {
+            warn!(%site, %room, %from, ?code, "join refused: {msg}");
+            me.audit_entry(&room, &site, role, from, "join", None, Err(&msg));
+            let _ = to_client.send(ServerMessage::error(code, msg, true));
+        };
         if !diemcau_protocol::directory::is_valid_site_id(&site) || room.is_empty() {
             return refuse(
+                self,
                 ErrorCode::UnknownSite,
                 format!("site id {site:?} or room {room:?} is not valid"),
+                None,
+            );
+        }
+        let role = match &token {
+            Some(t) => match self.check_token(t, &site, &room) {
+                Ok(c) => c.role,
+                Err((code, msg)) => return refuse(self, code, msg, None),
+            },
+            None if self.cfg.dev && !control => {
+                warn!(%site, %room, %from, "UNAUTHENTICATED dev join accepted (role commune)");
+                Role::Commune
+            }
+            None => {
+                return refuse(
+                    self,
+                    ErrorCode::Unauthenticated,
+                    "a join token (or an enrollment) is required".into(),
+                    None,
+                )
+            }
+        };
+        if self.meeting(&room).locked() && role != Role::Chair && !control {
+            return refuse(
+                self,
+                ErrorCode::RoomLocked,
+                format!("room {room} is locked"),
+                Some(role),
             );
         }
         let members = self.rooms.entry(room.clone()).or_default();
-        if members
-            .iter()
-            .any(|m| self.peers.get(m).is_some_and(|p| p.site.id == site))
+        let present = |p: &Peer| !p.control && p.site.id == site;
+        if !control
+            && members
+                .iter()
+                .any(|m| self.peers.get(m).is_some_and(present))
         {
-            warn!(%site, %room, %from, "refused: site is already in the room");
             return refuse(
+                self,
                 ErrorCode::SiteTaken,
                 format!("site {site} is already in room {room}"),
+                Some(role),
             );
         }
         let info = self.cfg.directory.site_info(&site).unwrap_or(SiteInfo {
@@ -432,24 +529,27 @@ impl Engine {
             level: Level::Commune,
             path: Vec::new(),
         });
-        warn!(site = %site, %room, %from, "UNAUTHENTICATED dev join accepted");
         let others: Vec<SiteInfo> = members
             .iter()
-            .filter_map(|m| self.peers.get(m).map(|p| p.site.clone()))
+            .filter_map(|m| self.peers.get(m))
+            .filter(|p| !p.control)
+            .map(|p| p.site.clone())
             .collect();
         members.push(conn);
-        for m in members.iter() {
-            if let Some(p) = self.peers.get(m) {
-                p.send(ServerMessage::SiteJoined { site: info.clone() });
+        if !control {
+            for m in members.iter() {
+                if let Some(p) = self.peers.get(m) {
+                    p.send(ServerMessage::SiteJoined { site: info.clone() });
+                }
             }
         }
         let _ = to_client.send(ServerMessage::Welcome {
             v: PROTOCOL_VERSION,
             room: room.clone(),
             you: info.clone(),
-            role: Role::Commune,
-            video_slots: self.cfg.video_slots,
-            audio_slots: self.cfg.audio_slots,
+            role,
+            video_slots: if control { 0 } else { self.cfg.video_slots },
+            audio_slots: if control { 0 } else { self.cfg.audio_slots },
             sites: others,
         });
         self.next_seq += 1;
@@ -458,13 +558,17 @@ impl Engine {
             conn,
             Peer {
                 site: info,
-                room,
+                role,
+                control,
+                from,
+                room: room.clone(),
                 join_seq: self.next_seq,
                 to_client,
                 rtc: None,
                 next_timeout: now,
                 created: now,
-                connected: false,
+                // A control session has no media to wait for.
+                connected: control,
                 pub_audio: None,
                 pub_video: None,
                 video_slots: Vec::new(),
@@ -472,11 +576,372 @@ impl Engine {
                 loudness: 0.0,
                 audio_bytes: 0,
                 last_keyframe_request: None,
+                keyframe_pending: None,
             },
         );
+        self.audit_entry(&room, &site, Some(role), from, "join", None, Ok(()));
         self.stats
             .sites
             .store(self.peers.len() as u64, Ordering::Relaxed);
+        self.broadcast_meeting(&room);
+    }
+
+    /// Checks a token for `site` joining `room`: the production key first, then (dev only)
+    /// the public development key.
+    fn check_token(
+        &self,
+        token: &str,
+        site: &str,
+        room: &str,
+    ) -> Result<Claims, (ErrorCode, String)> {
+        let now = unix_ms() / 1000;
+        let mut keys: Vec<Key> = self.cfg.key.iter().cloned().collect();
+        if self.cfg.dev {
+            keys.push(Key::dev());
+        }
+        let mut last = TokenError::Malformed;
+        let mut claims = None;
+        for k in &keys {
+            match k.verify(token, now) {
+                Ok(c) => {
+                    claims = Some(c);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let map = |e: TokenError| {
+            let code = match e {
+                TokenError::Expired(_) => ErrorCode::TokenExpired,
+                TokenError::WrongRoom { .. } => ErrorCode::TokenWrongRoom,
+                _ => ErrorCode::TokenInvalid,
+            };
+            (code, e.to_string())
+        };
+        let claims = claims.ok_or_else(|| map(last))?;
+        claims.admits(site, room).map_err(map)?;
+        if !self.cfg.directory.contains(site) {
+            return Err((
+                ErrorCode::UnknownSite,
+                format!("site {site} is not in the directory"),
+            ));
+        }
+        Ok(claims)
+    }
+
+    fn enroll(
+        &mut self,
+        room: String,
+        site: String,
+        secret: String,
+        from: SocketAddr,
+        to_client: mpsc::UnboundedSender<ServerMessage>,
+    ) {
+        let entry = self.cfg.directory.get(&site).cloned();
+        let key = self.cfg.key.clone().or_else(|| self.cfg.dev.then(Key::dev));
+        let ok = entry
+            .as_ref()
+            .and_then(|e| e.secret.as_deref())
+            .is_some_and(|s| !s.is_empty() && constant_time_eq(s.as_bytes(), secret.as_bytes()));
+        match (entry, key, ok) {
+            (Some(e), Some(key), true) => {
+                let now = unix_ms() / 1000;
+                let claims = Claims {
+                    site: site.clone(),
+                    role: e.enrollment_role(),
+                    room: room.clone(),
+                    iat: now,
+                    exp: now + self.cfg.enrollment_ttl.as_secs(),
+                };
+                self.audit_entry(
+                    &room,
+                    &site,
+                    Some(claims.role),
+                    from,
+                    "enroll",
+                    None,
+                    Ok(()),
+                );
+                let _ = to_client.send(ServerMessage::Enrolled {
+                    token: key.sign(&claims),
+                    exp: claims.exp,
+                });
+            }
+            _ => {
+                let msg = "unknown site or wrong enrollment secret".to_string();
+                warn!(%site, %from, "enrollment refused");
+                self.audit_entry(&room, &site, None, from, "enroll", None, Err(&msg));
+                let _ = to_client.send(ServerMessage::error(ErrorCode::Unauthenticated, msg, true));
+            }
+        }
+    }
+
+    fn meeting(&mut self, room: &str) -> &mut Meeting {
+        self.meetings.entry(room.to_string()).or_default()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_entry(
+        &mut self,
+        room: &str,
+        actor: &str,
+        role: Option<Role>,
+        from: SocketAddr,
+        action: &str,
+        target: Option<&str>,
+        outcome: Result<(), &str>,
+    ) {
+        self.audit.record(&AuditEntry {
+            ts_ms: unix_ms(),
+            room: room.into(),
+            actor: actor.into(),
+            role: role.map(|r| format!("{r:?}").to_lowercase()),
+            from: from.to_string(),
+            action: action.into(),
+            target: target.map(str::to_string),
+            outcome: if outcome.is_ok() { "ok" } else { "refused" }.into(),
+            reason: outcome.err().map(str::to_string),
+        });
+    }
+
+    /// Sends every member of a room its view of the hands and the floor (and the chairs the
+    /// roll-call, once one has started).
+    fn broadcast_meeting(&mut self, room: &str) {
+        let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
+        let meeting = self.meetings.get(room).cloned().unwrap_or_default();
+        let directory = self.cfg.directory.clone();
+        let info = |s: &str| {
+            directory.site_info(s).unwrap_or(SiteInfo {
+                id: s.into(),
+                name: s.into(),
+                level: Level::Commune,
+                path: Vec::new(),
+            })
+        };
+        let roll = meeting
+            .roll_call_started()
+            .then(|| meeting.roll_call(&directory, &self.connected_sites(room)));
+        let total = meeting.hand_count() as u32;
+        for m in &members {
+            let Some(p) = self.peers.get(m) else { continue };
+            p.send(ServerMessage::Hands {
+                queue: meeting.hands_for(&p.site.id, p.role, info),
+                total,
+            });
+            p.send(ServerMessage::Floor {
+                state: meeting.floor_for(&p.site.id, p.role),
+            });
+            if let (Some(entries), Role::Chair) = (&roll, p.role) {
+                p.send(ServerMessage::RollCall {
+                    entries: entries.clone(),
+                });
+            }
+        }
+    }
+
+    fn connected_sites(&self, room: &str) -> std::collections::BTreeSet<SiteId> {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| self.peers.get(m))
+            .filter(|p| !p.control)
+            .map(|p| p.site.id.clone())
+            .collect()
+    }
+
+    fn hand(&mut self, conn: ConnId, up: bool) {
+        let Some(p) = self.peers.get(&conn) else {
+            return;
+        };
+        if p.control {
+            return;
+        }
+        let (room, site) = (p.room.clone(), p.site.id.clone());
+        let now = unix_ms();
+        let changed = if up {
+            self.meeting(&room).raise(&site, now)
+        } else {
+            self.meeting(&room).lower(&site)
+        };
+        if changed {
+            info!(%site, %room, up, "hand");
+            self.broadcast_meeting(&room);
+        }
+    }
+
+    fn chair(&mut self, conn: ConnId, id: u64, command: ChairCommand) {
+        let Some(p) = self.peers.get(&conn) else {
+            return;
+        };
+        let (room, actor, role, from) = (p.room.clone(), p.site.id.clone(), p.role, p.from);
+        let to_actor = p.to_client.clone();
+        let target = command.target().map(str::to_string);
+        let result = if role != Role::Chair {
+            Err((
+                ErrorCode::Forbidden,
+                format!(
+                    "only the chair may {}; this site's role is {role:?}",
+                    command.name()
+                ),
+            ))
+        } else {
+            self.apply_chair(&room, &actor, id, &command)
+        };
+        let outcome = result.as_ref().map(|_| ()).map_err(|(_, m)| m.as_str());
+        self.audit_entry(
+            &room,
+            &actor,
+            Some(role),
+            from,
+            command.name(),
+            target.as_deref(),
+            outcome,
+        );
+        match result {
+            Ok(()) => {
+                let _ = to_actor.send(ServerMessage::Ack { id });
+                self.broadcast_meeting(&room);
+            }
+            Err((code, message)) => {
+                let _ = to_actor.send(ServerMessage::Error {
+                    code,
+                    message,
+                    fatal: false,
+                    id: Some(id),
+                });
+            }
+        }
+    }
+
+    /// Carries out a chair command that passed the role check.
+    fn apply_chair(
+        &mut self,
+        room: &str,
+        actor: &str,
+        id: u64,
+        command: &ChairCommand,
+    ) -> Result<(), (ErrorCode, String)> {
+        let present = self.connected_sites(room);
+        let need_present = |site: &str| {
+            if present.contains(site) {
+                Ok(())
+            } else {
+                Err((
+                    ErrorCode::NotInRoom,
+                    format!("site {site} is not in room {room}"),
+                ))
+            }
+        };
+        match command {
+            ChairCommand::FloorMode { mode } => self.meeting(room).set_mode(*mode),
+            ChairCommand::Grant { site } => {
+                need_present(site)?;
+                self.meeting(room).grant(site);
+            }
+            ChairCommand::Revoke { site } => self.meeting(room).revoke(site),
+            ChairCommand::Mute { site } => {
+                need_present(site)?;
+                self.meeting(room).mute(site);
+            }
+            ChairCommand::MuteAll => {
+                let chairs: Vec<SiteId> = self.sites_with_role(room, Role::Chair);
+                let others: Vec<&str> = present
+                    .iter()
+                    .filter(|s| !chairs.contains(s))
+                    .map(String::as_str)
+                    .collect();
+                self.meeting(room).mute_all(others);
+            }
+            ChairCommand::AskUnmute { site } => {
+                need_present(site)?;
+                for p in self
+                    .peers
+                    .values()
+                    .filter(|p| p.room == room && p.site.id == *site && !p.control)
+                {
+                    p.send(ServerMessage::AskUnmute { by: actor.into() });
+                }
+            }
+            ChairCommand::Remove { site } => {
+                need_present(site)?;
+                let ids: Vec<ConnId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.room == room && p.site.id == *site && !p.control)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for pid in ids {
+                    if let Some(p) = self.peers.get(&pid) {
+                        p.send(ServerMessage::error(
+                            ErrorCode::Removed,
+                            format!("removed by the chair ({actor})"),
+                            true,
+                        ));
+                    }
+                    self.remove(pid, LeaveReason::Removed);
+                }
+            }
+            ChairCommand::Spotlight { site } => {
+                if let Some(s) = site {
+                    need_present(s)?;
+                }
+                self.meeting(room).set_spotlight(site.as_deref());
+                self.dirty.insert(room.to_string());
+            }
+            ChairCommand::Lock { locked } => self.meeting(room).set_locked(*locked),
+            ChairCommand::LowerHand { site } => {
+                self.meeting(room).lower(site);
+            }
+            ChairCommand::LowerAll => {
+                self.meeting(room).lower_all();
+            }
+            ChairCommand::RollCallStart => self.meeting(room).roll_call_start(unix_ms()),
+            ChairCommand::RollCallMark {
+                site,
+                present: is_present,
+                reason,
+            } => {
+                if !self.cfg.directory.contains(site) {
+                    return Err((
+                        ErrorCode::UnknownSite,
+                        format!("site {site} is not in the directory"),
+                    ));
+                }
+                let m = self.meeting(room);
+                if !m.roll_call_started() {
+                    m.roll_call_start(unix_ms());
+                }
+                m.roll_call_mark(site, *is_present, reason.clone());
+            }
+            ChairCommand::RollCallExport => {
+                let entries = self
+                    .meetings
+                    .get(room)
+                    .cloned()
+                    .unwrap_or_default()
+                    .roll_call(&self.cfg.directory, &present);
+                if let Some(p) = self
+                    .peers
+                    .values()
+                    .find(|p| p.room == room && p.site.id == actor && p.role == Role::Chair)
+                {
+                    p.send(ServerMessage::RollCallCsv {
+                        id,
+                        csv: roll_call_csv(&entries),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sites_with_role(&self, room: &str, role: Role) -> Vec<SiteId> {
+        self.peers
+            .values()
+            .filter(|p| p.room == room && p.role == role)
+            .map(|p| p.site.id.clone())
+            .collect()
     }
 
     fn offer(&mut self, conn: ConnId, sdp: &str) {
@@ -631,32 +1096,65 @@ impl Engine {
         }
     }
 
+    /// Asks a publisher for a keyframe. Requests closer together than
+    /// [`KEYFRAME_REQUEST_GAP`] are merged into one sent when the gap ends, never dropped:
+    /// a subscriber whose slot waits for a keyframe would otherwise wait for the periodic one.
     fn request_keyframe(&mut self, publisher: ConnId, kind: KeyframeRequestKind) {
         let now = Instant::now();
         let Some(p) = self.peers.get_mut(&publisher) else {
             return;
         };
-        if p.last_keyframe_request
-            .is_some_and(|t| now - t < KEYFRAME_REQUEST_GAP)
-        {
-            return;
-        }
         let Some(mid) = p.pub_video else {
             return;
         };
+        if p.last_keyframe_request
+            .is_some_and(|t| now - t < KEYFRAME_REQUEST_GAP)
+        {
+            // FIR outranks PLI when merging.
+            if p.keyframe_pending != Some(KeyframeRequestKind::Fir) {
+                p.keyframe_pending = Some(kind);
+            }
+            return;
+        }
+        p.keyframe_pending = None;
         p.last_keyframe_request = Some(now);
         self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
-        self.with_rtc(publisher, move |rtc| match rtc.writer(mid) {
-            Some(mut w) if w.is_request_keyframe_possible(kind) => w.request_keyframe(None, kind),
-            Some(_) => {
-                debug!(%mid, ?kind, "publisher cannot take this keyframe request");
-                Ok(())
-            }
-            None => {
+        self.with_rtc(publisher, move |rtc| {
+            let Some(mut w) = rtc.writer(mid) else {
                 debug!(%mid, "no writer for the publisher's video");
+                return Ok(());
+            };
+            // Fall back to PLI when the publisher did not negotiate FIR.
+            let kind = if w.is_request_keyframe_possible(kind) {
+                kind
+            } else {
+                KeyframeRequestKind::Pli
+            };
+            if w.is_request_keyframe_possible(kind) {
+                w.request_keyframe(None, kind)
+            } else {
+                debug!(%mid, "publisher takes no keyframe requests");
                 Ok(())
             }
         });
+    }
+
+    /// Sends merged keyframe requests whose throttle gap has ended.
+    fn flush_keyframe_requests(&mut self, now: Instant) {
+        let due: Vec<(ConnId, KeyframeRequestKind)> = self
+            .peers
+            .iter()
+            .filter_map(|(id, p)| {
+                let kind = p.keyframe_pending?;
+                let free = p
+                    .last_keyframe_request
+                    .is_none_or(|t| now - t >= KEYFRAME_REQUEST_GAP);
+                free.then_some((*id, kind))
+            })
+            .collect();
+        for (id, kind) in due {
+            self.request_keyframe(id, kind);
+        }
     }
 
     fn forward(&mut self, from: ConnId, d: MediaData) {
@@ -667,12 +1165,26 @@ impl Engine {
         let kind = if Some(d.mid) == p.pub_video {
             WireKind::Video
         } else if Some(d.mid) == p.pub_audio {
-            p.audio_bytes += d.data.len() as u64;
             WireKind::Audio
         } else {
             return;
         };
         let room = p.room.clone();
+        if kind == WireKind::Audio {
+            // Floor control is enforced here: audio from a site without the floor goes
+            // nowhere (and does not count as loudness for audio slots).
+            let allowed = self
+                .meetings
+                .get(&room)
+                .is_none_or(|m| m.may_speak(&p.site.id, p.role));
+            if !allowed {
+                self.stats
+                    .audio_dropped_floor
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            p.audio_bytes += d.data.len() as u64;
+        }
         if kind == WireKind::Video && !d.contiguous {
             // A frame was lost before us: subscribers' decoders need a fresh start.
             for m in self.rooms.get(&room).into_iter().flatten() {
@@ -729,6 +1241,7 @@ impl Engine {
     /// tells the subscribers whose mapping changed.
     fn reassign(&mut self, room: &str, kind: WireKind) {
         let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
+        let meeting = self.meetings.get(room).cloned().unwrap_or_default();
         let publishers: Vec<(ConnId, f64)> = members
             .iter()
             .filter_map(|m| self.peers.get(m).map(|p| (*m, p)))
@@ -738,8 +1251,21 @@ impl Engine {
             })
             .map(|(m, p)| {
                 let score = match kind {
-                    // Earlier joiners first; spotlight and floor raise this later.
-                    WireKind::Video => -(p.join_seq as f64),
+                    // Spotlight first, then the floor holders and the chair, then the
+                    // earlier joiners.
+                    WireKind::Video => {
+                        let mut score = -(p.join_seq as f64);
+                        if meeting.spotlight() == Some(p.site.id.as_str()) {
+                            score += 1e12;
+                        }
+                        if p.role == Role::Chair
+                            || (meeting.mode() != diemcau_protocol::FloorMode::Open
+                                && meeting.may_speak(&p.site.id, p.role))
+                        {
+                            score += 1e9;
+                        }
+                        score
+                    }
                     WireKind::Audio => p.loudness,
                 };
                 (m, score)
@@ -816,6 +1342,11 @@ impl Engine {
         self.routes.retain(|_, v| *v != id);
         info!(site = %p.site.id, room = %p.room, ?reason, "site left");
         let room = p.room.clone();
+        // A site that left on purpose (or was removed) gives up its hand and floor; one that
+        // dropped keeps them for when it comes back.
+        if !p.control && matches!(reason, LeaveReason::Left | LeaveReason::Removed) {
+            self.meeting(&room).forget(&p.site.id);
+        }
         if let Some(members) = self.rooms.get_mut(&room) {
             members.retain(|m| *m != id);
             if members.is_empty() {
@@ -836,4 +1367,17 @@ impl Engine {
         self.reassign(&room, WireKind::Video);
         self.reassign(&room, WireKind::Audio);
     }
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -229,17 +229,36 @@ where
             ClientMessage::Ping { id } => {
                 let _ = to_client.send(ServerMessage::Pong { id });
             }
-            ClientMessage::Join { room, site, .. } => {
+            ClientMessage::Join {
+                room,
+                site,
+                token,
+                control,
+                ..
+            } => {
                 if joined {
                     reply(ErrorCode::AlreadyJoined, "already joined".into(), false);
                     continue;
                 }
                 joined = true;
-                info!(%from, %site, %room, "join");
+                info!(%from, %site, %room, control, "join");
                 let _ = engine.send(Command::Join {
                     conn,
                     room,
                     site,
+                    token,
+                    control,
+                    from,
+                    to_client: to_client.clone(),
+                });
+            }
+            ClientMessage::Enroll {
+                room, site, secret, ..
+            } => {
+                let _ = engine.send(Command::Enroll {
+                    room,
+                    site,
+                    secret,
                     from,
                     to_client: to_client.clone(),
                 });
@@ -256,6 +275,18 @@ where
             }
             ClientMessage::RequestKeyframe { site } => {
                 let _ = engine.send(Command::RequestKeyframe { conn, site });
+            }
+            ClientMessage::RaiseHand => {
+                let _ = engine.send(Command::RaiseHand { conn });
+            }
+            ClientMessage::LowerHand => {
+                let _ = engine.send(Command::LowerHand { conn });
+            }
+            ClientMessage::Chair { id, command } => {
+                let _ = engine.send(Command::Chair { conn, id, command });
+            }
+            ClientMessage::UnmuteReply { accept } => {
+                let _ = engine.send(Command::UnmuteReply { conn, accept });
             }
             ClientMessage::Leave => {
                 let _ = engine.send(Command::Leave {

@@ -49,6 +49,7 @@ async fn expect_error(ws: &mut Ws, want: ErrorCode) -> bool {
                 code,
                 fatal,
                 message,
+                ..
             }) => {
                 assert_eq!(code, want, "{message}");
                 assert!(!message.is_empty());

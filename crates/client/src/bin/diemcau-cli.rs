@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use diemcau_client::control::ControlSession;
 use diemcau_client::{AudioInput, JoinOptions, Room, RoomEvent, VideoInput};
+use diemcau_protocol::{ChairCommand, FloorMode};
 
 #[derive(Debug, Parser)]
 #[command(name = "diemcau-cli", version, about = "Điểm cầu headless site")]
@@ -17,6 +19,30 @@ struct Cli {
 enum Command {
     /// Join a room, publish, receive and verify, then print a report.
     Join(JoinArgs),
+    /// Give a chair command (needs a chair token). Exits non-zero with the server's reason
+    /// when refused. ACTION: floor-mode MODE | grant SITE | revoke SITE | mute SITE |
+    /// mute-all | ask-unmute SITE | remove SITE | spotlight [SITE] | lock [on|off] |
+    /// lower-hand SITE | lower-all | roll-call start | roll-call mark SITE present|absent |
+    /// roll-call export
+    Chair(ChairArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ChairArgs {
+    /// The action and its arguments.
+    #[arg(required = true, num_args = 1..)]
+    action: Vec<String>,
+    #[arg(long)]
+    server: String,
+    /// A chair token (from `diemcau-server token issue`).
+    #[arg(long)]
+    token: String,
+    /// Room (default: the token's room, or hop-tinh for a token valid in any room).
+    #[arg(long)]
+    room: Option<String>,
+    /// Reason for `roll-call mark SITE absent`.
+    #[arg(long)]
+    reason: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,6 +77,115 @@ struct JoinArgs {
     /// Offer only TCP candidates (as if UDP were blocked).
     #[arg(long)]
     tcp_only: bool,
+    /// Enrollment secret (SITE_KEY from the installer), traded for a token when no
+    /// --token is given.
+    #[arg(long)]
+    secret: Option<String>,
+    /// Raise the hand this many seconds after joining.
+    #[arg(long)]
+    raise_hand_after: Option<f64>,
+    /// Say yes when the chair asks this site to unmute.
+    #[arg(long)]
+    accept_unmute: bool,
+}
+
+fn parse_chair(a: &ChairArgs) -> Result<ChairCommand, String> {
+    let words: Vec<&str> = a.action.iter().map(String::as_str).collect();
+    let site = |w: Option<&&str>| {
+        w.map(|s| s.to_string())
+            .ok_or_else(|| format!("{}: which site?", words.join(" ")))
+    };
+    Ok(match words.as_slice() {
+        ["floor-mode", mode] => ChairCommand::FloorMode {
+            mode: FloorMode::parse(mode)
+                .ok_or_else(|| format!("floor mode {mode:?}: open, chair-only or granted"))?,
+        },
+        ["grant", rest @ ..] => ChairCommand::Grant {
+            site: site(rest.first())?,
+        },
+        ["revoke", rest @ ..] => ChairCommand::Revoke {
+            site: site(rest.first())?,
+        },
+        ["mute", rest @ ..] => ChairCommand::Mute {
+            site: site(rest.first())?,
+        },
+        ["mute-all"] => ChairCommand::MuteAll,
+        ["ask-unmute", rest @ ..] => ChairCommand::AskUnmute {
+            site: site(rest.first())?,
+        },
+        ["remove", rest @ ..] => ChairCommand::Remove {
+            site: site(rest.first())?,
+        },
+        ["spotlight"] | ["spotlight", "none"] => ChairCommand::Spotlight { site: None },
+        ["spotlight", s] => ChairCommand::Spotlight {
+            site: Some(s.to_string()),
+        },
+        ["lock"] | ["lock", "on"] => ChairCommand::Lock { locked: true },
+        ["lock", "off"] | ["unlock"] => ChairCommand::Lock { locked: false },
+        ["lower-hand", rest @ ..] => ChairCommand::LowerHand {
+            site: site(rest.first())?,
+        },
+        ["lower-all"] => ChairCommand::LowerAll,
+        ["roll-call"] | ["roll-call", "start"] => ChairCommand::RollCallStart,
+        ["roll-call", "export"] => ChairCommand::RollCallExport,
+        ["roll-call", "mark", s, status] => ChairCommand::RollCallMark {
+            site: s.to_string(),
+            present: match *status {
+                "present" => true,
+                "absent" => false,
+                other => return Err(format!("{other:?}: present or absent")),
+            },
+            reason: a.reason.clone(),
+        },
+        _ => return Err(format!("unknown chair action {:?}", words.join(" "))),
+    })
+}
+
+async fn chair(args: ChairArgs) -> ExitCode {
+    let command = match parse_chair(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(claims) = diemcau_protocol::token::peek(&args.token) else {
+        eprintln!("--token is not a join token (dc1.…)");
+        return ExitCode::from(2);
+    };
+    let room = args.room.clone().unwrap_or_else(|| {
+        if claims.room == "*" {
+            "hop-tinh".into()
+        } else {
+            claims.room.clone()
+        }
+    });
+    let mut session =
+        match ControlSession::connect(&args.server, &claims.site, &room, &args.token).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{}", e.vi());
+                eprintln!("detail: {e}");
+                return ExitCode::from(1);
+            }
+        };
+    let name = command.name();
+    let result = session.command(command).await;
+    session.leave();
+    match result {
+        Ok(csv) => {
+            if let Some(csv) = csv {
+                print!("{csv}");
+            }
+            eprintln!("{name}: xong (done)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: {}", e.vi());
+            eprintln!("detail: {e}");
+            ExitCode::from(4)
+        }
+    }
 }
 
 fn parse_video(s: &str) -> Result<VideoInput, String> {
@@ -127,6 +262,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Join(args) => runtime.block_on(join(args)),
+        Command::Chair(args) => runtime.block_on(chair(args)),
     }
 }
 
@@ -144,6 +280,7 @@ async fn join(args: JoinArgs) -> ExitCode {
     }
     let mut opts = JoinOptions::synthetic(&args.site, &args.room);
     opts.token = args.token.clone();
+    opts.secret = args.secret.clone();
     opts.video = video;
     opts.audio = audio;
     opts.max_video_bitrate_bps = args.max_video_kbps.saturating_mul(1000);
@@ -162,12 +299,25 @@ async fn join(args: JoinArgs) -> ExitCode {
     };
     let deadline = tokio::time::sleep(Duration::from_secs_f64(args.duration));
     tokio::pin!(deadline);
+    let hand_at = tokio::time::sleep(Duration::from_secs_f64(
+        args.raise_hand_after
+            .unwrap_or(f64::MAX / 4.0)
+            .clamp(0.0, 1e9),
+    ));
+    tokio::pin!(hand_at);
+    let mut hand_pending = args.raise_hand_after.is_some();
+    let mut had_floor = false;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     let mut lost = false;
     loop {
         tokio::select! {
             _ = &mut deadline => break,
+            _ = &mut hand_at, if hand_pending => {
+                hand_pending = false;
+                room.raise_hand();
+                eprintln!("[{}] Giơ tay phát biểu", args.site);
+            }
             _ = tick.tick() => {
                 let r = room.report().await;
                 let parts: Vec<String> = r.received.iter().map(|s| format!(
@@ -190,6 +340,22 @@ async fn join(args: JoinArgs) -> ExitCode {
                         if fatal { lost = true; break; }
                     }
                     RoomEvent::DeviceError { message } => eprintln!("[{}] {message}", args.site),
+                    RoomEvent::Hands { queue, total } => {
+                        if let Some(me) = queue.iter().find(|h| h.site == args.site) {
+                            eprintln!("[{}] Tay của bạn: thứ {} / {total}", args.site, me.place);
+                        }
+                    }
+                    RoomEvent::Floor { state } => {
+                        let granted = state.you_may_speak && state.granted.contains(&args.site);
+                        if granted && !had_floor {
+                            eprintln!("[{}] Chủ tọa đã cho phép bạn phát biểu", args.site);
+                        }
+                        had_floor = granted;
+                    }
+                    RoomEvent::AskUnmute { by } => {
+                        eprintln!("[{}] Chủ tọa ({by}) đề nghị bạn bật micro", args.site);
+                        room.reply_unmute(args.accept_unmute);
+                    }
                     RoomEvent::Disconnected { reason } => {
                         eprintln!("[{}] Mất kết nối với máy chủ ({reason})", args.site);
                         lost = true;
