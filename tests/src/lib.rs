@@ -99,3 +99,124 @@ pub async fn until_verified(room: &Room, from: &[&str], timeout: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A raw signalling connection: what a site says and hears, without media.
+pub mod raw {
+    use std::time::Duration;
+
+    use diemcau_protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    pub struct Raw {
+        ws: Ws,
+    }
+
+    impl Raw {
+        pub async fn connect(url: &str) -> Raw {
+            let (ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .expect("websocket connects");
+            Raw { ws }
+        }
+
+        pub async fn send_text(&mut self, text: &str) {
+            self.ws
+                .send(Message::Text(text.to_string().into()))
+                .await
+                .expect("send");
+        }
+
+        pub async fn send(&mut self, msg: &ClientMessage) {
+            self.send_text(&msg.encode()).await;
+        }
+
+        pub async fn send_binary(&mut self, data: Vec<u8>) {
+            self.ws
+                .send(Message::Binary(data.into()))
+                .await
+                .expect("send");
+        }
+
+        /// The next server message; `None` once the server closed the connection.
+        pub async fn next(&mut self) -> Option<ServerMessage> {
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                    .await
+                    .expect("server answers within 5 s");
+                match m {
+                    Some(Ok(Message::Text(t))) => {
+                        return Some(
+                            ServerMessage::decode(&t).expect("server sends valid messages"),
+                        )
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                    Some(Ok(_)) => continue,
+                }
+            }
+        }
+
+        /// Skips messages until `pick` accepts one; panics if the connection closes first.
+        pub async fn wait<T>(
+            &mut self,
+            what: &str,
+            mut pick: impl FnMut(&ServerMessage) -> Option<T>,
+        ) -> T {
+            loop {
+                match self.next().await {
+                    Some(m) => {
+                        if let Some(t) = pick(&m) {
+                            return t;
+                        }
+                    }
+                    None => panic!("connection closed while waiting for {what}"),
+                }
+            }
+        }
+
+        /// Sends `join` and returns the first answer (welcome or error).
+        pub async fn join(
+            &mut self,
+            site: &str,
+            room: &str,
+            token: Option<&str>,
+            control: bool,
+        ) -> ServerMessage {
+            self.send(&ClientMessage::Join {
+                v: PROTOCOL_VERSION,
+                room: room.into(),
+                site: site.into(),
+                token: token.map(str::to_string),
+                control,
+            })
+            .await;
+            self.wait("welcome or error", |m| {
+                matches!(
+                    m,
+                    ServerMessage::Welcome { .. } | ServerMessage::Error { .. }
+                )
+                .then(|| m.clone())
+            })
+            .await
+        }
+    }
+}
+
+/// A token signed with the public development key.
+pub fn dev_token(site: &str, role: diemcau_protocol::Role, room: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    diemcau_protocol::token::Key::dev().sign(&diemcau_protocol::token::Claims {
+        site: site.into(),
+        role,
+        room: room.into(),
+        iat: now,
+        exp: now + 3600,
+    })
+}

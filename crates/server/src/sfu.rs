@@ -1353,12 +1353,14 @@ impl Engine {
                 self.rooms.remove(&room);
             }
         }
-        for m in self.rooms.get(&room).into_iter().flatten() {
-            if let Some(q) = self.peers.get(m) {
-                q.send(ServerMessage::SiteLeft {
-                    site: p.site.id.clone(),
-                    reason,
-                });
+        if !p.control {
+            for m in self.rooms.get(&room).into_iter().flatten() {
+                if let Some(q) = self.peers.get(m) {
+                    q.send(ServerMessage::SiteLeft {
+                        site: p.site.id.clone(),
+                        reason,
+                    });
+                }
             }
         }
         self.stats
@@ -1366,6 +1368,7 @@ impl Engine {
             .store(self.peers.len() as u64, Ordering::Relaxed);
         self.reassign(&room, WireKind::Video);
         self.reassign(&room, WireKind::Audio);
+        self.broadcast_meeting(&room);
     }
 }
 

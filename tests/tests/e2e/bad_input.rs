@@ -4,47 +4,14 @@
 use std::time::Duration;
 
 use diemcau_client::RoomEvent;
+use diemcau_e2e::raw::Raw;
 use diemcau_e2e::{dev_server, join, until_verified, wait_for, MEDIA};
 use diemcau_protocol::{ErrorCode, ServerMessage, MAX_MESSAGE_BYTES};
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn ws(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url)
-        .await
-        .expect("websocket connects")
-        .0
-}
-
-async fn send(ws: &mut Ws, text: &str) {
-    ws.send(Message::Text(text.to_string().into()))
-        .await
-        .expect("send");
-}
-
-/// The next server message, or `None` if the server closed the connection.
-async fn next(ws: &mut Ws) -> Option<ServerMessage> {
+async fn expect_error(ws: &mut Raw, want: ErrorCode) -> bool {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("server answers within 5 s");
-        match m {
-            Some(Ok(Message::Text(t))) => {
-                return Some(ServerMessage::decode(&t).expect("server sends valid messages"))
-            }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
-async fn expect_error(ws: &mut Ws, want: ErrorCode) -> bool {
-    loop {
-        match next(ws).await {
+        match ws.next().await {
             Some(ServerMessage::Error {
                 code,
                 fatal,
@@ -61,8 +28,8 @@ async fn expect_error(ws: &mut Ws, want: ErrorCode) -> bool {
     }
 }
 
-async fn expect_closed(ws: &mut Ws) {
-    while let Some(m) = next(ws).await {
+async fn expect_closed(ws: &mut Raw) {
+    while let Some(m) = ws.next().await {
         assert!(
             !matches!(m, ServerMessage::Welcome { .. }),
             "no welcome after a fatal error"
@@ -70,10 +37,10 @@ async fn expect_closed(ws: &mut Ws) {
     }
 }
 
-async fn ping_works(ws: &mut Ws) {
-    send(ws, r#"{"type":"ping","id":42}"#).await;
+async fn ping_works(ws: &mut Raw) {
+    ws.send_text(r#"{"type":"ping","id":42}"#).await;
     loop {
-        match next(ws).await {
+        match ws.next().await {
             Some(ServerMessage::Pong { id: 42 }) => return,
             Some(_) => continue,
             None => panic!("connection closed; expected it to stay open"),
@@ -88,12 +55,12 @@ fn join_msg(site: &str) -> String {
 #[tokio::test]
 async fn malformed_json_gets_bad_json_and_the_connection_stays() {
     let server = dev_server().await;
-    let mut c = ws(&server.url()).await;
-    send(&mut c, "{\"type\": \"join\", ").await;
+    let mut c = Raw::connect(&server.url()).await;
+    c.send_text("{\"type\": \"join\", ").await;
     assert!(!expect_error(&mut c, ErrorCode::BadJson).await);
-    send(&mut c, "[1,2,3]").await;
+    c.send_text("[1,2,3]").await;
     assert!(!expect_error(&mut c, ErrorCode::BadJson).await);
-    c.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    c.send_binary(vec![1, 2, 3]).await;
     assert!(!expect_error(&mut c, ErrorCode::BadJson).await);
     ping_works(&mut c).await;
     server.stop();
@@ -102,8 +69,8 @@ async fn malformed_json_gets_bad_json_and_the_connection_stays() {
 #[tokio::test]
 async fn unknown_type_is_refused_by_name() {
     let server = dev_server().await;
-    let mut c = ws(&server.url()).await;
-    send(&mut c, r#"{"type":"dance","steps":3}"#).await;
+    let mut c = Raw::connect(&server.url()).await;
+    c.send_text(r#"{"type":"dance","steps":3}"#).await;
     assert!(!expect_error(&mut c, ErrorCode::UnknownType).await);
     ping_works(&mut c).await;
     server.stop();
@@ -112,12 +79,9 @@ async fn unknown_type_is_refused_by_name() {
 #[tokio::test]
 async fn wrong_protocol_version_is_fatal() {
     let server = dev_server().await;
-    let mut c = ws(&server.url()).await;
-    send(
-        &mut c,
-        r#"{"type":"join","v":99,"room":"xau","site":"tp-vinh"}"#,
-    )
-    .await;
+    let mut c = Raw::connect(&server.url()).await;
+    c.send_text(r#"{"type":"join","v":99,"room":"xau","site":"tp-vinh"}"#)
+        .await;
     assert!(expect_error(&mut c, ErrorCode::UnsupportedVersion).await);
     expect_closed(&mut c).await;
     server.stop();
@@ -126,17 +90,17 @@ async fn wrong_protocol_version_is_fatal() {
 #[tokio::test]
 async fn oversized_message_is_refused_and_giant_one_drops_the_connection() {
     let server = dev_server().await;
-    let mut c = ws(&server.url()).await;
+    let mut c = Raw::connect(&server.url()).await;
     let big = format!(
         r#"{{"type":"offer","sdp":"{}"}}"#,
         "v".repeat(MAX_MESSAGE_BYTES + 1)
     );
-    send(&mut c, &big).await;
+    c.send_text(&big).await;
     assert!(!expect_error(&mut c, ErrorCode::TooLarge).await);
     ping_works(&mut c).await;
     // Far above the limit the WebSocket layer itself refuses the frame and drops us.
     let giant = "x".repeat(16 * MAX_MESSAGE_BYTES);
-    let _ = c.send(Message::Text(giant.into())).await;
+    c.send_text(&giant).await;
     expect_closed(&mut c).await;
     server.stop();
 }
@@ -144,8 +108,8 @@ async fn oversized_message_is_refused_and_giant_one_drops_the_connection() {
 #[tokio::test]
 async fn messages_before_join_are_refused() {
     let server = dev_server().await;
-    let mut c = ws(&server.url()).await;
-    send(&mut c, r#"{"type":"offer","sdp":"v=0"}"#).await;
+    let mut c = Raw::connect(&server.url()).await;
+    c.send_text(r#"{"type":"offer","sdp":"v=0"}"#).await;
     assert!(!expect_error(&mut c, ErrorCode::NotJoined).await);
     server.stop();
 }
@@ -157,27 +121,28 @@ async fn garbage_sdp_duplicate_site_and_vanishing_clients_leave_the_room_working
     let (a, mut a_events) = join(&server, "nghe-an", "xau").await;
 
     // Garbage SDP: a clear error, the connection stays.
-    let mut g = ws(&server.url()).await;
-    send(&mut g, &join_msg("hung-nguyen")).await;
+    let mut g = Raw::connect(&server.url()).await;
+    g.send_text(&join_msg("hung-nguyen")).await;
     assert!(matches!(
-        next(&mut g).await,
+        g.next().await,
         Some(ServerMessage::Welcome { .. })
     ));
-    send(&mut g, r#"{"type":"offer","sdp":"this is not SDP at all"}"#).await;
+    g.send_text(r#"{"type":"offer","sdp":"this is not SDP at all"}"#)
+        .await;
     assert!(!expect_error(&mut g, ErrorCode::BadSdp).await);
     ping_works(&mut g).await;
 
     // A second join with a site id already present: refused, closed.
-    let mut d = ws(&server.url()).await;
-    send(&mut d, &join_msg("nghe-an")).await;
+    let mut d = Raw::connect(&server.url()).await;
+    d.send_text(&join_msg("nghe-an")).await;
     assert!(expect_error(&mut d, ErrorCode::SiteTaken).await);
     expect_closed(&mut d).await;
 
     // A client that vanishes mid-handshake (joined, offered garbage-free nothing, then gone).
-    let mut v = ws(&server.url()).await;
-    send(&mut v, &join_msg("ky-son")).await;
+    let mut v = Raw::connect(&server.url()).await;
+    v.send_text(&join_msg("ky-son")).await;
     assert!(matches!(
-        next(&mut v).await,
+        v.next().await,
         Some(ServerMessage::Welcome { .. })
     ));
     drop(v);

@@ -36,7 +36,7 @@ fn start_server() -> (Killed, String) {
     (Killed(child), url)
 }
 
-fn cli_join(url: &str, site: &str, duration: &str) -> Child {
+fn cli_join(url: &str, site: &str, duration: &str, extra: &[&str]) -> Child {
     Command::new(workspace_bin("diemcau-cli"))
         .args([
             "join",
@@ -55,6 +55,7 @@ fn cli_join(url: &str, site: &str, duration: &str) -> Child {
             "--report",
             "json",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -82,8 +83,8 @@ fn report(child: Child) -> (Value, String) {
 async fn cli_sites_report_each_other_in_the_contracted_json() {
     let _guard = MEDIA.lock().await;
     let (_server, url) = start_server();
-    let a = cli_join(&url, "quynh-luu", "6");
-    let b = cli_join(&url, "yen-thanh", "5");
+    let a = cli_join(&url, "quynh-luu", "6", &["--raise-hand-after", "1"]);
+    let b = cli_join(&url, "yen-thanh", "5", &[]);
     let ((ra, ea), (rb, _)) = tokio::task::spawn_blocking(move || (report(a), report(b)))
         .await
         .unwrap();
@@ -111,6 +112,16 @@ async fn cli_sites_report_each_other_in_the_contracted_json() {
     }
     // Progress for people goes to stderr, in Vietnamese.
     assert!(ea.contains("Đã tham gia"), "{ea}");
+    // The raised hand, as each site sees the queue: its own place only.
+    assert_eq!(ra["hand_queue"][0]["site"], "quynh-luu", "{ra}");
+    assert_eq!(ra["hand_queue"][0]["place"], 1);
+    assert_eq!(
+        rb["hand_queue"].as_array().unwrap().len(),
+        0,
+        "a commune sees only its own hand"
+    );
+    assert_eq!(ra["floor"]["mode"], "open");
+    assert_eq!(ra["floor"]["you_may_speak"], true);
 }
 
 /// `diemcau-cli join` against loopback port 9 (discard), where nothing listens.
@@ -139,11 +150,167 @@ fn cli_says_in_vietnamese_when_the_server_is_unreachable() {
 }
 
 #[test]
-fn server_without_dev_refuses_to_start_unauthenticated() {
+fn server_without_dev_needs_a_directory_and_a_key() {
     let out = Command::new(workspace_bin("diemcau-server"))
         .args(["--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("diemcau-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn server_tool(args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("diemcau-server"))
+        .args(args)
+        .output()
+        .expect("diemcau-server runs")
+}
+
+fn chair_cli(url: &str, token: &str, action: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("diemcau-cli"))
+        .arg("chair")
+        .args(action)
+        .args(["--server", url, "--token", token, "--room", "hop-tinh"])
+        .output()
+        .expect("diemcau-cli runs")
+}
+
+#[test]
+fn production_server_keys_tokens_chair_cli_and_roll_call_csv() {
+    let dir = temp_dir("prod");
+    let key = dir.join("token.key");
+    let key_s = key.to_str().unwrap();
+    assert!(server_tool(&["keygen", "--out", key_s]).status.success());
+    let hex = std::fs::read_to_string(&key).unwrap();
+    assert_eq!(hex.trim().len(), 64);
+    assert!(
+        !server_tool(&["keygen", "--out", key_s]).status.success(),
+        "never overwrites a key"
+    );
+    let directory = dir.join("directory.toml");
+    std::fs::write(&directory, diemcau_protocol::directory::SAMPLE_NGHE_AN_2021).unwrap();
+    let issue = |site: &str, role: &str| {
+        let out = server_tool(&[
+            "token",
+            "issue",
+            "--key-file",
+            key_s,
+            "--site",
+            site,
+            "--role",
+            role,
+            "--room",
+            "hop-tinh",
+            "--ttl",
+            "1h",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let chair = issue("nghe-an", "chair");
+    let commune = issue("tp-vinh-le-loi", "commune");
+    let k = diemcau_protocol::token::Key::from_hex(&hex).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(
+        k.verify(&chair, now).unwrap().role,
+        diemcau_protocol::Role::Chair
+    );
+
+    // The production start: directory, key, audit log.
+    let audit = dir.join("audit.jsonl");
+    let mut child = Command::new(workspace_bin("diemcau-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--directory",
+            directory.to_str().unwrap(),
+            "--key-file",
+            key_s,
+        ])
+        .args(["--audit-log", audit.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Killed(child);
+    let url = line.trim().strip_prefix("listening ").unwrap().to_string();
+
+    // A commune's chair command: refused, non-zero exit, the reason in Vietnamese.
+    let out = chair_cli(&url, &commune, &["mute-all"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("không có quyền"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Roll-call: mark one absent with a reason, export: every directory site exactly once.
+    assert!(chair_cli(&url, &chair, &["roll-call", "start"])
+        .status
+        .success());
+    let out = Command::new(workspace_bin("diemcau-cli"))
+        .args([
+            "chair",
+            "roll-call",
+            "mark",
+            "con-cuong",
+            "absent",
+            "--reason",
+            "mất điện, chưa có đường truyền",
+        ])
+        .args(["--server", &url, "--token", &chair, "--room", "hop-tinh"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = chair_cli(&url, &chair, &["roll-call", "export"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "site,name,path,status,connected,reason");
+    let d = diemcau_protocol::Directory::sample();
+    assert_eq!(lines.len() - 1, d.len());
+    let ids: std::collections::BTreeSet<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(ids.len(), d.len(), "no site twice");
+    assert!(
+        d.iter().all(|e| ids.contains(e.id.as_str())),
+        "no site missing"
+    );
+    let cc = lines.iter().find(|l| l.starts_with("con-cuong,")).unwrap();
+    assert!(
+        cc.contains(",absent,false,\"mất điện, chưa có đường truyền\""),
+        "{cc}"
+    );
+    // Both the refusal and the chair's actions are in the audit log.
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains("\"outcome\":\"refused\""));
+    assert!(log.contains("\"action\":\"roll-call-export\""));
 }

@@ -1,0 +1,638 @@
+//! Meeting control, enforced by the server: tokens and roles, the hand queue, floor modes
+//! (audio counted at the receivers), chair commands, roll-call, the audit log.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diemcau_client::control::ControlSession;
+use diemcau_client::{ClientError, JoinOptions, Room, RoomEvent};
+use diemcau_e2e::raw::Raw;
+use diemcau_e2e::{dev_token, until_verified, wait_for, MEDIA};
+use diemcau_protocol::token::{Claims, Key};
+use diemcau_protocol::{
+    ChairCommand, ClientMessage, Directory, ErrorCode, FloorMode, Role, ServerMessage, SiteEntry,
+    PROTOCOL_VERSION,
+};
+use diemcau_server::{audit, RunningServer, ServerConfig};
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("diemcau-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+async fn server_with(
+    dev: bool,
+    key: Option<Key>,
+    directory: Directory,
+    audit_log: Option<PathBuf>,
+) -> RunningServer {
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal");
+    let mut cfg = ServerConfig::dev(addr);
+    cfg.dev = dev;
+    cfg.key = key;
+    cfg.directory = Arc::new(directory);
+    cfg.audit_log = audit_log;
+    cfg.connect_timeout = Duration::from_secs(60);
+    diemcau_server::start(cfg).await.expect("server starts")
+}
+
+fn every_chair_command() -> Vec<ChairCommand> {
+    let s = || "tp-vinh-le-loi".to_string();
+    vec![
+        ChairCommand::FloorMode {
+            mode: FloorMode::ChairOnly,
+        },
+        ChairCommand::Grant { site: s() },
+        ChairCommand::Revoke { site: s() },
+        ChairCommand::Mute { site: s() },
+        ChairCommand::MuteAll,
+        ChairCommand::AskUnmute { site: s() },
+        ChairCommand::Remove { site: s() },
+        ChairCommand::Spotlight { site: Some(s()) },
+        ChairCommand::Lock { locked: true },
+        ChairCommand::LowerHand { site: s() },
+        ChairCommand::LowerAll,
+        ChairCommand::RollCallStart,
+        ChairCommand::RollCallMark {
+            site: s(),
+            present: false,
+            reason: None,
+        },
+        ChairCommand::RollCallExport,
+    ]
+}
+
+#[tokio::test]
+async fn every_chair_command_is_refused_for_other_roles_and_logged() {
+    let log = temp_path("refusals.jsonl");
+    let server = server_with(true, None, Directory::sample(), Some(log.clone())).await;
+    let room = "quyen";
+    let commands = every_chair_command();
+    for (site, role) in [
+        ("tp-vinh-le-loi", Role::Commune),
+        ("tp-vinh", Role::District),
+        ("do-luong", Role::Observer),
+    ] {
+        let mut s =
+            ControlSession::connect(&server.url(), site, room, &dev_token(site, role, room))
+                .await
+                .expect("a control session may join with any role");
+        for c in &commands {
+            match s.command(c.clone()).await {
+                Err(ClientError::Refused {
+                    code: ErrorCode::Forbidden,
+                    ..
+                }) => {}
+                other => panic!("{role:?} {} was not refused: {other:?}", c.name()),
+            }
+        }
+        s.leave();
+    }
+    // The chair may.
+    let mut chair = ControlSession::connect(
+        &server.url(),
+        "nghe-an",
+        room,
+        &dev_token("nghe-an", Role::Chair, room),
+    )
+    .await
+    .unwrap();
+    chair
+        .command(ChairCommand::Lock { locked: true })
+        .await
+        .expect("the chair may lock");
+    let entries = audit::read(&log).unwrap();
+    for (site, role) in [
+        ("tp-vinh-le-loi", "commune"),
+        ("tp-vinh", "district"),
+        ("do-luong", "observer"),
+    ] {
+        for c in &commands {
+            assert!(
+                entries.iter().any(|e| e.actor == site
+                    && e.role.as_deref() == Some(role)
+                    && e.action == c.name()
+                    && e.outcome == "refused"
+                    && e.from.starts_with("127.0.0.1:")),
+                "no refusal logged for {site} {}",
+                c.name()
+            );
+        }
+    }
+    assert!(entries
+        .iter()
+        .any(|e| e.actor == "nghe-an" && e.action == "lock" && e.outcome == "ok"));
+    server.stop();
+}
+
+#[tokio::test]
+async fn forged_expired_wrong_room_and_unknown_site_tokens_are_refused() {
+    let key = Key::new(b"production key of the province!!");
+    let log = temp_path("tokens.jsonl");
+    let mut entries: Vec<SiteEntry> = Directory::sample().iter().cloned().collect();
+    entries
+        .iter_mut()
+        .find(|e| e.id == "tp-vinh-le-loi")
+        .unwrap()
+        .secret = Some("khoa-le-loi".into());
+    let dir = Directory::from_entries(entries).unwrap();
+    let server = server_with(false, Some(key.clone()), dir, Some(log.clone())).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |site: &str, room: &str, exp: u64| Claims {
+        site: site.into(),
+        role: Role::Commune,
+        room: room.into(),
+        iat: now - 10,
+        exp,
+    };
+    let cases: Vec<(&str, Option<String>, ErrorCode)> = vec![
+        ("no token", None, ErrorCode::Unauthenticated),
+        (
+            "forged",
+            Some(Key::new(b"someone else's key").sign(&claims("tp-vinh", "r", now + 60))),
+            ErrorCode::TokenInvalid,
+        ),
+        (
+            "dev key on production",
+            Some(dev_token("tp-vinh", Role::Chair, "r")),
+            ErrorCode::TokenInvalid,
+        ),
+        (
+            "expired",
+            Some(key.sign(&claims("tp-vinh", "r", now - 1))),
+            ErrorCode::TokenExpired,
+        ),
+        (
+            "wrong room",
+            Some(key.sign(&claims("tp-vinh", "other", now + 60))),
+            ErrorCode::TokenWrongRoom,
+        ),
+        (
+            "unknown site",
+            Some(key.sign(&claims("xa-khong-co", "r", now + 60))),
+            ErrorCode::UnknownSite,
+        ),
+        (
+            "garbage",
+            Some("dc1.not.a-token".into()),
+            ErrorCode::TokenInvalid,
+        ),
+    ];
+    for (what, token, want) in cases {
+        let site = if what == "unknown site" {
+            "xa-khong-co"
+        } else {
+            "tp-vinh"
+        };
+        let mut c = Raw::connect(&server.url()).await;
+        match c.join(site, "r", token.as_deref(), false).await {
+            ServerMessage::Error {
+                code, fatal: true, ..
+            } => assert_eq!(code, want, "{what}"),
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        }
+        assert!(
+            c.next().await.is_none(),
+            "{what}: connection closed after the refusal"
+        );
+    }
+    // A valid token joins, with its role.
+    let mut ok = Raw::connect(&server.url()).await;
+    let good = key.sign(&Claims {
+        role: Role::District,
+        ..claims("tp-vinh", "r", now + 60)
+    });
+    match ok.join("tp-vinh", "r", Some(&good), false).await {
+        ServerMessage::Welcome { role, .. } => assert_eq!(role, Role::District),
+        other => panic!("valid token refused: {other:?}"),
+    }
+    // Enrollment: a wrong secret is refused; the right one yields a commune token.
+    let mut e = Raw::connect(&server.url()).await;
+    e.send(&ClientMessage::Enroll {
+        v: PROTOCOL_VERSION,
+        room: "r".into(),
+        site: "tp-vinh-le-loi".into(),
+        secret: "sai".into(),
+    })
+    .await;
+    assert!(matches!(
+        e.next().await,
+        Some(ServerMessage::Error {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+    let mut e = Raw::connect(&server.url()).await;
+    e.send(&ClientMessage::Enroll {
+        v: PROTOCOL_VERSION,
+        room: "r".into(),
+        site: "tp-vinh-le-loi".into(),
+        secret: "khoa-le-loi".into(),
+    })
+    .await;
+    let token = e
+        .wait("enrolled", |m| match m {
+            ServerMessage::Enrolled { token, .. } => Some(token.clone()),
+            _ => None,
+        })
+        .await;
+    match e.join("tp-vinh-le-loi", "r", Some(&token), false).await {
+        ServerMessage::Welcome { role, .. } => assert_eq!(role, Role::Commune),
+        other => panic!("enrolled token refused: {other:?}"),
+    }
+    let refused = audit::read(&log)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.outcome == "refused")
+        .count();
+    assert!(
+        refused >= 8,
+        "every refusal is in the audit log ({refused})"
+    );
+    server.stop();
+}
+
+/// The chair's current view of the queue (site ids in order), from a raw chair connection.
+async fn chair_queue(chair: &mut Raw, total: u32) -> Vec<String> {
+    chair
+        .wait("hands", |m| match m {
+            ServerMessage::Hands { queue, total: t } if *t == total => {
+                Some(queue.iter().map(|h| h.site.clone()).collect())
+            }
+            _ => None,
+        })
+        .await
+}
+
+#[tokio::test]
+async fn the_hand_queue_keeps_raise_order_across_reconnects() {
+    let server = server_with(true, None, Directory::sample(), None).await;
+    let room = "tay";
+    let mut chair = Raw::connect(&server.url()).await;
+    chair
+        .join(
+            "nghe-an",
+            room,
+            Some(&dev_token("nghe-an", Role::Chair, room)),
+            true,
+        )
+        .await;
+    let sites = ["tp-vinh-le-loi", "nam-dan-kim-lien", "tp-vinh-ben-thuy"];
+    let mut conns = Vec::new();
+    for (i, s) in sites.iter().enumerate() {
+        let mut c = Raw::connect(&server.url()).await;
+        assert!(matches!(
+            c.join(s, room, None, false).await,
+            ServerMessage::Welcome { .. }
+        ));
+        c.send(&ClientMessage::RaiseHand).await;
+        // Wait until the chair sees this hand before the next goes up.
+        assert_eq!(
+            chair_queue(&mut chair, i as u32 + 1).await,
+            sites[..=i].to_vec()
+        );
+        conns.push(c);
+    }
+    // The second site drops without a word and comes back: its hand keeps its place.
+    let dropped = conns.remove(1);
+    drop(dropped);
+    chair
+        .wait("the drop", |m| {
+            matches!(m, ServerMessage::Hands { .. }).then_some(())
+        })
+        .await;
+    let mut back = Raw::connect(&server.url()).await;
+    assert!(matches!(
+        back.join(sites[1], room, None, false).await,
+        ServerMessage::Welcome { .. }
+    ));
+    back.send(&ClientMessage::RaiseHand).await;
+    let place = back
+        .wait("own hand", |m| match m {
+            ServerMessage::Hands { queue, .. } => {
+                queue.iter().find(|h| h.site == sites[1]).map(|h| h.place)
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(place, 2, "the rejoined site is still second");
+    // A site that leaves on purpose lowers its hand.
+    conns[0].send(&ClientMessage::Leave).await;
+    assert_eq!(
+        chair_queue(&mut chair, 2).await,
+        vec![sites[1].to_string(), sites[2].to_string()]
+    );
+    // The chair lowers one, then all.
+    chair
+        .send(&ClientMessage::Chair {
+            id: 1,
+            command: ChairCommand::LowerHand {
+                site: sites[2].into(),
+            },
+        })
+        .await;
+    assert_eq!(chair_queue(&mut chair, 1).await, vec![sites[1].to_string()]);
+    chair
+        .send(&ClientMessage::Chair {
+            id: 2,
+            command: ChairCommand::LowerAll,
+        })
+        .await;
+    assert!(chair_queue(&mut chair, 0).await.is_empty());
+    server.stop();
+}
+
+fn audio_from(r: &diemcau_client::Report, site: &str) -> u64 {
+    r.received
+        .iter()
+        .find(|x| x.site == site)
+        .map_or(0, |x| x.audio_frames)
+}
+
+/// Waits for this site's floor to say whether it may speak.
+async fn floor_says(events: &mut tokio::sync::mpsc::UnboundedReceiver<RoomEvent>, may: bool) {
+    wait_for(events, Duration::from_secs(5), "floor state", |e| match e {
+        RoomEvent::Floor { state } if state.you_may_speak == may => Some(()),
+        _ => None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chair_only_mode_stops_a_communes_audio_at_the_server_until_granted() {
+    let _guard = MEDIA.lock().await;
+    let server = server_with(true, None, Directory::sample(), None).await;
+    let room = "san-khau";
+    let url = server.url();
+    let join = |site: &str, token: Option<String>| {
+        let mut o = JoinOptions::synthetic(site, room);
+        o.video = diemcau_client::VideoInput::Synthetic {
+            width: 320,
+            height: 180,
+            fps: 10,
+        };
+        o.token = token;
+        Room::connect(&url, o)
+    };
+    let (chair, _ce) = join("nghe-an", Some(dev_token("nghe-an", Role::Chair, room)))
+        .await
+        .unwrap();
+    let (x, mut xe) = join("tp-vinh-le-loi", None).await.unwrap();
+    let (y, _ye) = join("tan-ky", None).await.unwrap();
+    until_verified(&y, &["tp-vinh-le-loi"], Duration::from_secs(15)).await;
+    until_verified(&chair, &["tp-vinh-le-loi"], Duration::from_secs(15)).await;
+
+    chair
+        .chair(ChairCommand::FloorMode {
+            mode: FloorMode::ChairOnly,
+        })
+        .await
+        .unwrap();
+    floor_says(&mut xe, false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // frames already in flight land
+    let (y0, c0, x0) = (y.report().await, chair.report().await, x.report().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (y1, c1, x1) = (y.report().await, chair.report().await, x.report().await);
+    assert!(
+        x1.sent.audio_frames - x0.sent.audio_frames > 100,
+        "the commune keeps sending"
+    );
+    assert_eq!(
+        audio_from(&y1, "tp-vinh-le-loi"),
+        audio_from(&y0, "tp-vinh-le-loi"),
+        "another commune hears nothing"
+    );
+    assert_eq!(
+        audio_from(&c1, "tp-vinh-le-loi"),
+        audio_from(&c0, "tp-vinh-le-loi"),
+        "the chair hears nothing"
+    );
+    assert!(
+        audio_from(&c1, "tan-ky") == audio_from(&c0, "tan-ky"),
+        "tan-ky is blocked too"
+    );
+
+    chair
+        .chair(ChairCommand::Grant {
+            site: "tp-vinh-le-loi".into(),
+        })
+        .await
+        .unwrap();
+    floor_says(&mut xe, true).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (y2, c2) = (y.report().await, chair.report().await);
+    assert!(
+        audio_from(&y2, "tp-vinh-le-loi") - audio_from(&y1, "tp-vinh-le-loi") > 50,
+        "granted: heard"
+    );
+    assert!(audio_from(&c2, "tp-vinh-le-loi") - audio_from(&c1, "tp-vinh-le-loi") > 50);
+
+    chair
+        .chair(ChairCommand::Revoke {
+            site: "tp-vinh-le-loi".into(),
+        })
+        .await
+        .unwrap();
+    floor_says(&mut xe, false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let y3 = y.report().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let y4 = y.report().await;
+    assert_eq!(
+        audio_from(&y4, "tp-vinh-le-loi"),
+        audio_from(&y3, "tp-vinh-le-loi"),
+        "revoked: silent again"
+    );
+    // Video was never blocked.
+    assert!(
+        y4.received
+            .iter()
+            .find(|r| r.site == "tp-vinh-le-loi")
+            .unwrap()
+            .video_frames_verified
+            > 50
+    );
+    for r in [chair, x, y] {
+        r.leave().await;
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn chair_commands_reach_their_sites() {
+    let server = server_with(true, None, Directory::sample(), None).await;
+    let room = "lenh";
+    let mut chair = Raw::connect(&server.url()).await;
+    chair
+        .join(
+            "nghe-an",
+            room,
+            Some(&dev_token("nghe-an", Role::Chair, room)),
+            false,
+        )
+        .await;
+    let mut a = Raw::connect(&server.url()).await;
+    a.join("tp-vinh", room, None, false).await;
+    let mut b = Raw::connect(&server.url()).await;
+    b.join("tan-ky", room, None, false).await;
+    let send = |id: u64, command: ChairCommand| ClientMessage::Chair { id, command };
+
+    // Mute, then ask to unmute: the site confirms and may speak again.
+    chair
+        .send(&send(
+            1,
+            ChairCommand::Mute {
+                site: "tp-vinh".into(),
+            },
+        ))
+        .await;
+    a.wait("muted", |m| {
+        matches!(m, ServerMessage::Floor { state } if !state.you_may_speak).then_some(())
+    })
+    .await;
+    chair
+        .send(&send(
+            2,
+            ChairCommand::AskUnmute {
+                site: "tp-vinh".into(),
+            },
+        ))
+        .await;
+    a.wait("ask_unmute", |m| {
+        matches!(m, ServerMessage::AskUnmute { by } if by == "nghe-an").then_some(())
+    })
+    .await;
+    a.send(&ClientMessage::UnmuteReply { accept: true }).await;
+    a.wait("unmuted", |m| {
+        matches!(m, ServerMessage::Floor { state } if state.you_may_speak).then_some(())
+    })
+    .await;
+
+    // Spotlight reaches everyone's floor state.
+    chair
+        .send(&send(
+            3,
+            ChairCommand::Spotlight {
+                site: Some("tan-ky".into()),
+            },
+        ))
+        .await;
+    a.wait("spotlight", |m| {
+        matches!(m, ServerMessage::Floor { state } if state.spotlight.as_deref() == Some("tan-ky"))
+            .then_some(())
+    })
+    .await;
+
+    // Commands about a site that is not here are refused with a reason.
+    chair
+        .send(&send(
+            4,
+            ChairCommand::Grant {
+                site: "quy-hop".into(),
+            },
+        ))
+        .await;
+    chair
+        .wait("refusal", |m| {
+            matches!(
+                m,
+                ServerMessage::Error {
+                    id: Some(4),
+                    code: ErrorCode::NotInRoom,
+                    ..
+                }
+            )
+            .then_some(())
+        })
+        .await;
+
+    // Lock: a new commune cannot join; the chair could.
+    chair
+        .send(&send(5, ChairCommand::Lock { locked: true }))
+        .await;
+    chair
+        .wait("ack", |m| {
+            matches!(m, ServerMessage::Ack { id: 5 }).then_some(())
+        })
+        .await;
+    let mut late = Raw::connect(&server.url()).await;
+    assert!(matches!(
+        late.join("do-luong", room, None, false).await,
+        ServerMessage::Error {
+            code: ErrorCode::RoomLocked,
+            ..
+        }
+    ));
+
+    // Remove: the site is told and dropped; the others see it leave.
+    chair
+        .send(&send(
+            6,
+            ChairCommand::Remove {
+                site: "tan-ky".into(),
+            },
+        ))
+        .await;
+    b.wait("removed", |m| {
+        matches!(
+            m,
+            ServerMessage::Error {
+                code: ErrorCode::Removed,
+                fatal: true,
+                ..
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    assert!(b.next().await.is_none());
+    a.wait("tan-ky left", |m| {
+        matches!(m, ServerMessage::SiteLeft { site, .. } if site == "tan-ky").then_some(())
+    })
+    .await;
+    server.stop();
+}
+
+#[tokio::test]
+async fn the_audit_log_survives_a_restart() {
+    let log = temp_path("restart.jsonl");
+    let room = "nhat-ky";
+    let token = dev_token("nghe-an", Role::Chair, room);
+    let first = server_with(true, None, Directory::sample(), Some(log.clone())).await;
+    let mut c = ControlSession::connect(&first.url(), "nghe-an", room, &token)
+        .await
+        .unwrap();
+    c.command(ChairCommand::FloorMode {
+        mode: FloorMode::Granted,
+    })
+    .await
+    .unwrap();
+    c.leave();
+    first.stop();
+    let before = audit::read(&log).unwrap();
+    assert!(before.iter().any(|e| e.action == "floor-mode"));
+
+    let second = server_with(true, None, Directory::sample(), Some(log.clone())).await;
+    let mut c = ControlSession::connect(&second.url(), "nghe-an", room, &token)
+        .await
+        .unwrap();
+    c.command(ChairCommand::LowerAll).await.unwrap();
+    let after = audit::read(&log).unwrap();
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "old entries kept, in order"
+    );
+    assert!(after[before.len()..]
+        .iter()
+        .any(|e| e.action == "lower-all" && e.outcome == "ok"));
+    second.stop();
+}
