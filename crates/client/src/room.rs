@@ -596,8 +596,9 @@ impl Room {
     /// Leaves the room, stops capture and the peer connection, and returns the report.
     pub async fn leave(mut self) -> Report {
         let report = self.report().await;
-        self.closed.store(true, Ordering::Relaxed);
-        let _ = self.outbox.send(ClientMessage::Leave);
+        if !self.closed.swap(true, Ordering::Relaxed) {
+            let _ = self.outbox.send(ClientMessage::Leave);
+        }
         self.video_control.stop.store(true, Ordering::Relaxed);
         // Let the server hear `leave` before the media path closes.
         if let Some(f) = self.flushed.take() {
@@ -611,6 +612,26 @@ impl Room {
             t.abort();
         }
         report
+    }
+}
+
+impl Drop for Room {
+    /// A room dropped without [`Room::leave`] (a panic, an early return) still stops its
+    /// capture threads, says `leave` and closes the peer connection.
+    fn drop(&mut self) {
+        self.video_control.stop.store(true, Ordering::Relaxed);
+        if !self.closed.swap(true, Ordering::Relaxed) {
+            let _ = self.outbox.send(ClientMessage::Leave);
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let pc = self.pc.clone();
+            handle.spawn(async move {
+                let _ = pc.close().await;
+            });
+        }
     }
 }
 

@@ -92,6 +92,7 @@ pub struct RunningServer {
     pub media_udp: SocketAddr,
     pub stats: Arc<Stats>,
     tasks: Vec<JoinHandle<()>>,
+    shutdown: tokio::sync::watch::Sender<()>,
 }
 
 impl RunningServer {
@@ -100,7 +101,9 @@ impl RunningServer {
         format!("ws://{}", self.signalling)
     }
 
+    /// Stops accepting, closes every connection and the media engine.
     pub fn stop(self) {
+        let _ = self.shutdown.send(());
         for t in self.tasks {
             t.abort();
         }
@@ -173,15 +176,17 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         enrollment_ttl: Duration::from_secs(15 * 60),
     };
     let (tx, rx) = mpsc::unbounded_channel();
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(());
     let engine = sfu::Engine::new(engine_cfg, Arc::new(udp), stats.clone(), audit);
     let tasks = vec![
         tokio::spawn(engine.run(rx)),
-        tokio::spawn(signalling::accept_loop(listener, tx)),
+        tokio::spawn(signalling::accept_loop(listener, tx, shutdown_rx)),
     ];
     Ok(RunningServer {
         signalling,
         media_udp,
         stats,
         tasks,
+        shutdown,
     })
 }

@@ -22,11 +22,19 @@ use crate::sfu::{Command, ConnId};
 
 /// How long a connection may take to say what it is, and a WebSocket to send `join`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// An ICE-TCP link with no packet for this long is closed.
+const ICE_TCP_IDLE: Duration = Duration::from_secs(30);
 /// Frames above this are refused by the WebSocket layer itself (the connection drops);
 /// between [`MAX_MESSAGE_BYTES`] and this, the client gets a `too_large` error and stays.
 const HARD_FRAME_LIMIT: usize = 4 * MAX_MESSAGE_BYTES;
 
-pub async fn accept_loop(listener: TcpListener, engine: mpsc::UnboundedSender<Command>) {
+/// Accepts connections until the task is aborted; every connection task ends when
+/// `shutdown` changes (or its sender is dropped).
+pub async fn accept_loop(
+    listener: TcpListener,
+    engine: mpsc::UnboundedSender<Command>,
+    shutdown: tokio::sync::watch::Receiver<()>,
+) {
     let next_id = Arc::new(AtomicU64::new(1));
     loop {
         let (stream, from) = match listener.accept().await {
@@ -40,12 +48,19 @@ pub async fn accept_loop(listener: TcpListener, engine: mpsc::UnboundedSender<Co
         let _ = stream.set_nodelay(true);
         let engine = engine.clone();
         let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HELLO_TIMEOUT, sniff(&stream)).await {
-                Ok(Ok(Kind::WebSocket)) => serve_websocket(stream, from, id, engine).await,
-                Ok(Ok(Kind::IceTcp)) => serve_ice_tcp(stream, from, engine).await,
-                Ok(Err(e)) => debug!(%from, "connection closed before saying anything: {e}"),
-                Err(_) => debug!(%from, "connection silent; dropped"),
+            let serve = async move {
+                match tokio::time::timeout(HELLO_TIMEOUT, sniff(&stream)).await {
+                    Ok(Ok(Kind::WebSocket)) => serve_websocket(stream, from, id, engine).await,
+                    Ok(Ok(Kind::IceTcp)) => serve_ice_tcp(stream, from, engine).await,
+                    Ok(Err(e)) => debug!(%from, "connection closed before saying anything: {e}"),
+                    Err(_) => debug!(%from, "connection silent; dropped"),
+                }
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = shutdown.changed() => {}
             }
         });
     }
@@ -96,8 +111,14 @@ async fn serve_ice_tcp(
     let mut buf = vec![0u8; 65_536];
     loop {
         let mut len = [0u8; 2];
-        if rd.read_exact(&mut len).await.is_err() {
-            break;
+        // ICE consent checks arrive every few seconds; a silent link is dead.
+        match tokio::time::timeout(ICE_TCP_IDLE, rd.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                debug!(%from, "ICE-TCP link idle; closed");
+                break;
+            }
         }
         let n = usize::from(u16::from_be_bytes(len));
         if rd.read_exact(&mut buf[..n]).await.is_err() {
@@ -124,10 +145,15 @@ async fn serve_websocket(
     let config = WebSocketConfig::default()
         .max_message_size(Some(HARD_FRAME_LIMIT))
         .max_frame_size(Some(HARD_FRAME_LIMIT));
-    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
-        Ok(ws) => ws,
-        Err(e) => {
+    let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(config));
+    let ws = match tokio::time::timeout(HELLO_TIMEOUT, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
             debug!(%from, "WebSocket handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%from, "WebSocket handshake stalled; dropped");
             return;
         }
     };

@@ -174,3 +174,27 @@ async fn a_leaver_disappears_from_the_others() {
     b.leave().await;
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_offering_only_tcp_joins_over_ice_tcp_on_the_signalling_port() {
+    let _guard = MEDIA.lock().await;
+    let server = dev_server().await;
+    let (udp_site, _e1) = join(&server, "nghe-an", "tcp").await;
+    let mut opts = diemcau_client::JoinOptions::synthetic("quy-chau", "tcp");
+    opts.video = diemcau_client::VideoInput::Synthetic {
+        width: 320,
+        height: 180,
+        fps: 15,
+    };
+    opts.udp = false;
+    let (tcp_site, _e2) = diemcau_client::Room::connect(&server.url(), opts)
+        .await
+        .expect("joins over TCP");
+    until_verified(&tcp_site, &["nghe-an"], Duration::from_secs(15)).await;
+    until_verified(&udp_site, &["quy-chau"], Duration::from_secs(15)).await;
+    let (rt, ru) = (tcp_site.leave().await, udp_site.leave().await);
+    assert_eq!(rt.transport.as_deref(), Some("tcp"));
+    assert_eq!(ru.transport.as_deref(), Some("udp"));
+    assert!(from(&rt, "nghe-an").audio_frames > 0);
+    server.stop();
+}
