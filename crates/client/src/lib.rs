@@ -37,7 +37,7 @@ use diemcau_protocol::{
 };
 
 pub use report::Report;
-pub use room::{AudioInput, JoinOptions, Room, VideoInput};
+pub use room::{AudioInput, JoinOptions, Room, SpeakerOutput, VideoInput};
 
 /// What can go wrong when joining or in a meeting.
 #[derive(Debug, thiserror::Error)]

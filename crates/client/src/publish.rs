@@ -160,6 +160,9 @@ pub fn spawn_audio_thread(
                         return;
                     }
                 };
+                if let Some(n) = source.notice() {
+                    let _ = errors.send(n);
+                }
                 match enc.encode(&frame.samples) {
                     Ok(pkt) => {
                         let _ = out.try_send(Encoded {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use diemcau_media::playout::Mixer;
 use diemcau_media::stamp::site_tag;
 use diemcau_media::synthetic::{detect_tone, VideoCheck};
 use diemcau_media::{now_us, AudioDecoder, VideoDecoder};
@@ -40,6 +41,8 @@ pub struct SiteCounters {
 
 /// State shared by the receive tasks and the room.
 pub struct Remote {
+    /// Playout mixer when a speaker plays remote audio.
+    pub mixer: Option<Arc<Mutex<Mixer>>>,
     /// mid → (kind, site currently carried).
     pub slots: Mutex<HashMap<String, (MediaKind, Option<SiteId>)>>,
     pub sites: Mutex<BTreeMap<SiteId, SiteCounters>>,
@@ -154,6 +157,11 @@ pub async fn run_track(
                         };
                         if pkt.payload.is_empty() {
                             continue;
+                        }
+                        if let Some(m) = &remote.mixer {
+                            if let Ok(mut m) = m.lock() {
+                                m.push(&site, pkt.header.sequence_number, &pkt.payload);
+                            }
                         }
                         let Ok(pcm) = dec.decode(&pkt.payload) else {
                             continue;

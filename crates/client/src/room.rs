@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use diemcau_media::audio_device::{Microphone, Speaker};
+use diemcau_media::playout::Mixer;
 use diemcau_media::synthetic::{percentile, SyntheticCamera, SyntheticTone};
 use diemcau_media::{AudioSource, VideoSource};
 use diemcau_protocol::{
@@ -21,7 +23,7 @@ use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::peer_connection::{
     PeerConnection, RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionState,
@@ -54,6 +56,19 @@ pub enum AudioInput {
     None,
     /// The stepped test tone.
     Synthetic,
+    /// A microphone by cpal device id (`None` = the system default).
+    Mic(Option<String>),
+}
+
+/// Where remote sites' sound is played.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpeakerOutput {
+    /// Play nothing (headless sites, tests).
+    None,
+    /// The system's default output.
+    Default,
+    /// A playback device by cpal device id.
+    Device(String),
 }
 
 /// How to join.
@@ -71,6 +86,8 @@ pub struct JoinOptions {
     /// Offer UDP and/or TCP candidates.
     pub udp: bool,
     pub tcp: bool,
+    /// Where remote audio is played.
+    pub speaker: SpeakerOutput,
     /// Emit decoded pictures as [`RoomEvent::VideoFrame`] (for a UI).
     pub deliver_video: bool,
     /// Measure PSNR of every n-th verified picture (0 = never).
@@ -94,6 +111,7 @@ impl JoinOptions {
             max_video_bitrate_bps: 1_500_000,
             udp: true,
             tcp: true,
+            speaker: SpeakerOutput::None,
             deliver_video: false,
             psnr_every: 10,
         }
@@ -118,6 +136,7 @@ pub struct Room {
     requests: Arc<Requests>,
     started: Instant,
     closed: Arc<AtomicBool>,
+    _speaker: Option<Speaker>,
 }
 
 /// Waits for a server message that `pick` accepts; others are kept in `backlog`.
@@ -331,7 +350,35 @@ impl Room {
             dial_tcp_candidates(&pc, &answer).await;
         }
 
+        // Playback: a mixer pulled by the speaker's clock. No speaker is not an error.
+        let mut speaker = None;
+        let mut speaker_error = None;
+        let mixer = match &options.speaker {
+            SpeakerOutput::None => None,
+            out => {
+                let mixer = Arc::new(Mutex::new(Mixer::new(3)));
+                let id = match out {
+                    SpeakerOutput::Device(id) => Some(id.as_str()),
+                    _ => None,
+                };
+                match Speaker::open(id, mixer.clone()) {
+                    Ok(s) => {
+                        info!("speaker: {}", s.name());
+                        speaker = Some(s);
+                        Some(mixer)
+                    }
+                    Err(e) => {
+                        speaker_error = Some(format!(
+                            "Không phát được âm thanh ra loa, cuộc họp vẫn tiếp tục: {}",
+                            e.vi()
+                        ));
+                        None
+                    }
+                }
+            }
+        };
         let remote = Arc::new(Remote {
+            mixer,
             slots: Mutex::new(HashMap::new()),
             sites: Mutex::new(Default::default()),
             started,
@@ -345,6 +392,9 @@ impl Room {
         let video_control = Arc::new(VideoControl::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+        if let Some(e) = speaker_error {
+            let _ = err_tx.send(e);
+        }
         let mut threads = Vec::new();
         let mut tasks = Vec::new();
 
@@ -384,7 +434,13 @@ impl Room {
                     )));
                 }
                 _ => {
-                    let source: Box<dyn AudioSource> = Box::new(SyntheticTone::new());
+                    let source: Box<dyn AudioSource> = match &options.audio {
+                        AudioInput::Mic(id) => Box::new(
+                            Microphone::open(id.as_deref())
+                                .map_err(|e| ClientError::Device(e.vi()))?,
+                        ),
+                        _ => Box::new(SyntheticTone::new()),
+                    };
                     info!("audio: {}", source.describe());
                     threads.push(publish::spawn_audio_thread(
                         source,
@@ -471,7 +527,7 @@ impl Room {
                             }
                         }
                         Some(e) = err_rx.recv() => {
-                            warn!("{e}");
+                            debug!("device: {e}");
                             errors.lock().expect("lock poisoned").push(e.clone());
                             let _ = events.send(RoomEvent::DeviceError { message: e });
                         }
@@ -499,6 +555,7 @@ impl Room {
                 requests,
                 started,
                 closed,
+                _speaker: speaker,
             },
             events,
         ))

@@ -9,8 +9,10 @@
 //! ([`stamp::Stamp`]) so the receiver can prove which frames arrived, in what order, how
 //! late, and how damaged.
 
+pub mod audio_device;
 pub mod codec;
 pub mod frame;
+pub mod playout;
 pub mod source;
 pub mod stamp;
 pub mod synthetic;

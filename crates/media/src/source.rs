@@ -54,4 +54,9 @@ pub trait AudioSource: Send {
     fn describe(&self) -> String;
     /// Blocks until the next 20 ms frame is captured.
     fn read(&mut self) -> Result<AudioFrame, SourceError>;
+    /// Something a person should hear about (e.g. "switched to the default microphone"),
+    /// in Vietnamese; taken once.
+    fn notice(&mut self) -> Option<String> {
+        None
+    }
 }

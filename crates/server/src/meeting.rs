@@ -24,7 +24,11 @@ pub struct Meeting {
     hands: Vec<(SiteId, u64)>,
     mode: FloorMode,
     granted: BTreeSet<SiteId>,
+    /// The most recent grant (kept when switching to chair-only mode).
+    last_granted: Option<SiteId>,
     muted: BTreeSet<SiteId>,
+    /// Sites the chair asked to unmute; only they may unmute themselves.
+    asked_unmute: BTreeSet<SiteId>,
     spotlight: Option<SiteId>,
     locked: bool,
     /// Roll-call marks (present?, reason) since the last start.
@@ -99,9 +103,12 @@ impl Meeting {
     pub fn set_mode(&mut self, mode: FloorMode) {
         self.mode = mode;
         if mode == FloorMode::ChairOnly && self.granted.len() > 1 {
-            // Only one site holds the floor in chair-only mode: keep the latest.
-            let last = self.granted.iter().next_back().cloned();
-            self.granted = last.into_iter().collect();
+            // Only one site holds the floor in chair-only mode: keep the latest grant.
+            let keep = self
+                .last_granted
+                .clone()
+                .filter(|s| self.granted.contains(s));
+            self.granted = keep.into_iter().collect();
         }
     }
 
@@ -111,6 +118,7 @@ impl Meeting {
             self.granted.clear();
         }
         self.granted.insert(site.to_string());
+        self.last_granted = Some(site.to_string());
         self.muted.remove(site);
         self.lower(site);
     }
@@ -132,6 +140,20 @@ impl Meeting {
 
     pub fn unmute(&mut self, site: &str) {
         self.muted.remove(site);
+        self.asked_unmute.remove(site);
+    }
+
+    /// The chair asks `site` to unmute itself.
+    pub fn ask_unmute(&mut self, site: &str) {
+        self.asked_unmute.insert(site.to_string());
+    }
+
+    /// The site's answer: it unmutes only if the chair asked. True if that lifted a mute.
+    pub fn unmute_reply(&mut self, site: &str, accept: bool) -> bool {
+        if !self.asked_unmute.remove(site) || !accept {
+            return false;
+        }
+        self.muted.remove(site)
     }
 
     pub fn set_spotlight(&mut self, site: Option<&str>) {
@@ -166,11 +188,12 @@ impl Meeting {
         }
     }
 
-    /// Forgets a site that left on purpose: its hand, grant and mute.
+    /// Forgets a site that left on purpose: its hand and grant. A mute stays, so leaving
+    /// and coming back is no way around it.
     pub fn forget(&mut self, site: &str) {
         self.lower(site);
         self.granted.remove(site);
-        self.muted.remove(site);
+        self.asked_unmute.remove(site);
         if self.spotlight.as_deref() == Some(site) {
             self.spotlight = None;
         }
@@ -296,8 +319,19 @@ mod tests {
             !m.may_speak("xa-a", Role::Commune),
             "mute wins over a grant"
         );
-        m.unmute("xa-a");
+        assert!(!m.unmute_reply("xa-a", true), "no unmuting oneself unasked");
+        assert!(!m.may_speak("xa-a", Role::Commune));
+        m.ask_unmute("xa-a");
+        assert!(m.unmute_reply("xa-a", true));
         assert!(m.may_speak("xa-a", Role::Commune));
+        m.mute("xa-a");
+        m.forget("xa-a");
+        assert!(
+            !m.may_speak("xa-a", Role::Commune),
+            "a mute survives leaving"
+        );
+        m.unmute("xa-a");
+        m.grant("xa-a");
         m.set_mode(FloorMode::Open);
         m.mute_all(["xa-a", "xa-b"]);
         assert!(!m.may_speak("xa-b", Role::Commune));

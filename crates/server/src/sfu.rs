@@ -417,9 +417,8 @@ impl Engine {
             Command::Chair { conn, id, command } => self.chair(conn, id, command),
             Command::UnmuteReply { conn, accept } => {
                 if let Some(p) = self.peers.get(&conn) {
-                    if accept {
-                        let (room, site) = (p.room.clone(), p.site.id.clone());
-                        self.meeting(&room).unmute(&site);
+                    let (room, site) = (p.room.clone(), p.site.id.clone());
+                    if self.meeting(&room).unmute_reply(&site, accept) {
                         self.broadcast_meeting(&room);
                     }
                 }
@@ -599,7 +598,9 @@ impl Engine {
         if self.cfg.dev {
             keys.push(Key::dev());
         }
-        let mut last = TokenError::Malformed;
+        // The first key's verdict is the one reported (the production key's, when there is
+        // one); the dev key only ever adds acceptance.
+        let mut first_err = None;
         let mut claims = None;
         for k in &keys {
             match k.verify(token, now) {
@@ -607,9 +608,12 @@ impl Engine {
                     claims = Some(c);
                     break;
                 }
-                Err(e) => last = e,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
+        let last = first_err.unwrap_or(TokenError::Malformed);
         let map = |e: TokenError| {
             let code = match e {
                 TokenError::Expired(_) => ErrorCode::TokenExpired,
@@ -786,7 +790,7 @@ impl Engine {
                 ),
             ))
         } else {
-            self.apply_chair(&room, &actor, id, &command)
+            self.apply_chair(conn, &room, &actor, id, &command)
         };
         let outcome = result.as_ref().map(|_| ()).map_err(|(_, m)| m.as_str());
         self.audit_entry(
@@ -802,6 +806,8 @@ impl Engine {
             Ok(()) => {
                 let _ = to_actor.send(ServerMessage::Ack { id });
                 self.broadcast_meeting(&room);
+                // Floor and spotlight rank video slots.
+                self.dirty.insert(room.clone());
             }
             Err((code, message)) => {
                 let _ = to_actor.send(ServerMessage::Error {
@@ -817,6 +823,7 @@ impl Engine {
     /// Carries out a chair command that passed the role check.
     fn apply_chair(
         &mut self,
+        conn: ConnId,
         room: &str,
         actor: &str,
         id: u64,
@@ -855,6 +862,7 @@ impl Engine {
             }
             ChairCommand::AskUnmute { site } => {
                 need_present(site)?;
+                self.meeting(room).ask_unmute(site);
                 for p in self
                     .peers
                     .values()
@@ -921,11 +929,7 @@ impl Engine {
                     .cloned()
                     .unwrap_or_default()
                     .roll_call(&self.cfg.directory, &present);
-                if let Some(p) = self
-                    .peers
-                    .values()
-                    .find(|p| p.room == room && p.site.id == actor && p.role == Role::Chair)
-                {
+                if let Some(p) = self.peers.get(&conn) {
                     p.send(ServerMessage::RollCallCsv {
                         id,
                         csv: roll_call_csv(&entries),
@@ -948,6 +952,14 @@ impl Engine {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
+        if peer.control {
+            peer.send(ServerMessage::error(
+                ErrorCode::Forbidden,
+                "a control session carries no media",
+                false,
+            ));
+            return;
+        }
         if peer.rtc.is_some() {
             peer.send(ServerMessage::error(
                 ErrorCode::BadSdp,

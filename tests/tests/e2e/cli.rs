@@ -50,6 +50,8 @@ fn cli_join(url: &str, site: &str, duration: &str, extra: &[&str]) -> Child {
             "synthetic:320x180@15",
             "--audio",
             "synthetic",
+            "--speaker",
+            "none",
             "--duration",
             duration,
             "--report",

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use diemcau_client::control::ControlSession;
-use diemcau_client::{AudioInput, JoinOptions, Room, RoomEvent, VideoInput};
+use diemcau_client::{AudioInput, JoinOptions, Room, RoomEvent, SpeakerOutput, VideoInput};
 use diemcau_protocol::{ChairCommand, FloorMode};
 
 #[derive(Debug, Parser)]
@@ -19,6 +19,12 @@ struct Cli {
 enum Command {
     /// Join a room, publish, receive and verify, then print a report.
     Join(JoinArgs),
+    /// List cameras, microphones and speakers.
+    Devices {
+        /// One JSON object: {"cameras":[...],"audio_inputs":[{"id","name"}],"audio_outputs":[...]}
+        #[arg(long)]
+        json: bool,
+    },
     /// Give a chair command (needs a chair token). Exits non-zero with the server's reason
     /// when refused. ACTION: floor-mode MODE | grant SITE | revoke SITE | mute SITE |
     /// mute-all | ask-unmute SITE | remove SITE | spotlight [SITE] | lock [on|off] |
@@ -62,9 +68,12 @@ struct JoinArgs {
     /// Picture source: synthetic[:WxH[@FPS]] | camera[:N] | none
     #[arg(long, default_value = "synthetic")]
     video: String,
-    /// Sound source: synthetic | mic[:ID] | none
+    /// Sound source: synthetic | mic[:ID] | none (ids from `diemcau-cli devices`)
     #[arg(long, default_value = "synthetic")]
     audio: String,
+    /// Where remote sound plays: default | ID | none
+    #[arg(long, default_value = "default")]
+    speaker: String,
     /// Seconds to stay in the room.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -87,6 +96,43 @@ struct JoinArgs {
     /// Say yes when the chair asks this site to unmute.
     #[arg(long)]
     accept_unmute: bool,
+}
+
+fn devices(json: bool) -> ExitCode {
+    use diemcau_media::audio_device::{list_inputs, list_outputs};
+    let inputs = list_inputs().unwrap_or_else(|e| {
+        eprintln!("{}", e.vi());
+        Vec::new()
+    });
+    let outputs = list_outputs().unwrap_or_else(|e| {
+        eprintln!("{}", e.vi());
+        Vec::new()
+    });
+    let as_json = |v: &[diemcau_media::audio_device::AudioDeviceInfo]| {
+        v.iter()
+            .map(|d| serde_json::json!({"id": d.id, "name": d.name}))
+            .collect::<Vec<_>>()
+    };
+    if json {
+        let out = serde_json::json!({
+            // Cameras (nokhwa) are not built into this version yet.
+            "cameras": [],
+            "audio_inputs": as_json(&inputs),
+            "audio_outputs": as_json(&outputs),
+        });
+        println!("{out}");
+    } else {
+        println!("Camera: (chưa hỗ trợ trong phiên bản này / not supported in this build yet)");
+        println!("Micro (--audio mic:ID):");
+        for d in &inputs {
+            println!("  {}\t{}", d.id, d.name);
+        }
+        println!("Loa (--speaker ID):");
+        for d in &outputs {
+            println!("  {}\t{}", d.id, d.name);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn parse_chair(a: &ChairArgs) -> Result<ChairCommand, String> {
@@ -233,11 +279,8 @@ fn parse_audio(s: &str) -> Result<AudioInput, String> {
     match s {
         "none" => Ok(AudioInput::None),
         "synthetic" => Ok(AudioInput::Synthetic),
-        m if m.starts_with("mic") => Err(
-            "Phiên bản này chưa dùng được micro thật; hãy chạy với --audio synthetic \
-             (this build has no microphone support yet)"
-                .into(),
-        ),
+        "mic" => Ok(AudioInput::Mic(None)),
+        m if m.starts_with("mic:") => Ok(AudioInput::Mic(Some(m["mic:".len()..].to_string()))),
         _ => Err(format!("--audio {s}: expected synthetic, mic[:ID] or none")),
     }
 }
@@ -245,7 +288,8 @@ fn parse_audio(s: &str) -> Result<AudioInput, String> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error,diemcau_client=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -263,6 +307,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Join(args) => runtime.block_on(join(args)),
         Command::Chair(args) => runtime.block_on(chair(args)),
+        Command::Devices { json } => devices(json),
     }
 }
 
@@ -285,6 +330,11 @@ async fn join(args: JoinArgs) -> ExitCode {
     opts.audio = audio;
     opts.max_video_bitrate_bps = args.max_video_kbps.saturating_mul(1000);
     opts.udp = !args.tcp_only;
+    opts.speaker = match args.speaker.as_str() {
+        "none" => SpeakerOutput::None,
+        "default" => SpeakerOutput::Default,
+        id => SpeakerOutput::Device(id.to_string()),
+    };
     eprintln!(
         "[{}] Đang kết nối tới {} (phòng {})…",
         args.site, args.server, args.room
@@ -333,6 +383,9 @@ async fn join(args: JoinArgs) -> ExitCode {
                     RoomEvent::SiteJoined { site } => eprintln!("[{}] {} ({}) vào phòng", args.site, site.name, site.id),
                     RoomEvent::SiteLeft { site, .. } => eprintln!("[{}] {site} rời phòng", args.site),
                     RoomEvent::MediaConnected => eprintln!("[{}] Đã kết nối hình và tiếng", args.site),
+                    RoomEvent::TrackAdded { site, kind: diemcau_protocol::MediaKind::Audio } => {
+                        eprintln!("[{}] Đang nhận tiếng từ {site}", args.site)
+                    }
                     RoomEvent::FirstVerifiedFrame { site, since_join } => eprintln!(
                         "[{}] Hình đầu tiên từ {site} sau {} ms", args.site, since_join.as_millis()),
                     RoomEvent::ServerError { code, message, fatal } => {

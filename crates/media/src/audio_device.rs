@@ -1,0 +1,332 @@
+//! Microphones and speakers through cpal (ALSA on Linux, WASAPI on Windows).
+//!
+//! Ids are cpal's stable `DeviceId` strings (`alsa:testmic`, `wasapi:{...}`). A microphone
+//! delivers 20 ms frames of 48 kHz mono whatever the device runs at (it is downmixed and
+//! resampled in the capture callback); a speaker pulls 48 kHz mono from a [`Mixer`] on the
+//! device's clock and converts it to the device's rate and channel count.
+//!
+//! A microphone whose device disappears mid-call switches to the system default and says so
+//! through [`AudioSource::notice`]; nothing panics and nothing waits forever.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
+use cpal::{Device, ErrorKind, SampleFormat, StreamConfig, SupportedStreamConfig};
+
+use crate::frame::{now_us, AudioFrame, AUDIO_FRAME_SAMPLES, AUDIO_RATE};
+use crate::playout::{downmix, Mixer, Resampler};
+use crate::source::{AudioSource, SourceError};
+
+/// A device as listed to people and scripts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioDeviceInfo {
+    /// Stable id, e.g. `alsa:testmic`.
+    pub id: String,
+    pub name: String,
+}
+
+fn list(inputs: bool) -> Result<Vec<AudioDeviceInfo>, SourceError> {
+    let host = cpal::default_host();
+    let devices: Vec<Device> = if inputs {
+        host.input_devices().map(|d| d.collect())
+    } else {
+        host.output_devices().map(|d| d.collect())
+    }
+    .map_err(|e| SourceError::Device(e.to_string()))?;
+    Ok(devices
+        .into_iter()
+        .filter_map(|d| {
+            Some(AudioDeviceInfo {
+                id: d.id().ok()?.to_string(),
+                name: d.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// Microphones and other capture devices.
+pub fn list_inputs() -> Result<Vec<AudioDeviceInfo>, SourceError> {
+    list(true)
+}
+
+/// Speakers and other playback devices.
+pub fn list_outputs() -> Result<Vec<AudioDeviceInfo>, SourceError> {
+    list(false)
+}
+
+fn find(id: Option<&str>, input: bool) -> Result<Device, SourceError> {
+    let host = cpal::default_host();
+    match id {
+        Some(id) => {
+            let parsed: cpal::DeviceId = id
+                .parse()
+                .map_err(|_| SourceError::NoDevice(format!("{id:?} is not a device id")))?;
+            host.device_by_id(&parsed)
+                .ok_or_else(|| SourceError::NoDevice(id.to_string()))
+        }
+        None => if input {
+            host.default_input_device()
+        } else {
+            host.default_output_device()
+        }
+        .ok_or_else(|| SourceError::NoDevice("default".into())),
+    }
+}
+
+fn map_err(e: cpal::Error, what: &str) -> SourceError {
+    match e.kind() {
+        ErrorKind::DeviceBusy => SourceError::Busy(what.into()),
+        ErrorKind::DeviceNotAvailable => SourceError::Disconnected(what.into()),
+        ErrorKind::UnsupportedConfig | ErrorKind::UnsupportedOperation => {
+            SourceError::UnsupportedFormat(format!("{what}: {e}"))
+        }
+        _ => SourceError::Device(format!("{what}: {e}")),
+    }
+}
+
+/// Prefers 48 kHz, mono then stereo, f32 then i16; else the device's default.
+fn pick(dev: &Device, input: bool, what: &str) -> Result<SupportedStreamConfig, SourceError> {
+    let ranges: Vec<_> = if input {
+        dev.supported_input_configs().map(|r| r.collect())
+    } else {
+        dev.supported_output_configs().map(|r| r.collect())
+    }
+    .map_err(|e| map_err(e, what))?;
+    for fmt in [SampleFormat::F32, SampleFormat::I16] {
+        for ch in [1u16, 2] {
+            if let Some(c) = ranges
+                .iter()
+                .copied()
+                .filter(|r| r.sample_format() == fmt && r.channels() == ch)
+                .find_map(|r| r.try_with_sample_rate(AUDIO_RATE))
+            {
+                return Ok(c);
+            }
+        }
+    }
+    if input {
+        dev.default_input_config()
+    } else {
+        dev.default_output_config()
+    }
+    .map_err(|e| map_err(e, what))
+}
+
+/// A capture device delivering 48 kHz mono.
+pub struct Microphone {
+    id: Option<String>,
+    name: String,
+    stream: cpal::Stream,
+    chunks: Receiver<Vec<f32>>,
+    buf: VecDeque<f32>,
+    dead: Arc<AtomicBool>,
+    notice: Option<String>,
+}
+
+impl Microphone {
+    /// Opens the device with this id, or the system default.
+    pub fn open(id: Option<&str>) -> Result<Self, SourceError> {
+        let what = id.unwrap_or("default").to_string();
+        let dev = find(id, true)?;
+        let sc = pick(&dev, true, &what)?;
+        let channels = usize::from(sc.channels());
+        let config: StreamConfig = sc.into();
+        let (tx, chunks) = mpsc::channel::<Vec<f32>>();
+        let dead = Arc::new(AtomicBool::new(false));
+        let dead_cb = dead.clone();
+        let err = move |e: cpal::Error| {
+            if matches!(
+                e.kind(),
+                ErrorKind::DeviceNotAvailable | ErrorKind::StreamInvalidated
+            ) {
+                dead_cb.store(true, Ordering::Release);
+            }
+        };
+        let mut rs = Resampler::new(sc.sample_rate(), AUDIO_RATE);
+        let mut push = move |mono: Vec<f32>| {
+            let mut out = Vec::with_capacity(mono.len() + 8);
+            rs.process(&mono, &mut out);
+            let _ = tx.send(out);
+        };
+        let stream = match sc.sample_format() {
+            SampleFormat::F32 => dev.build_input_stream::<f32, _, _>(
+                config,
+                move |data: &[f32], _| push(downmix(data, channels)),
+                err,
+                None,
+            ),
+            SampleFormat::I16 => dev.build_input_stream::<i16, _, _>(
+                config,
+                move |data: &[i16], _| {
+                    let f: Vec<f32> = data.iter().map(|&s| f32::from(s) / 32768.0).collect();
+                    push(downmix(&f, channels))
+                },
+                err,
+                None,
+            ),
+            other => {
+                return Err(SourceError::UnsupportedFormat(format!(
+                    "{what}: sample format {other}"
+                )))
+            }
+        }
+        .map_err(|e| map_err(e, &what))?;
+        stream.play().map_err(|e| map_err(e, &what))?;
+        Ok(Microphone {
+            id: id.map(str::to_string),
+            name: dev.to_string(),
+            stream,
+            chunks,
+            buf: VecDeque::new(),
+            dead,
+            notice: None,
+        })
+    }
+
+    fn switch_to_default(&mut self) -> Result<(), SourceError> {
+        let lost = self.name.clone();
+        let fresh = Microphone::open(None)?;
+        let _ = self.stream.pause();
+        *self = fresh;
+        self.notice = Some(format!(
+            "Micro \"{lost}\" đã bị rút ra; đã chuyển sang micro mặc định \"{}\".",
+            self.name
+        ));
+        Ok(())
+    }
+}
+
+impl AudioSource for Microphone {
+    fn describe(&self) -> String {
+        format!("Micro: {}", self.name)
+    }
+
+    fn read(&mut self) -> Result<AudioFrame, SourceError> {
+        while self.buf.len() < AUDIO_FRAME_SAMPLES {
+            if self.dead.load(Ordering::Acquire) {
+                if self.id.is_none() {
+                    return Err(SourceError::Disconnected(self.name.clone()));
+                }
+                self.switch_to_default()?;
+                continue;
+            }
+            match self.chunks.recv_timeout(Duration::from_secs(2)) {
+                Ok(c) => self.buf.extend(c),
+                Err(RecvTimeoutError::Timeout) => {
+                    // A device that delivers nothing for 2 s is as good as gone.
+                    self.dead.store(true, Ordering::Release);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.dead.store(true, Ordering::Release);
+                }
+            }
+        }
+        let samples = self
+            .buf
+            .drain(..AUDIO_FRAME_SAMPLES)
+            .map(|s| (s.clamp(-1.0, 1.0) * 32767.0) as i16)
+            .collect();
+        Ok(AudioFrame {
+            samples,
+            captured_us: now_us(),
+        })
+    }
+
+    fn notice(&mut self) -> Option<String> {
+        self.notice.take()
+    }
+}
+
+/// A playback device fed by a [`Mixer`].
+pub struct Speaker {
+    name: String,
+    _stream: cpal::Stream,
+}
+
+impl Speaker {
+    /// Opens the device with this id (or the default) and starts playing `mixer`.
+    pub fn open(id: Option<&str>, mixer: Arc<Mutex<Mixer>>) -> Result<Self, SourceError> {
+        let what = id.unwrap_or("default").to_string();
+        let dev = find(id, false)?;
+        let sc = pick(&dev, false, &what)?;
+        let channels = usize::from(sc.channels());
+        let config: StreamConfig = sc.into();
+        let mut rs = Resampler::new(AUDIO_RATE, sc.sample_rate());
+        let mut queue: VecDeque<f32> = VecDeque::new();
+        let mut mono = vec![0i16; AUDIO_FRAME_SAMPLES];
+        let mut next = move |frames: usize| -> Vec<f32> {
+            while queue.len() < frames {
+                if let Ok(mut m) = mixer.lock() {
+                    m.fill(&mut mono);
+                }
+                let f: Vec<f32> = mono.iter().map(|&s| f32::from(s) / 32768.0).collect();
+                let mut out = Vec::with_capacity(f.len() + 8);
+                rs.process(&f, &mut out);
+                queue.extend(out);
+            }
+            queue.drain(..frames).collect()
+        };
+        let err = |_e: cpal::Error| {};
+        let stream = match sc.sample_format() {
+            SampleFormat::F32 => dev.build_output_stream::<f32, _, _>(
+                config,
+                move |data: &mut [f32], _| {
+                    let m = next(data.len() / channels);
+                    for (frame, s) in data.chunks_mut(channels).zip(m) {
+                        frame.fill(s);
+                    }
+                },
+                err,
+                None,
+            ),
+            SampleFormat::I16 => dev.build_output_stream::<i16, _, _>(
+                config,
+                move |data: &mut [i16], _| {
+                    let m = next(data.len() / channels);
+                    for (frame, s) in data.chunks_mut(channels).zip(m) {
+                        frame.fill((s.clamp(-1.0, 1.0) * 32767.0) as i16);
+                    }
+                },
+                err,
+                None,
+            ),
+            other => {
+                return Err(SourceError::UnsupportedFormat(format!(
+                    "{what}: sample format {other}"
+                )))
+            }
+        }
+        .map_err(|e| map_err(e, &what))?;
+        stream.play().map_err(|e| map_err(e, &what))?;
+        Ok(Speaker {
+            name: dev.to_string(),
+            _stream: stream,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_ids_are_refused_clearly() {
+        match Microphone::open(Some("alsa:khong-co-micro-nay")) {
+            Err(SourceError::NoDevice(d)) => assert!(d.contains("khong-co")),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a missing device opened"),
+        }
+        assert!(matches!(
+            Microphone::open(Some("no-colon")),
+            Err(SourceError::NoDevice(_))
+        ));
+    }
+}

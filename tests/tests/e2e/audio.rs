@@ -1,0 +1,363 @@
+//! Real microphones and speakers: cpal capture and playback through virtual PulseAudio
+//! devices behind ALSA `pulse` PCMs, with Vietnamese speech from espeak-ng, compared after
+//! the round trip (capture → Opus → server → other site → jitter buffer → playback).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use diemcau_e2e::{dev_server, workspace_bin, MEDIA};
+
+/// A PulseAudio daemon with two null sinks (`mic`, `spk`) in a private runtime dir, and an
+/// `.asoundrc` that shows `testmic` (mic.monitor) and `testspk` (spk) to ALSA.
+struct PulseRig {
+    dir: PathBuf,
+    daemon: Child,
+}
+
+fn need(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{tool} is not installed; scripts/setup installs it (pulseaudio, pulseaudio-utils, libasound2-plugins, espeak-ng, sox)"
+    );
+}
+
+impl PulseRig {
+    fn start() -> PulseRig {
+        for t in [
+            "pulseaudio",
+            "pactl",
+            "pacat",
+            "parecord",
+            "espeak-ng",
+            "sox",
+        ] {
+            need(t);
+        }
+        let dir = std::env::temp_dir().join(format!("diemcau-pulse-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o700))
+                .unwrap();
+        }
+        std::fs::write(
+            dir.join(".asoundrc"),
+            "pcm.testmic { type pulse; device \"mic.monitor\"; hint { show on description \"test mic\" } }\n\
+             pcm.testspk { type pulse; device \"spk\"; hint { show on description \"test speaker\" } }\n",
+        )
+        .unwrap();
+        let mut rig = PulseRig {
+            daemon: Command::new("pulseaudio")
+                .args([
+                    "-n",
+                    "--daemonize=no",
+                    "--exit-idle-time=-1",
+                    "--disallow-exit",
+                    "--log-target=stderr",
+                    "-L",
+                    "module-native-protocol-unix",
+                    "-L",
+                    "module-null-sink sink_name=mic rate=48000 channels=1",
+                    "-L",
+                    "module-null-sink sink_name=spk rate=48000 channels=1",
+                ])
+                .env("HOME", &dir)
+                .env("XDG_RUNTIME_DIR", dir.join("run"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("pulseaudio starts"),
+            dir,
+        };
+        for _ in 0..100 {
+            if rig
+                .cmd("pactl")
+                .arg("info")
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {
+                return rig;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = rig.daemon.kill();
+        panic!("pulseaudio did not come up");
+    }
+
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env("HOME", &self.dir)
+            .env("XDG_RUNTIME_DIR", self.dir.join("run"));
+        c
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for PulseRig {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn read_s16(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect()
+}
+
+/// RMS per 10 ms (480 samples at 48 kHz).
+fn envelope(x: &[f32]) -> Vec<f32> {
+    x.chunks(480)
+        .map(|c| (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt())
+        .collect()
+}
+
+/// Pearson correlation of `a` with `b` shifted by `lag` (b longer than a).
+fn correlation(a: &[f32], b: &[f32], lag: usize) -> f32 {
+    let b = &b[lag..lag + a.len()];
+    let (ma, mb) = (
+        a.iter().sum::<f32>() / a.len() as f32,
+        b.iter().sum::<f32>() / b.len() as f32,
+    );
+    let (mut num, mut da, mut db) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        num += (x - ma) * (y - mb);
+        da += (x - ma) * (x - ma);
+        db += (y - mb) * (y - mb);
+    }
+    num / (da.sqrt() * db.sqrt()).max(1e-9)
+}
+
+/// Forwards a child's stderr lines into a channel (and keeps the child's pipe drained).
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    rx
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, log: &mut Vec<String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        let hit = l.contains(needle);
+        log.push(l);
+        if hit {
+            return;
+        }
+    }
+    panic!("no line containing {needle:?}; got:\n{}", log.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vietnamese_speech_survives_mic_to_speaker_through_the_server() {
+    let _guard = MEDIA.lock().await;
+    let rig = PulseRig::start();
+    // The devices as the CLI lists them.
+    let out = rig
+        .cmd(workspace_bin("diemcau-cli"))
+        .args(["devices", "--json"])
+        .output()
+        .unwrap();
+    let devices: serde_json::Value = serde_json::from_slice(&out.stdout).expect("devices --json");
+    let has = |list: &str, id: &str| {
+        devices[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["id"] == id && d["name"].is_string())
+    };
+    assert!(has("audio_inputs", "alsa:testmic"), "{devices}");
+    assert!(has("audio_outputs", "alsa:testspk"), "{devices}");
+    assert!(devices["cameras"].is_array());
+
+    // Speech, as 48 kHz mono s16.
+    let wav = rig.path("speech.wav");
+    let raw = rig.path("speech.raw");
+    assert!(rig
+        .cmd("espeak-ng")
+        .args(["-v", "vi", "-s", "150", "-w"])
+        .arg(&wav)
+        .arg("Xin chào các điểm cầu. Đây là buổi tổng duyệt hệ thống hội nghị truyền hình trực tuyến của tỉnh Nghệ An.")
+        .status()
+        .unwrap()
+        .success());
+    assert!(rig
+        .cmd("sox")
+        .arg(&wav)
+        .args([
+            "-r",
+            "48000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            "-e",
+            "signed-integer",
+            "-t",
+            "raw"
+        ])
+        .arg(&raw)
+        .status()
+        .unwrap()
+        .success());
+
+    let server = dev_server().await;
+    let url = server.url();
+    let played = rig.path("played.raw");
+    let mut recorder = rig
+        .cmd("parecord")
+        .args([
+            "-d",
+            "spk.monitor",
+            "--raw",
+            "--format=s16le",
+            "--rate=48000",
+            "--channels=1",
+        ])
+        .arg(&played)
+        .spawn()
+        .unwrap();
+    let cli = |site: &str, audio: &str, speaker: &str| {
+        rig.cmd(workspace_bin("diemcau-cli"))
+            .args([
+                "join", "--server", &url, "--site", site, "--room", "am-thanh", "--video", "none",
+            ])
+            .args(["--audio", audio, "--speaker", speaker, "--duration", "16"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut listener = cli("tp-vinh", "none", "alsa:testspk");
+    let listener_lines = lines_of(&mut listener);
+    let mut log = Vec::new();
+    wait_line(&listener_lines, "Đã kết nối hình và tiếng", &mut log);
+    let mut talker = cli("nghe-an", "mic:alsa:testmic", "none");
+    let talker_lines = lines_of(&mut talker);
+    let mut tlog = Vec::new();
+    wait_line(&talker_lines, "Đã kết nối hình và tiếng", &mut tlog);
+    wait_line(&listener_lines, "Đang nhận tiếng từ nghe-an", &mut log);
+
+    // Speak into the microphone, in real time.
+    let spoke = tokio::task::spawn_blocking({
+        let mut play = rig
+            .cmd("pacat")
+            .args([
+                "--playback",
+                "-d",
+                "mic",
+                "--raw",
+                "--format=s16le",
+                "--rate=48000",
+                "--channels=1",
+            ])
+            .arg(&raw)
+            .spawn()
+            .unwrap();
+        move || play.wait().unwrap().success()
+    })
+    .await
+    .unwrap();
+    assert!(spoke);
+    // Let the tail of the speech cross the network and the jitter buffer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = recorder.kill();
+    let _ = recorder.wait();
+    let (t, l) = (
+        talker.wait_with_output().unwrap(),
+        listener.wait_with_output().unwrap(),
+    );
+    assert!(t.status.success() && l.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&l.stdout).unwrap();
+    let from = report["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["site"] == "nghe-an")
+        .unwrap()
+        .clone();
+    assert!(from["audio_frames"].as_u64().unwrap() > 200, "{report}");
+
+    let original = read_s16(&raw);
+    let recorded = read_s16(&played);
+    let (eo, er) = (envelope(&original), envelope(&recorded));
+    assert!(
+        er.len() > eo.len(),
+        "recording ({} ms) shorter than the speech ({} ms)",
+        er.len() * 10,
+        eo.len() * 10
+    );
+    let (lag, corr) = (0..=er.len() - eo.len())
+        .map(|lag| (lag, correlation(&eo, &er, lag)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    eprintln!(
+        "round trip: envelope correlation {corr:.3} at {} ms into the recording",
+        lag * 10
+    );
+    assert!(
+        corr > 0.8,
+        "what was played does not follow the speech (r = {corr:.3})"
+    );
+    // The recording is silent where nothing was said.
+    let loud = |x: &[f32]| x.iter().cloned().fold(0.0f32, f32::max);
+    assert!(
+        loud(&er[lag..lag + eo.len()]) > 0.05,
+        "the speech was played loudly enough"
+    );
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_speaker_is_reported_once_and_the_meeting_goes_on() {
+    let server = dev_server().await;
+    let out = tokio::task::spawn_blocking({
+        let url = server.url();
+        move || {
+            Command::new(workspace_bin("diemcau-cli"))
+                .args([
+                    "join",
+                    "--server",
+                    &url,
+                    "--site",
+                    "x",
+                    "--video",
+                    "none",
+                    "--duration",
+                    "1",
+                ])
+                .args(["--speaker", "alsa:khong-co-loa"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("Không phát được âm thanh").count(), 1, "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["site"], "x");
+    server.stop();
+}
