@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use diemcau_media::processing::AudioProcessor;
 use diemcau_media::{AudioEncoder, AudioSource, VideoEncoder, VideoSource};
 use rtc::media::Sample;
 use tokio::sync::{mpsc, watch};
@@ -138,6 +139,7 @@ pub fn spawn_video_thread(
 /// Runs the audio capture/encode loop until `stop`.
 pub fn spawn_audio_thread(
     mut source: Box<dyn AudioSource>,
+    processor: Option<Arc<std::sync::Mutex<AudioProcessor>>>,
     stop: Arc<VideoControl>,
     out: mpsc::Sender<Encoded>,
     errors: mpsc::UnboundedSender<String>,
@@ -162,6 +164,12 @@ pub fn spawn_audio_thread(
                 };
                 if let Some(n) = source.notice() {
                     let _ = errors.send(n);
+                }
+                let mut frame = frame;
+                if let Some(p) = &processor {
+                    if let Ok(mut p) = p.lock() {
+                        p.capture(&mut frame.samples);
+                    }
                 }
                 match enc.encode(&frame.samples) {
                     Ok(pkt) => {

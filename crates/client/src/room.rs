@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use diemcau_media::audio_device::{Microphone, Speaker};
 use diemcau_media::playout::Mixer;
+use diemcau_media::processing::{AudioProcessor, Stages};
 use diemcau_media::synthetic::{percentile, SyntheticCamera, SyntheticTone};
 use diemcau_media::{AudioSource, VideoSource};
 use diemcau_protocol::{
@@ -350,6 +351,10 @@ impl Room {
             dial_tcp_candidates(&pc, &answer).await;
         }
 
+        // A real microphone gets echo cancellation, noise suppression and gain control; the
+        // speaker feeds the canceller what it plays.
+        let processor = matches!(options.audio, AudioInput::Mic(_))
+            .then(|| Arc::new(Mutex::new(AudioProcessor::new(Stages::default()))));
         // Playback: a mixer pulled by the speaker's clock. No speaker is not an error.
         let mut speaker = None;
         let mut speaker_error = None;
@@ -361,7 +366,7 @@ impl Room {
                     SpeakerOutput::Device(id) => Some(id.as_str()),
                     _ => None,
                 };
-                match Speaker::open(id, mixer.clone()) {
+                match Speaker::open(id, mixer.clone(), processor.clone()) {
                     Ok(s) => {
                         info!("speaker: {}", s.name());
                         speaker = Some(s);
@@ -444,6 +449,7 @@ impl Room {
                     info!("audio: {}", source.describe());
                     threads.push(publish::spawn_audio_thread(
                         source,
+                        processor.clone(),
                         video_control.clone(),
                         tx,
                         err_tx.clone(),

@@ -19,6 +19,7 @@ use cpal::{Device, ErrorKind, SampleFormat, StreamConfig, SupportedStreamConfig}
 
 use crate::frame::{now_us, AudioFrame, AUDIO_FRAME_SAMPLES, AUDIO_RATE};
 use crate::playout::{downmix, Mixer, Resampler};
+use crate::processing::AudioProcessor;
 use crate::source::{AudioSource, SourceError};
 
 /// A device as listed to people and scripts.
@@ -249,7 +250,12 @@ pub struct Speaker {
 
 impl Speaker {
     /// Opens the device with this id (or the default) and starts playing `mixer`.
-    pub fn open(id: Option<&str>, mixer: Arc<Mutex<Mixer>>) -> Result<Self, SourceError> {
+    /// `reference`, when given, hears everything played (the echo canceller's far end).
+    pub fn open(
+        id: Option<&str>,
+        mixer: Arc<Mutex<Mixer>>,
+        reference: Option<Arc<Mutex<AudioProcessor>>>,
+    ) -> Result<Self, SourceError> {
         let what = id.unwrap_or("default").to_string();
         let dev = find(id, false)?;
         let sc = pick(&dev, false, &what)?;
@@ -262,6 +268,11 @@ impl Speaker {
             while queue.len() < frames {
                 if let Ok(mut m) = mixer.lock() {
                     m.fill(&mut mono);
+                }
+                if let Some(r) = &reference {
+                    if let Ok(mut r) = r.lock() {
+                        r.render(&mono);
+                    }
                 }
                 let f: Vec<f32> = mono.iter().map(|&s| f32::from(s) / 32768.0).collect();
                 let mut out = Vec::with_capacity(f.len() + 8);

@@ -13,6 +13,7 @@ pub mod audio_device;
 pub mod codec;
 pub mod frame;
 pub mod playout;
+pub mod processing;
 pub mod source;
 pub mod stamp;
 pub mod synthetic;

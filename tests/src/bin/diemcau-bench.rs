@@ -1,6 +1,6 @@
 //! `diemcau-bench`: the figures in docs/benchmarks.md. Not a test: it measures and prints.
 //!
-//! Run: `cargo run --release -p diemcau-e2e --bin diemcau-bench [-- codec|latency|join|server]`
+//! Run: `cargo run --release -p diemcau-e2e --bin diemcau-bench [-- codec|aec|latency|join|server]`
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ fn main() {
     if want("codec") {
         codec(640, 360, 1_000_000);
         codec(1280, 720, 2_500_000);
+    }
+    if want("aec") {
+        aec();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -81,6 +84,47 @@ fn codec(w: usize, h: usize, bps: u32) {
         f64::from(percentile(&dec_ms, 95.0).unwrap_or(0)) / 1000.0,
         bytes as f64 * 8.0 * 30.0 / f64::from(n) / 1000.0
     );
+}
+
+/// Echo cancellation (sonora AEC3) on a reproducible far end with a 60 ms, filtered echo
+/// path, then 3 s of double talk.
+fn aec() {
+    use diemcau_media::processing::signals::{babble, echo};
+    use diemcau_media::processing::{power_db, AudioProcessor, Stages, PROCESS_FRAME};
+    let far = babble(12.0, 7, 0.3);
+    let echoed = echo(&far, 48 * 60, 0.6);
+    let near = babble(12.0, 99, 0.25);
+    let dt = 9 * 48_000;
+    let mic: Vec<i16> = (0..far.len())
+        .map(|i| echoed[i].saturating_add(if i >= dt { near[i] } else { 0 }))
+        .collect();
+    for stages in [
+        Stages {
+            echo_cancellation: true,
+            noise_suppression: false,
+            gain_control: false,
+        },
+        Stages::default(),
+    ] {
+        let mut p = AudioProcessor::new(stages);
+        let mut out = mic.clone();
+        let t = Instant::now();
+        for (f, m) in far
+            .chunks_exact(PROCESS_FRAME)
+            .zip(out.chunks_exact_mut(PROCESS_FRAME))
+        {
+            p.render(f);
+            p.capture(m);
+        }
+        let per = t.elapsed().as_secs_f64() * 1000.0 / (far.len() / PROCESS_FRAME) as f64;
+        let erle = power_db(&mic[4 * 48_000..dt]) - power_db(&out[4 * 48_000..dt]);
+        println!(
+            "audio processing {}: ERLE {erle:.1} dB after 4 s; double talk near end {:.1} dB in, {:.1} dB out; {per:.3} ms CPU per 10 ms frame",
+            if stages.noise_suppression { "AEC3+NS+AGC2" } else { "AEC3 only" },
+            power_db(&near[dt..]),
+            power_db(&out[dt..]),
+        );
+    }
 }
 
 async fn dev_server() -> RunningServer {
