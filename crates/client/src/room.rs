@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diemcau_media::audio_device::{Microphone, Speaker};
+use diemcau_media::camera::Camera;
 use diemcau_media::playout::Mixer;
 use diemcau_media::processing::{AudioProcessor, Stages};
 use diemcau_media::synthetic::{percentile, SyntheticCamera, SyntheticTone};
@@ -45,6 +46,14 @@ pub enum VideoInput {
     None,
     /// The labelled, stamped test pattern.
     Synthetic {
+        width: usize,
+        height: usize,
+        fps: u32,
+    },
+    /// A camera by index, in the mode closest to this size and rate. If it cannot be
+    /// opened the site says so and sends the labelled test pattern instead.
+    Camera {
+        index: u32,
         width: usize,
         height: usize,
         fps: u32,
@@ -407,13 +416,31 @@ impl Room {
             let (tx, rx) = mpsc::channel(if kind == RtpCodecKind::Video { 4 } else { 25 });
             match kind {
                 RtpCodecKind::Video => {
-                    let VideoInput::Synthetic { width, height, fps } = options.video else {
-                        continue;
+                    let source: Box<dyn VideoSource> = match options.video {
+                        VideoInput::Synthetic { width, height, fps } => Box::new(
+                            SyntheticCamera::new(width, height, fps, &options.site)
+                                .map_err(|e| ClientError::Device(e.vi()))?,
+                        ),
+                        VideoInput::Camera {
+                            index,
+                            width,
+                            height,
+                            fps,
+                        } => match Camera::open(index, width as u32, height as u32, fps) {
+                            Ok(c) => Box::new(c),
+                            Err(e) => {
+                                let _ = err_tx.send(format!(
+                                    "Không mở được camera: {} Đang gửi hình mẫu thử thay thế.",
+                                    e.vi()
+                                ));
+                                Box::new(
+                                    SyntheticCamera::new(640, 360, 15, &options.site)
+                                        .map_err(|e| ClientError::Device(e.vi()))?,
+                                )
+                            }
+                        },
+                        VideoInput::None => continue,
                     };
-                    let source: Box<dyn VideoSource> = Box::new(
-                        SyntheticCamera::new(width, height, fps, &options.site)
-                            .map_err(|e| ClientError::Device(e.vi()))?,
-                    );
                     info!("video: {}", source.describe());
                     threads.push(publish::spawn_video_thread(
                         source,

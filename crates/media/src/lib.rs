@@ -10,6 +10,7 @@
 //! late, and how damaged.
 
 pub mod audio_device;
+pub mod camera;
 pub mod codec;
 pub mod frame;
 pub mod playout;

@@ -325,3 +325,48 @@ fn production_server_keys_tokens_chair_cli_and_roll_call_csv() {
     assert!(log.contains("\"outcome\":\"refused\""));
     assert!(log.contains("\"action\":\"roll-call-export\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_camera_falls_back_to_the_labelled_test_pattern() {
+    let _guard = MEDIA.lock().await;
+    let (_server, url) = start_server();
+    let run = |site: &str, video: &str| {
+        Command::new(workspace_bin("diemcau-cli"))
+            .args([
+                "join", "--server", &url, "--site", site, "--room", "cam", "--video", video,
+            ])
+            .args(["--speaker", "none", "--duration", "5"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let cam = run("hung-nguyen", "camera:7");
+    let other = run("nghi-loc", "synthetic:320x180@15");
+    let ((_, cam_err), (ro, _)) = tokio::task::spawn_blocking(move || (report(cam), report(other)))
+        .await
+        .unwrap();
+    assert!(cam_err.contains("Không mở được camera"), "{cam_err}");
+    assert!(cam_err.contains("hình mẫu thử"), "{cam_err}");
+    let from = ro["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["site"] == "hung-nguyen")
+        .expect("the fallback picture arrives")
+        .clone();
+    assert!(from["video_frames_verified"].as_u64().unwrap() > 20, "{ro}");
+}
+
+#[test]
+fn devices_json_lists_cameras_inputs_and_outputs() {
+    let out = Command::new(workspace_bin("diemcau-cli"))
+        .args(["devices", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in ["cameras", "audio_inputs", "audio_outputs"] {
+        assert!(v[key].is_array(), "{key} in {v}");
+    }
+}

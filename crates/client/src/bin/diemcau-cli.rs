@@ -113,16 +113,38 @@ fn devices(json: bool) -> ExitCode {
             .map(|d| serde_json::json!({"id": d.id, "name": d.name}))
             .collect::<Vec<_>>()
     };
+    let cameras = diemcau_media::camera::list_cameras().unwrap_or_else(|e| {
+        eprintln!("{}", e.vi());
+        Vec::new()
+    });
     if json {
+        let cams: Vec<_> = cameras
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "id": format!("camera:{}", c.index),
+                    "index": c.index,
+                    "name": c.name,
+                    "formats": c.modes.iter().map(|m| serde_json::json!({
+                        "width": m.width, "height": m.height, "fps": m.fps, "format": m.format.name()
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         let out = serde_json::json!({
-            // Cameras (nokhwa) are not built into this version yet.
-            "cameras": [],
+            "cameras": cams,
             "audio_inputs": as_json(&inputs),
             "audio_outputs": as_json(&outputs),
         });
         println!("{out}");
     } else {
-        println!("Camera: (chưa hỗ trợ trong phiên bản này / not supported in this build yet)");
+        println!("Camera (--video camera:N):");
+        if cameras.is_empty() {
+            println!("  (không tìm thấy camera nào / no camera found)");
+        }
+        for c in &cameras {
+            println!("  camera:{}\t{}\t{} chế độ", c.index, c.name, c.modes.len());
+        }
         println!("Micro (--audio mic:ID):");
         for d in &inputs {
             println!("  {}\t{}", d.id, d.name);
@@ -263,12 +285,20 @@ fn parse_video(s: &str) -> Result<VideoInput, String> {
                 .map_err(|_| format!("--video {s}: {fps:?} is not a frame rate"))?,
         });
     }
-    if s.starts_with("camera") {
-        return Err(
-            "Phiên bản này chưa dùng được camera thật; hãy chạy với --video synthetic \
-             (this build has no camera support yet)"
-                .into(),
-        );
+    if let Some(rest) = s.strip_prefix("camera") {
+        let index = match rest.strip_prefix(':') {
+            None if rest.is_empty() => 0,
+            Some(n) => n
+                .parse()
+                .map_err(|_| format!("--video {s}: camera:N takes a number"))?,
+            None => return Err(format!("--video {s}: expected camera or camera:N")),
+        };
+        return Ok(VideoInput::Camera {
+            index,
+            width: 1280,
+            height: 720,
+            fps: 30,
+        });
     }
     Err(format!(
         "--video {s}: expected synthetic[:WxH[@FPS]], camera[:N] or none"
