@@ -141,7 +141,7 @@ pub fn yuyv_to_i420(data: &[u8], width: usize, height: usize, stride: usize) -> 
             let below = &data[(y + 1) * stride..];
             for cx in 0..cw {
                 // Average the two rows' chroma (4:2:2 → 4:2:0).
-                let avg = |a: u8, b: u8| ((u16::from(a) + u16::from(b) + 1) / 2) as u8;
+                let avg = |a: u8, b: u8| (u16::from(a) + u16::from(b)).div_ceil(2) as u8;
                 f.u[(y / 2) * cw + cx] = avg(row[cx * 4 + 1], below[cx * 4 + 1]);
                 f.v[(y / 2) * cw + cx] = avg(row[cx * 4 + 3], below[cx * 4 + 3]);
             }
