@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use diemcau_media::processing::AudioProcessor;
-use diemcau_media::{AudioEncoder, AudioSource, VideoEncoder, VideoSource};
+use diemcau_media::{AudioEncoder, AudioSource, SourceError, VideoEncoder, VideoSource};
 use rtc::media::Sample;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
@@ -57,8 +57,13 @@ pub fn video_share(estimate_bps: f64, max_video_bps: u32) -> u32 {
 }
 
 /// Runs the video capture/encode loop until `control.stop`.
+/// Opens the source used when the camera goes away (the labelled test pattern).
+pub type VideoFallback = Box<dyn FnOnce() -> Result<Box<dyn VideoSource>, SourceError> + Send>;
+
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_video_thread(
     mut source: Box<dyn VideoSource>,
+    mut fallback: Option<VideoFallback>,
     max_bitrate_bps: u32,
     bwe_bps: Arc<AtomicU64>,
     control: Arc<VideoControl>,
@@ -88,6 +93,24 @@ pub fn spawn_video_thread(
             while !control.stop.load(Ordering::Relaxed) {
                 let frame = match source.read() {
                     Ok(f) => f,
+                    Err(e @ SourceError::Disconnected(_)) if fallback.is_some() => {
+                        let open = fallback.take().expect("checked is_some");
+                        match open() {
+                            Ok(s) => {
+                                let _ = errors.send(format!(
+                                    "{} Đang gửi {} thay thế.",
+                                    e.vi(),
+                                    s.describe()
+                                ));
+                                source = s;
+                                continue;
+                            }
+                            Err(e2) => {
+                                let _ = errors.send(e2.vi());
+                                return;
+                            }
+                        }
+                    }
                     Err(e) => {
                         let _ = errors.send(e.vi());
                         return;
@@ -273,7 +296,66 @@ pub async fn answer_keyframe_requests(
 
 #[cfg(test)]
 mod tests {
-    use super::video_share;
+    use super::*;
+    use diemcau_media::synthetic::SyntheticCamera;
+    use diemcau_media::VideoFrame;
+
+    /// A camera that gives three pictures and is then unplugged.
+    struct Unplugged(SyntheticCamera, u32);
+
+    impl VideoSource for Unplugged {
+        fn describe(&self) -> String {
+            "camera giả".into()
+        }
+        fn size(&self) -> (usize, usize) {
+            (320, 180)
+        }
+        fn fps(&self) -> u32 {
+            30
+        }
+        fn read(&mut self) -> Result<VideoFrame, SourceError> {
+            if self.1 == 0 {
+                return Err(SourceError::Disconnected("camera giả".into()));
+            }
+            self.1 -= 1;
+            Ok(self.0.frame_now())
+        }
+    }
+
+    #[test]
+    fn an_unplugged_camera_gives_way_to_the_test_pattern_without_stopping_the_stream() {
+        let cam = Unplugged(SyntheticCamera::new(320, 180, 30, "x").unwrap(), 3);
+        let control = Arc::new(VideoControl::default());
+        let (tx, mut rx) = mpsc::channel(64);
+        let (etx, mut erx) = mpsc::unbounded_channel();
+        let fallback: VideoFallback = Box::new(|| {
+            SyntheticCamera::new(320, 180, 30, "x").map(|c| Box::new(c) as Box<dyn VideoSource>)
+        });
+        let t = spawn_video_thread(
+            Box::new(cam),
+            Some(fallback),
+            500_000,
+            Arc::new(AtomicU64::new(1_000_000f64.to_bits())),
+            control.clone(),
+            Arc::new(SendCounters::default()),
+            tx,
+            etx,
+        );
+        let mut frames = 0;
+        while frames < 10 {
+            rx.blocking_recv().expect("frames keep coming");
+            frames += 1;
+        }
+        control.stop.store(true, Ordering::Relaxed);
+        drop(rx);
+        t.join().unwrap();
+        let notice = erx.try_recv().expect("the person is told");
+        assert!(
+            notice.contains("thay thế") && notice.contains("rút ra"),
+            "{notice}"
+        );
+        assert!(erx.try_recv().is_err(), "told once");
+    }
 
     #[test]
     fn video_share_leaves_room_for_audio_and_respects_cap() {

@@ -15,6 +15,7 @@ use diemcau_media::audio_device::{Microphone, Speaker};
 use diemcau_media::camera::Camera;
 use diemcau_media::playout::Mixer;
 use diemcau_media::processing::{AudioProcessor, Stages};
+use diemcau_media::source::AudioFailover;
 use diemcau_media::synthetic::{percentile, SyntheticCamera, SyntheticTone};
 use diemcau_media::{AudioSource, VideoSource};
 use diemcau_protocol::{
@@ -442,8 +443,14 @@ impl Room {
                         VideoInput::None => continue,
                     };
                     info!("video: {}", source.describe());
+                    let site = options.site.clone();
+                    let fallback: publish::VideoFallback = Box::new(move || {
+                        SyntheticCamera::new(640, 360, 15, &site)
+                            .map(|c| Box::new(c) as Box<dyn VideoSource>)
+                    });
                     threads.push(publish::spawn_video_thread(
                         source,
+                        Some(fallback),
                         options.max_video_bitrate_bps,
                         peer.bwe_bps.clone(),
                         video_control.clone(),
@@ -467,10 +474,18 @@ impl Room {
                 }
                 _ => {
                     let source: Box<dyn AudioSource> = match &options.audio {
-                        AudioInput::Mic(id) => Box::new(
-                            Microphone::open(id.as_deref())
-                                .map_err(|e| ClientError::Device(e.vi()))?,
-                        ),
+                        AudioInput::Mic(id) => {
+                            let mic = Microphone::open(id.as_deref())
+                                .map_err(|e| ClientError::Device(e.vi()))?;
+                            // An unplugged microphone gives way to the system default.
+                            Box::new(AudioFailover::new(
+                                Box::new(mic),
+                                Box::new(|| {
+                                    Microphone::open(None)
+                                        .map(|m| Box::new(m) as Box<dyn AudioSource>)
+                                }),
+                            ))
+                        }
                         _ => Box::new(SyntheticTone::new()),
                     };
                     info!("audio: {}", source.describe());

@@ -5,8 +5,8 @@
 //! resampled in the capture callback); a speaker pulls 48 kHz mono from a [`Mixer`] on the
 //! device's clock and converts it to the device's rate and channel count.
 //!
-//! A microphone whose device disappears mid-call switches to the system default and says so
-//! through [`AudioSource::notice`]; nothing panics and nothing waits forever.
+//! A microphone whose device disappears reports [`SourceError::Disconnected`] (never panics,
+//! never waits forever); [`crate::source::AudioFailover`] then switches to the default.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,13 +119,11 @@ fn pick(dev: &Device, input: bool, what: &str) -> Result<SupportedStreamConfig, 
 
 /// A capture device delivering 48 kHz mono.
 pub struct Microphone {
-    id: Option<String>,
     name: String,
-    stream: cpal::Stream,
+    _stream: cpal::Stream,
     chunks: Receiver<Vec<f32>>,
     buf: VecDeque<f32>,
     dead: Arc<AtomicBool>,
-    notice: Option<String>,
 }
 
 impl Microphone {
@@ -178,26 +176,12 @@ impl Microphone {
         .map_err(|e| map_err(e, &what))?;
         stream.play().map_err(|e| map_err(e, &what))?;
         Ok(Microphone {
-            id: id.map(str::to_string),
             name: dev.to_string(),
-            stream,
+            _stream: stream,
             chunks,
             buf: VecDeque::new(),
             dead,
-            notice: None,
         })
-    }
-
-    fn switch_to_default(&mut self) -> Result<(), SourceError> {
-        let lost = self.name.clone();
-        let fresh = Microphone::open(None)?;
-        let _ = self.stream.pause();
-        *self = fresh;
-        self.notice = Some(format!(
-            "Micro \"{lost}\" đã bị rút ra; đã chuyển sang micro mặc định \"{}\".",
-            self.name
-        ));
-        Ok(())
     }
 }
 
@@ -209,11 +193,7 @@ impl AudioSource for Microphone {
     fn read(&mut self) -> Result<AudioFrame, SourceError> {
         while self.buf.len() < AUDIO_FRAME_SAMPLES {
             if self.dead.load(Ordering::Acquire) {
-                if self.id.is_none() {
-                    return Err(SourceError::Disconnected(self.name.clone()));
-                }
-                self.switch_to_default()?;
-                continue;
+                return Err(SourceError::Disconnected(self.name.clone()));
             }
             match self.chunks.recv_timeout(Duration::from_secs(2)) {
                 Ok(c) => self.buf.extend(c),
@@ -235,10 +215,6 @@ impl AudioSource for Microphone {
             samples,
             captured_us: now_us(),
         })
-    }
-
-    fn notice(&mut self) -> Option<String> {
-        self.notice.take()
     }
 }
 

@@ -60,3 +60,117 @@ pub trait AudioSource: Send {
         None
     }
 }
+
+/// An audio source that survives its device going away: when the primary source reports
+/// [`SourceError::Disconnected`], it opens the fallback (the system default device) and
+/// carries on, leaving a notice for the person.
+pub struct AudioFailover {
+    current: Box<dyn AudioSource>,
+    open_fallback: Box<dyn FnMut() -> Result<Box<dyn AudioSource>, SourceError> + Send>,
+    switched: bool,
+    notice: Option<String>,
+}
+
+impl AudioFailover {
+    pub fn new(
+        primary: Box<dyn AudioSource>,
+        open_fallback: Box<dyn FnMut() -> Result<Box<dyn AudioSource>, SourceError> + Send>,
+    ) -> Self {
+        AudioFailover {
+            current: primary,
+            open_fallback,
+            switched: false,
+            notice: None,
+        }
+    }
+}
+
+impl AudioSource for AudioFailover {
+    fn describe(&self) -> String {
+        self.current.describe()
+    }
+
+    fn read(&mut self) -> Result<AudioFrame, SourceError> {
+        match self.current.read() {
+            Err(SourceError::Disconnected(what)) if !self.switched => {
+                let fresh = (self.open_fallback)()?;
+                self.notice = Some(format!(
+                    "Thiết bị thu âm \"{what}\" đã bị rút ra; đã chuyển sang {}.",
+                    fresh.describe()
+                ));
+                self.current = fresh;
+                self.switched = true;
+                self.current.read()
+            }
+            other => other,
+        }
+    }
+
+    fn notice(&mut self) -> Option<String> {
+        self.notice.take().or_else(|| self.current.notice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Delivers `frames` frames, then reports its device gone.
+    struct Dying {
+        left: u32,
+        value: i16,
+    }
+
+    impl AudioSource for Dying {
+        fn describe(&self) -> String {
+            format!("nguồn {}", self.value)
+        }
+        fn read(&mut self) -> Result<AudioFrame, SourceError> {
+            if self.left == 0 {
+                return Err(SourceError::Disconnected(format!("mic {}", self.value)));
+            }
+            self.left -= 1;
+            Ok(AudioFrame {
+                samples: vec![self.value; 960],
+                captured_us: 0,
+            })
+        }
+    }
+
+    #[test]
+    fn an_unplugged_microphone_switches_to_the_default_and_says_so_once() {
+        let mut opened = 0;
+        let mut src = AudioFailover::new(
+            Box::new(Dying { left: 3, value: 1 }),
+            Box::new(move || {
+                opened += 1;
+                assert_eq!(opened, 1, "the fallback is opened once");
+                Ok(Box::new(Dying { left: 5, value: 2 }) as Box<dyn AudioSource>)
+            }),
+        );
+        let mut values = Vec::new();
+        let mut notices = Vec::new();
+        for _ in 0..8 {
+            values.push(src.read().unwrap().samples[0]);
+            notices.extend(src.notice());
+        }
+        assert_eq!(
+            values,
+            [1, 1, 1, 2, 2, 2, 2, 2],
+            "no frame lost at the switch"
+        );
+        assert_eq!(notices.len(), 1);
+        assert!(notices[0].contains("mic 1") && notices[0].contains("nguồn 2"));
+        // The fallback dying too is reported, not retried forever.
+        assert!(matches!(src.read(), Err(SourceError::Disconnected(_))));
+    }
+
+    #[test]
+    fn a_missing_fallback_is_an_error_not_a_hang() {
+        let mut src = AudioFailover::new(
+            Box::new(Dying { left: 0, value: 1 }),
+            Box::new(|| Err(SourceError::NoDevice("default".into()))),
+        );
+        assert!(matches!(src.read(), Err(SourceError::NoDevice(_))));
+    }
+}
