@@ -361,3 +361,73 @@ async fn a_missing_speaker_is_reported_once_and_the_meeting_goes_on() {
     assert_eq!(report["site"], "x");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplugging_the_microphone_mid_call_does_not_stop_the_site() {
+    let _guard = MEDIA.lock().await;
+    let rig = PulseRig::start();
+    let server = dev_server().await;
+    let url = server.url();
+    let mut site = rig
+        .cmd(workspace_bin("diemcau-cli"))
+        .args([
+            "join",
+            "--server",
+            &url,
+            "--site",
+            "tan-ky",
+            "--room",
+            "rut-micro",
+            "--video",
+            "none",
+        ])
+        .args([
+            "--audio",
+            "mic:alsa:testmic",
+            "--speaker",
+            "none",
+            "--duration",
+            "8",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut site);
+    let mut log = Vec::new();
+    wait_line(&lines, "Đã kết nối hình và tiếng", &mut log);
+    // Unplug: the null sink behind the microphone disappears.
+    let modules = rig
+        .cmd("pactl")
+        .args(["list", "short", "modules"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&modules.stdout);
+    let id = list
+        .lines()
+        .find(|l| l.contains("sink_name=mic"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the mic module")
+        .to_string();
+    assert!(rig
+        .cmd("pactl")
+        .args(["unload-module", &id])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::task::spawn_blocking(move || site.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "the site finished its meeting");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sent = report["sent"]["audio_frames"].as_u64().unwrap();
+    // Frames kept coming after the unplug (50 per second): the sound server moved the
+    // capture to another source, or the site switched to the default microphone.
+    let after_unplug_s = (8.0 - unplugged_at.elapsed().as_secs_f64()).max(0.0);
+    let _ = after_unplug_s;
+    assert!(
+        sent > 300,
+        "audio stopped at the unplug: {sent} frames sent in 8 s"
+    );
+    server.stop();
+}
