@@ -421,10 +421,9 @@ async fn unplugging_the_microphone_mid_call_does_not_stop_the_site() {
     assert!(out.status.success(), "the site finished its meeting");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let sent = report["sent"]["audio_frames"].as_u64().unwrap();
-    // Frames kept coming after the unplug (50 per second): the sound server moved the
-    // capture to another source, or the site switched to the default microphone.
-    let after_unplug_s = (8.0 - unplugged_at.elapsed().as_secs_f64()).max(0.0);
-    let _ = after_unplug_s;
+    // The unplug comes about a second in; 50 frames a second for the remaining ~7 s means the
+    // capture went on (the sound server moved it to another source, or the site switched to
+    // the default microphone). Had it stopped, fewer than ~100 frames would have gone out.
     assert!(
         sent > 300,
         "audio stopped at the unplug: {sent} frames sent in 8 s"
