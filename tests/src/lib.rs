@@ -72,7 +72,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
-        "{} not built; run the tests with `cargo test --workspace`",
+        "{} not built; run `cargo build --workspace --bins` before the tests (scripts/test does)",
         path.display()
     );
     path

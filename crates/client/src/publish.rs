@@ -93,7 +93,9 @@ pub fn spawn_video_thread(
             while !control.stop.load(Ordering::Relaxed) {
                 let frame = match source.read() {
                     Ok(f) => f,
-                    Err(e @ SourceError::Disconnected(_)) if fallback.is_some() => {
+                    // Any camera failure (gone, or frames it cannot decode) gives way to the
+                    // test pattern once.
+                    Err(e) if fallback.is_some() => {
                         let open = fallback.take().expect("checked is_some");
                         match open() {
                             Ok(s) => {

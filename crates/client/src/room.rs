@@ -199,15 +199,10 @@ fn bind_ip_for(url: &str) -> IpAddr {
         .map(|(h, _)| h)
         .unwrap_or(host)
         .trim_matches(['[', ']']);
-    let loopback = host == "localhost"
-        || host
-            .parse::<IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false);
-    if loopback {
-        IpAddr::from([127, 0, 0, 1])
-    } else {
-        IpAddr::from([0, 0, 0, 0])
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => ip,
+        _ if host == "localhost" => IpAddr::from([127, 0, 0, 1]),
+        _ => IpAddr::from([0, 0, 0, 0]),
     }
 }
 
@@ -279,6 +274,21 @@ impl Room {
             })
         };
         let stream = format!("site-{}", options.site);
+        // Open the microphone before offering: a site whose microphone will not open joins
+        // without sound (and is told) rather than not at all.
+        let mut mic = None;
+        let mut mic_error = None;
+        if let AudioInput::Mic(id) = &options.audio {
+            match Microphone::open(id.as_deref()) {
+                Ok(m) => mic = Some(m),
+                Err(e) => {
+                    mic_error = Some(format!(
+                        "Không mở được micro: {} Điểm cầu tham gia nhưng không gửi tiếng.",
+                        e.vi()
+                    ))
+                }
+            }
+        }
         let mut local = Vec::new();
         for (kind, id, wanted) in [
             (
@@ -289,7 +299,7 @@ impl Room {
             (
                 RtpCodecKind::Audio,
                 "audio",
-                options.audio != AudioInput::None,
+                options.audio != AudioInput::None && mic_error.is_none(),
             ),
         ] {
             if !wanted {
@@ -407,7 +417,7 @@ impl Room {
         let video_control = Arc::new(VideoControl::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
-        if let Some(e) = speaker_error {
+        for e in [speaker_error, mic_error].into_iter().flatten() {
             let _ = err_tx.send(e);
         }
         let mut threads = Vec::new();
@@ -474,9 +484,8 @@ impl Room {
                 }
                 _ => {
                     let source: Box<dyn AudioSource> = match &options.audio {
-                        AudioInput::Mic(id) => {
-                            let mic = Microphone::open(id.as_deref())
-                                .map_err(|e| ClientError::Device(e.vi()))?;
+                        AudioInput::Mic(_) => {
+                            let Some(mic) = mic.take() else { continue };
                             // An unplugged microphone gives way to the system default.
                             Box::new(AudioFailover::new(
                                 Box::new(mic),
@@ -906,7 +915,10 @@ mod tests {
             bind_ip_for("ws://localhost:7600/"),
             IpAddr::from([127, 0, 0, 1])
         );
-        assert_eq!(bind_ip_for("ws://[::1]:7600"), IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(
+            bind_ip_for("ws://[::1]:7600"),
+            "::1".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(
             bind_ip_for("wss://hop.nghean.gov.vn"),
             IpAddr::from([0, 0, 0, 0])

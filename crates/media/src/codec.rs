@@ -18,7 +18,7 @@ pub enum CodecError {
     H264(String),
     #[error("Opus: {0}")]
     Opus(#[from] opus::Error),
-    #[error("picture size {0}x{1} is not supported (must be even, at most 3840x2160)")]
+    #[error("picture size {0}x{1} is not supported (must be even, at most 3840 on a side)")]
     BadSize(usize, usize),
 }
 

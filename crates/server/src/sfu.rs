@@ -1301,6 +1301,20 @@ impl Engine {
                 WireKind::Audio => &mut s.audio_slots,
             };
             let mut holders: Vec<Option<ConnId>> = out.iter().map(|s| s.holder).collect();
+            // Hysteresis for audio: a holder keeps its slot unless a challenger is clearly
+            // louder, so equally loud sites do not swap slots every tick.
+            let cands: Vec<slots::Candidate<ConnId>> = cands
+                .into_iter()
+                .map(|c| {
+                    let held = holders.contains(&Some(c.key));
+                    let score = if kind == WireKind::Audio && held {
+                        c.score * 1.5 + 1.0
+                    } else {
+                        c.score
+                    };
+                    slots::Candidate { key: c.key, score }
+                })
+                .collect();
             let changed = slots::assign(&mut holders, &cands);
             if changed.is_empty() {
                 continue;

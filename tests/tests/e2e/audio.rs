@@ -330,7 +330,7 @@ async fn vietnamese_speech_survives_mic_to_speaker_through_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_speaker_is_reported_once_and_the_meeting_goes_on() {
+async fn a_missing_speaker_or_microphone_is_reported_once_and_the_meeting_goes_on() {
     let server = dev_server().await;
     let out = tokio::task::spawn_blocking({
         let url = server.url();
@@ -347,7 +347,12 @@ async fn a_missing_speaker_is_reported_once_and_the_meeting_goes_on() {
                     "--duration",
                     "1",
                 ])
-                .args(["--speaker", "alsa:khong-co-loa"])
+                .args([
+                    "--speaker",
+                    "alsa:khong-co-loa",
+                    "--audio",
+                    "mic:alsa:khong-co-micro",
+                ])
                 .output()
                 .unwrap()
         }
@@ -357,8 +362,13 @@ async fn a_missing_speaker_is_reported_once_and_the_meeting_goes_on() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert_eq!(err.matches("Không phát được âm thanh").count(), 1, "{err}");
+    assert_eq!(err.matches("Không mở được micro").count(), 1, "{err}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
     assert_eq!(report["site"], "x");
+    assert_eq!(
+        report["sent"]["audio_frames"], 0,
+        "no sound without a microphone"
+    );
     server.stop();
 }
 

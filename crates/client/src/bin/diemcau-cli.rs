@@ -78,7 +78,7 @@ struct JoinArgs {
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
     /// Report format on stdout when leaving: json | none
-    #[arg(long, default_value = "json")]
+    #[arg(long, default_value = "json", value_parser = ["json", "none"])]
     report: String,
     /// Upper bound for the video bitrate (kbit/s).
     #[arg(long, default_value_t = 1500)]
