@@ -280,15 +280,11 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            if let Some(p) = self.peers.get(&id) {
-                warn!(site = %p.site.id, "media did not connect in time; dropping the site");
-                p.send(ServerMessage::error(
-                    ErrorCode::MediaTimeout,
-                    "no media connection (ICE over UDP and TCP failed)",
-                    true,
-                ));
-            }
-            self.remove(id, LeaveReason::Dropped);
+            self.drop_for_media(
+                id,
+                "no media connection (ICE over UDP and TCP failed)",
+                LeaveReason::Dropped,
+            );
         }
         self.flush_keyframe_requests(now);
         if now - self.last_loudness_tick >= LOUDNESS_TICK {
@@ -1043,15 +1039,11 @@ impl Engine {
                 }
             }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                if let Some(p) = self.peers.get(&id) {
-                    warn!(site = %p.site.id, "media path lost");
-                    p.send(ServerMessage::error(
-                        ErrorCode::MediaTimeout,
-                        "media path lost (no ICE traffic)",
-                        true,
-                    ));
-                }
-                self.remove(id, LeaveReason::Disconnected);
+                self.drop_for_media(
+                    id,
+                    "media path lost (no ICE traffic)",
+                    LeaveReason::Disconnected,
+                );
             }
             Event::Closed if self.peers.contains_key(&id) => {
                 self.remove(id, LeaveReason::Disconnected);
@@ -1356,6 +1348,15 @@ impl Engine {
             })
             .collect();
         ServerMessage::Slots { slots }
+    }
+
+    /// Tells a site its media failed (fatal `media_timeout`) and removes it.
+    fn drop_for_media(&mut self, id: ConnId, why: &str, reason: LeaveReason) {
+        if let Some(p) = self.peers.get(&id) {
+            warn!(site = %p.site.id, "{why}; dropping the site");
+            p.send(ServerMessage::error(ErrorCode::MediaTimeout, why, true));
+        }
+        self.remove(id, reason);
     }
 
     fn remove(&mut self, id: ConnId, reason: LeaveReason) {

@@ -260,6 +260,21 @@ async fn forged_expired_wrong_room_and_unknown_site_tokens_are_refused() {
     server.stop();
 }
 
+/// The province's chair on a raw connection (a control session or a site in the roster).
+async fn chair_connection(server: &RunningServer, room: &str, control: bool) -> Raw {
+    let mut chair = Raw::connect(&server.url()).await;
+    let token = dev_token("nghe-an", Role::Chair, room);
+    let answer = chair.join("nghe-an", room, Some(&token), control).await;
+    assert!(matches!(
+        answer,
+        ServerMessage::Welcome {
+            role: Role::Chair,
+            ..
+        }
+    ));
+    chair
+}
+
 /// The chair's current view of the queue (site ids in order), from a raw chair connection.
 async fn chair_queue(chair: &mut Raw, total: u32) -> Vec<String> {
     chair
@@ -276,15 +291,7 @@ async fn chair_queue(chair: &mut Raw, total: u32) -> Vec<String> {
 async fn the_hand_queue_keeps_raise_order_across_reconnects() {
     let server = server_with(true, None, Directory::sample(), None).await;
     let room = "tay";
-    let mut chair = Raw::connect(&server.url()).await;
-    chair
-        .join(
-            "nghe-an",
-            room,
-            Some(&dev_token("nghe-an", Role::Chair, room)),
-            true,
-        )
-        .await;
+    let mut chair = chair_connection(&server, room, true).await;
     let sites = ["tp-vinh-le-loi", "nam-dan-kim-lien", "tp-vinh-ben-thuy"];
     let mut conns = Vec::new();
     for (i, s) in sites.iter().enumerate() {
@@ -470,15 +477,7 @@ async fn chair_only_mode_stops_a_communes_audio_at_the_server_until_granted() {
 async fn chair_commands_reach_their_sites() {
     let server = server_with(true, None, Directory::sample(), None).await;
     let room = "lenh";
-    let mut chair = Raw::connect(&server.url()).await;
-    chair
-        .join(
-            "nghe-an",
-            room,
-            Some(&dev_token("nghe-an", Role::Chair, room)),
-            false,
-        )
-        .await;
+    let mut chair = chair_connection(&server, room, false).await;
     let mut a = Raw::connect(&server.url()).await;
     a.join("tp-vinh", room, None, false).await;
     let mut b = Raw::connect(&server.url()).await;
