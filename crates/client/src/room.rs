@@ -147,8 +147,12 @@ pub struct Room {
     requests: Arc<Requests>,
     started: Instant,
     closed: Arc<AtomicBool>,
+    state: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
     _speaker: Option<Speaker>,
 }
+
+/// How long a site waits for media over UDP before joining again over ICE-TCP only.
+pub const UDP_GRACE: Duration = Duration::from_secs(5);
 
 /// Waits for a server message that `pick` accepts; others are kept in `backlog`.
 async fn expect<T>(
@@ -208,11 +212,58 @@ fn bind_ip_for(url: &str) -> IpAddr {
 
 impl Room {
     /// Joins `options.room` on the server at `url` (`ws://host:port`).
+    ///
+    /// With both UDP and TCP allowed, a site whose media does not come up within
+    /// [`UDP_GRACE`] (UDP blocked by a firewall) leaves and joins again over ICE-TCP only: the
+    /// webrtc-rs ICE agent cannot tell the server's UDP and TCP candidates apart when they
+    /// share an address, so the TCP path works only when offered alone.
     pub async fn connect(
         url: &str,
         options: JoinOptions,
     ) -> Result<(Room, mpsc::UnboundedReceiver<RoomEvent>), ClientError> {
         let started = Instant::now();
+        if !(options.udp && options.tcp) {
+            return Room::connect_once(url, options, started).await;
+        }
+        let (room, events) = Room::connect_once(url, options.clone(), started).await?;
+        if room.wait_media(UDP_GRACE).await {
+            return Ok((room, events));
+        }
+        info!("no media over UDP within {UDP_GRACE:?}; joining again over ICE-TCP");
+        room.leave().await;
+        let tcp = JoinOptions {
+            udp: false,
+            ..options
+        };
+        match Room::connect_once(url, tcp.clone(), started).await {
+            // The server may not have seen the first attempt leave yet.
+            Err(ClientError::Refused {
+                code: ErrorCode::SiteTaken,
+                ..
+            }) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Room::connect_once(url, tcp, started).await
+            }
+            other => other,
+        }
+    }
+
+    /// Waits until the media path is up; false after `limit`.
+    async fn wait_media(&self, limit: Duration) -> bool {
+        let mut state = self.state.clone();
+        tokio::time::timeout(
+            limit,
+            state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
+    async fn connect_once(
+        url: &str,
+        options: JoinOptions,
+        started: Instant,
+    ) -> Result<(Room, mpsc::UnboundedReceiver<RoomEvent>), ClientError> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let mut sig = signal::connect(url).await?;
         let token = match (&options.token, &options.secret) {
@@ -612,6 +663,7 @@ impl Room {
                 requests,
                 started,
                 closed,
+                state: peer.state.clone(),
                 _speaker: speaker,
             },
             events,

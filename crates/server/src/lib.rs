@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub udp_port: Option<u16>,
     /// Address written into ICE candidates; required when `listen` is a wildcard address.
     pub advertise_ip: Option<IpAddr>,
+    /// UDP port written into the UDP candidate when it differs from the bound one (a NAT
+    /// or firewall forwarding another public port).
+    pub advertise_udp_port: Option<u16>,
     /// Loopback development mode: unauthenticated joins, sample directory.
     pub dev: bool,
     pub directory: Arc<Directory>,
@@ -56,6 +59,7 @@ impl ServerConfig {
             listen,
             udp_port: None,
             advertise_ip: None,
+            advertise_udp_port: None,
             dev: true,
             directory: Arc::new(Directory::sample()),
             video_slots: 9,
@@ -169,7 +173,10 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         directory: cfg.directory.clone(),
         video_slots: cfg.video_slots,
         audio_slots: cfg.audio_slots,
-        udp_candidate: SocketAddr::new(advertise, media_udp.port()),
+        udp_candidate: SocketAddr::new(
+            advertise,
+            cfg.advertise_udp_port.unwrap_or(media_udp.port()),
+        ),
         tcp_candidate: SocketAddr::new(advertise, signalling.port()),
         connect_timeout: cfg.connect_timeout,
         key: cfg.key.clone(),

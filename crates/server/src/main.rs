@@ -82,6 +82,9 @@ struct RunArgs {
     /// listening on 0.0.0.0 or ::).
     #[arg(long)]
     advertise_ip: Option<IpAddr>,
+    /// UDP port written into ICE candidates when a NAT forwards another public port.
+    #[arg(long)]
+    advertise_udp_port: Option<u16>,
     /// Site directory (TOML). Default: the built-in sample (dev only).
     #[arg(long)]
     directory: Option<PathBuf>,
@@ -221,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
         listen: args.listen,
         udp_port: args.udp_port,
         advertise_ip: args.advertise_ip,
+        advertise_udp_port: args.advertise_udp_port,
         dev: args.dev,
         directory: Arc::new(directory),
         video_slots: args.video_slots,

@@ -198,3 +198,44 @@ async fn a_site_offering_only_tcp_joins_over_ice_tcp_on_the_signalling_port() {
     assert!(from(&rt, "nghe-an").audio_frames > 0);
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_udp_is_blocked_falls_back_to_ice_tcp_by_itself() {
+    let _guard = MEDIA.lock().await;
+    // The server's UDP candidate names the signalling port's number, where nothing listens
+    // on UDP (its real media socket is elsewhere): for the sites UDP is blocked, and the UDP
+    // and TCP candidates share an address, as they do in production.
+    let free = |udp: bool| {
+        if udp {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        }
+    };
+    let port = free(false);
+    let mut cfg = diemcau_server::ServerConfig::dev(format!("127.0.0.1:{port}").parse().unwrap());
+    cfg.udp_port = Some(free(true));
+    cfg.advertise_udp_port = Some(port);
+    let server = diemcau_server::start(cfg).await.unwrap();
+    let (a, _ea) = join(&server, "nghe-an", "chan-udp").await;
+    let (b, _eb) = join(&server, "tuong-duong", "chan-udp").await;
+    until_verified(&a, &["tuong-duong"], Duration::from_secs(20)).await;
+    until_verified(&b, &["nghe-an"], Duration::from_secs(20)).await;
+    let (ra, rb) = (a.leave().await, b.leave().await);
+    assert_eq!(ra.transport.as_deref(), Some("tcp"));
+    assert_eq!(rb.transport.as_deref(), Some("tcp"));
+    let joined = ra.join_ms.expect("verified above");
+    assert!(
+        joined > 4000.0,
+        "the fallback waited for UDP first ({joined} ms)"
+    );
+    server.stop();
+}
