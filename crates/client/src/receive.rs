@@ -158,9 +158,11 @@ pub async fn run_track(
                         if pkt.payload.is_empty() {
                             continue;
                         }
-                        if let Some(m) = &remote.mixer {
-                            if let Ok(mut m) = m.lock() {
-                                m.push(&site, pkt.header.sequence_number, &pkt.payload);
+                        // Playout is per slot: a slot's RTP sequence numbers are continuous
+                        // even when the site it carries changes (the room resets it then).
+                        if let Some(mx) = &remote.mixer {
+                            if let Ok(mut mx) = mx.lock() {
+                                mx.push(m, pkt.header.sequence_number, &pkt.payload);
                             }
                         }
                         let Ok(pcm) = dec.decode(&pkt.payload) else {

@@ -148,11 +148,11 @@ pub struct Room {
     started: Instant,
     closed: Arc<AtomicBool>,
     state: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
-    _speaker: Option<Speaker>,
+    _speaker: Arc<Mutex<Option<Speaker>>>,
 }
 
 /// How long a site waits for media over UDP before joining again over ICE-TCP only.
-pub const UDP_GRACE: Duration = Duration::from_secs(5);
+pub const UDP_GRACE: Duration = Duration::from_secs(6);
 
 /// Waits for a server message that `pick` accepts; others are kept in `backlog`.
 async fn expect<T>(
@@ -453,8 +453,9 @@ impl Room {
                 }
             }
         };
+        let speaker = Arc::new(Mutex::new(speaker));
         let remote = Arc::new(Remote {
-            mixer,
+            mixer: mixer.clone(),
             slots: Mutex::new(HashMap::new()),
             sites: Mutex::new(Default::default()),
             started,
@@ -468,11 +469,38 @@ impl Room {
         let video_control = Arc::new(VideoControl::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+        let mut threads = Vec::new();
+        let mut tasks = Vec::new();
         for e in [speaker_error, mic_error].into_iter().flatten() {
             let _ = err_tx.send(e);
         }
-        let mut threads = Vec::new();
-        let mut tasks = Vec::new();
+        // An unplugged speaker gives way to the system default (checked twice a second).
+        if let Some(mixer) = mixer.clone() {
+            let (speaker, processor, err_tx) = (speaker.clone(), processor.clone(), err_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    let lost = match speaker.lock().expect("lock poisoned").as_ref() {
+                        Some(s) if s.is_dead() => s.name().to_string(),
+                        _ => continue,
+                    };
+                    let fresh = Speaker::open(None, mixer.clone(), processor.clone());
+                    let msg = match &fresh {
+                        Ok(s) => format!(
+                            "Loa \"{lost}\" đã bị rút ra; đã chuyển sang loa mặc định \"{}\".",
+                            s.name()
+                        ),
+                        Err(e) => format!(
+                            "Loa \"{lost}\" đã bị rút ra và không mở được loa mặc định: {}",
+                            e.vi()
+                        ),
+                    };
+                    let _ = err_tx.send(msg);
+                    *speaker.lock().expect("lock poisoned") = fresh.ok();
+                }
+            }));
+        }
 
         for (kind, track, sender) in local {
             let (tx, rx) = mpsc::channel(if kind == RtpCodecKind::Video { 4 } else { 25 });
@@ -846,6 +874,12 @@ fn on_server_message(msg: ServerMessage, ctx: &Ctx<'_>) {
             for s in slots {
                 let before = map.get(&s.mid).and_then(|(_, site)| site.clone());
                 if before != s.site {
+                    // A new site on this slot starts its own playout.
+                    if let Some(mx) = &remote.mixer {
+                        if let Ok(mut mx) = mx.lock() {
+                            mx.remove(&s.mid);
+                        }
+                    }
                     if let Some(b) = &before {
                         let _ = events.send(RoomEvent::TrackRemoved {
                             site: b.clone(),

@@ -222,6 +222,7 @@ impl AudioSource for Microphone {
 pub struct Speaker {
     name: String,
     _stream: cpal::Stream,
+    dead: Arc<AtomicBool>,
 }
 
 impl Speaker {
@@ -242,11 +243,13 @@ impl Speaker {
         let mut mono = vec![0i16; AUDIO_FRAME_SAMPLES];
         let mut next = move |frames: usize| -> Vec<f32> {
             while queue.len() < frames {
-                if let Ok(mut m) = mixer.lock() {
-                    m.fill(&mut mono);
+                // Never block the audio callback: if the mixer is busy, play silence.
+                match mixer.try_lock() {
+                    Ok(mut m) => m.fill(&mut mono),
+                    Err(_) => mono.fill(0),
                 }
                 if let Some(r) = &reference {
-                    if let Ok(mut r) = r.lock() {
+                    if let Ok(mut r) = r.try_lock() {
                         r.render(&mono);
                     }
                 }
@@ -257,7 +260,16 @@ impl Speaker {
             }
             queue.drain(..frames).collect()
         };
-        let err = |_e: cpal::Error| {};
+        let dead = Arc::new(AtomicBool::new(false));
+        let dead_cb = dead.clone();
+        let err = move |e: cpal::Error| {
+            if matches!(
+                e.kind(),
+                ErrorKind::DeviceNotAvailable | ErrorKind::StreamInvalidated
+            ) {
+                dead_cb.store(true, Ordering::Release);
+            }
+        };
         let stream = match sc.sample_format() {
             SampleFormat::F32 => dev.build_output_stream::<f32, _, _>(
                 config,
@@ -292,7 +304,13 @@ impl Speaker {
         Ok(Speaker {
             name: dev.to_string(),
             _stream: stream,
+            dead,
         })
+    }
+
+    /// Whether the device went away (the owner should open another).
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
     }
 
     pub fn name(&self) -> &str {

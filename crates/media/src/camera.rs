@@ -104,21 +104,33 @@ pub fn rgb_to_i420(data: &[u8], width: usize, height: usize, bgr: bool) -> Optio
     }
     let mut f = I420Frame::black(w, h);
     let cw = w / 2;
+    let px = |x: usize, y: usize| {
+        let i = (y * width + x) * 3;
+        if bgr {
+            (data[i + 2], data[i + 1], data[i])
+        } else {
+            (data[i], data[i + 1], data[i + 2])
+        }
+    };
     for y in 0..h {
         for x in 0..w {
-            let i = (y * width + x) * 3;
-            let (r, g, b) = if bgr {
-                (data[i + 2], data[i + 1], data[i])
-            } else {
-                (data[i], data[i + 1], data[i + 2])
-            };
-            let (yy, u, v) = rgb_to_yuv(r, g, b);
-            f.y[y * w + x] = yy;
-            if y % 2 == 0 && x % 2 == 0 {
-                // Chroma from the top-left pixel of each 2x2 block.
-                f.u[(y / 2) * cw + x / 2] = u;
-                f.v[(y / 2) * cw + x / 2] = v;
+            let (r, g, b) = px(x, y);
+            f.y[y * w + x] = rgb_to_yuv(r, g, b).0;
+        }
+    }
+    // Chroma from the average colour of each 2x2 block.
+    for cy in 0..h / 2 {
+        for cx in 0..cw {
+            let (mut r, mut g, mut b) = (0u32, 0u32, 0u32);
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                let (pr, pg, pb) = px(cx * 2 + dx, cy * 2 + dy);
+                r += u32::from(pr);
+                g += u32::from(pg);
+                b += u32::from(pb);
             }
+            let (_, u, v) = rgb_to_yuv((r / 4) as u8, (g / 4) as u8, (b / 4) as u8);
+            f.u[cy * cw + cx] = u;
+            f.v[cy * cw + cx] = v;
         }
     }
     Some(f)
@@ -200,8 +212,16 @@ pub fn mjpeg_to_i420(data: &[u8]) -> Option<I420Frame> {
 pub fn to_i420(format: PixelFormat, data: &[u8], width: usize, height: usize) -> Option<I420Frame> {
     match format {
         PixelFormat::Mjpeg => mjpeg_to_i420(data),
-        PixelFormat::Yuyv => yuyv_to_i420(data, width, height, width * 2),
-        PixelFormat::Nv12 => nv12_to_i420(data, width, height, width),
+        // Drivers may pad rows: take the stride from the buffer's length.
+        PixelFormat::Yuyv => {
+            let stride = (data.len() / height.max(1)).max(width * 2);
+            yuyv_to_i420(data, width, height, stride)
+        }
+        PixelFormat::Nv12 => {
+            let rows = height + height / 2;
+            let stride = (data.len() / rows.max(1)).max(width);
+            nv12_to_i420(data, width, height, stride)
+        }
         PixelFormat::Rgb => rgb_to_i420(data, width, height, false),
         PixelFormat::Bgr => rgb_to_i420(data, width, height, true),
         PixelFormat::Gray => gray_to_i420(data, width, height),
@@ -457,8 +477,9 @@ mod tests {
         let rgb = [255, 255, 255, 0, 0, 0, 255, 0, 0, 0, 0, 255];
         let f = rgb_to_i420(&rgb, 2, 2, false).unwrap();
         assert_eq!(f.y, vec![235, 16, 82, 41]);
-        // Chroma from the top-left (white) pixel: neutral.
-        assert_eq!((f.u[0], f.v[0]), (128, 128));
+        // Chroma from the block's average colour (127, 63, 127).
+        let (_, u, v) = rgb_to_yuv(127, 63, 127);
+        assert_eq!((f.u[0], f.v[0]), (u, v));
         let red = rgb_to_i420(&[255, 0, 0, 255, 0, 0, 255, 0, 0, 255, 0, 0], 2, 2, false).unwrap();
         assert_eq!((red.y[0], red.u[0], red.v[0]), (82, 90, 240));
         let bgr = rgb_to_i420(&[0, 0, 255, 0, 0, 255, 0, 0, 255, 0, 0, 255], 2, 2, true).unwrap();
@@ -483,6 +504,11 @@ mod tests {
             padded.extend_from_slice(&[0xee, 0xee]);
         }
         assert_eq!(yuyv_to_i420(&padded, 4, 2, 10).unwrap(), f);
+        assert_eq!(
+            to_i420(PixelFormat::Yuyv, &padded, 4, 2).unwrap(),
+            f,
+            "stride found from the buffer length"
+        );
         assert!(
             yuyv_to_i420(&data[..10], 4, 2, 8).is_none(),
             "short buffer refused"

@@ -119,7 +119,9 @@ impl JitterBuffer {
     }
 }
 
-/// Mixes every remote site's playout into one 48 kHz mono stream.
+/// Mixes the playout of several streams into one 48 kHz mono stream. The client keys them
+/// by receive slot (mid): a slot's RTP sequence numbers stay continuous, and the client
+/// removes a slot's buffer when the site it carries changes.
 pub struct Mixer {
     sites: HashMap<String, (JitterBuffer, AudioDecoder)>,
     pending: Vec<i16>,
@@ -135,7 +137,7 @@ impl Mixer {
         }
     }
 
-    /// Adds a packet from `site`.
+    /// Adds a packet of the stream `site` (any key: the client uses the slot's mid).
     pub fn push(&mut self, site: &str, seq: u16, payload: &[u8]) {
         if !self.sites.contains_key(site) {
             let Ok(dec) = AudioDecoder::new() else {

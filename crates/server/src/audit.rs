@@ -63,7 +63,9 @@ impl AuditLog {
             return;
         };
         let line = serde_json::to_string(entry).expect("audit entries serialise");
-        if let Err(e) = writeln!(f, "{line}").and_then(|_| f.sync_data()) {
+        // Written through to the OS at once (survives a server restart or crash); not
+        // fsync'd, which would stall the media engine on every entry.
+        if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
             warn!(path = ?self.path, "audit log write failed: {e}");
         }
     }

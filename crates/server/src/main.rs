@@ -91,7 +91,8 @@ struct RunArgs {
     /// Token key file (from `keygen`); required without --dev.
     #[arg(long)]
     key_file: Option<PathBuf>,
-    /// Append-only audit log (JSON lines) of privileged actions and refusals.
+    /// Append-only audit log (JSON lines) of privileged actions and refusals. Without --dev
+    /// the default is ./diemcau-audit.jsonl.
     #[arg(long)]
     audit_log: Option<PathBuf>,
     /// Video slots per site: how many remote videos one site receives at most.
@@ -181,7 +182,9 @@ fn issue(a: &IssueArgs) -> anyhow::Result<()> {
         role: a.role,
         room: a.room.clone(),
         iat: now,
-        exp: now + ttl,
+        exp: now
+            .checked_add(ttl)
+            .with_context(|| format!("--ttl {} is too long", a.ttl))?,
     };
     println!("{}", key.sign(&claims));
     Ok(())
@@ -231,7 +234,11 @@ async fn main() -> anyhow::Result<()> {
         audio_slots: args.audio_slots,
         connect_timeout: Duration::from_secs(20),
         key,
-        audit_log: args.audit_log.clone(),
+        // A production server always keeps an audit log (default: ./diemcau-audit.jsonl).
+        audit_log: args
+            .audit_log
+            .clone()
+            .or_else(|| (!args.dev).then(|| PathBuf::from("diemcau-audit.jsonl"))),
     };
     let sites = cfg.directory.len();
     let server = start(cfg).await?;

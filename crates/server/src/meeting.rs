@@ -5,8 +5,9 @@
 //! Floor rules ([`Meeting::may_speak`]):
 //! - a muted site never speaks (the chair too, if it muted itself);
 //! - `open`: everyone else speaks;
-//! - `chair_only`: the chair and the *one* site given the floor (a new grant replaces it);
-//! - `granted`: the chair and every site granted the microphone.
+//! - `chair_only` and `granted`: the chair and the sites the chair granted the floor to.
+//!   They differ in practice, not in enforcement: in `chair_only` sites ask (raise a hand)
+//!   and the chair gives the floor; in `granted` the chair hands microphones out itself.
 //!
 //! Hands are kept by site id, not by connection: a site that drops and comes back keeps its
 //! place. A site that leaves on purpose lowers its hand.
@@ -24,8 +25,6 @@ pub struct Meeting {
     hands: Vec<(SiteId, u64)>,
     mode: FloorMode,
     granted: BTreeSet<SiteId>,
-    /// The most recent grant (kept when switching to chair-only mode).
-    last_granted: Option<SiteId>,
     muted: BTreeSet<SiteId>,
     /// Sites the chair asked to unmute; only they may unmute themselves.
     asked_unmute: BTreeSet<SiteId>,
@@ -34,6 +33,8 @@ pub struct Meeting {
     /// Roll-call marks (present?, reason) since the last start.
     roll: BTreeMap<SiteId, (bool, Option<String>)>,
     roll_started: Option<u64>,
+    /// Sites seen connected since the roll-call started.
+    roll_seen: BTreeSet<SiteId>,
 }
 
 impl Meeting {
@@ -102,23 +103,11 @@ impl Meeting {
 
     pub fn set_mode(&mut self, mode: FloorMode) {
         self.mode = mode;
-        if mode == FloorMode::ChairOnly && self.granted.len() > 1 {
-            // Only one site holds the floor in chair-only mode: keep the latest grant.
-            let keep = self
-                .last_granted
-                .clone()
-                .filter(|s| self.granted.contains(s));
-            self.granted = keep.into_iter().collect();
-        }
     }
 
     /// Gives a site the floor (its hand comes down, a mute is lifted).
     pub fn grant(&mut self, site: &str) {
-        if self.mode == FloorMode::ChairOnly {
-            self.granted.clear();
-        }
         self.granted.insert(site.to_string());
-        self.last_granted = Some(site.to_string());
         self.muted.remove(site);
         self.lower(site);
     }
@@ -129,12 +118,15 @@ impl Meeting {
 
     pub fn mute(&mut self, site: &str) {
         self.muted.insert(site.to_string());
+        // A new mute cancels an earlier request to unmute.
+        self.asked_unmute.remove(site);
     }
 
     /// Mutes every site given (the present non-chair sites).
     pub fn mute_all<'a>(&mut self, sites: impl IntoIterator<Item = &'a str>) {
         for s in sites {
             self.muted.insert(s.to_string());
+            self.asked_unmute.remove(s);
         }
     }
 
@@ -199,9 +191,22 @@ impl Meeting {
         }
     }
 
-    pub fn roll_call_start(&mut self, now_ms: u64) {
+    /// Starts (or restarts) a roll-call; `connected` are the sites present now.
+    pub fn roll_call_start<'a>(
+        &mut self,
+        now_ms: u64,
+        connected: impl IntoIterator<Item = &'a SiteId>,
+    ) {
         self.roll.clear();
         self.roll_started = Some(now_ms);
+        self.roll_seen = connected.into_iter().cloned().collect();
+    }
+
+    /// Notes a site as seen (it joined) while a roll-call runs.
+    pub fn saw(&mut self, site: &str) {
+        if self.roll_started.is_some() {
+            self.roll_seen.insert(site.to_string());
+        }
     }
 
     pub fn roll_call_started(&self) -> bool {
@@ -212,8 +217,9 @@ impl Meeting {
         self.roll.insert(site.to_string(), (present, reason));
     }
 
-    /// Every directory site exactly once, in directory order: present if marked present or
-    /// connected (and not marked absent), otherwise absent with the chair's reason if any.
+    /// Every directory site exactly once, in directory order: present if marked present, or
+    /// (unless marked absent) connected now or seen since the roll-call started; otherwise
+    /// absent with the chair's reason if any.
     pub fn roll_call(&self, directory: &Directory, connected: &BTreeSet<SiteId>) -> Vec<RollEntry> {
         directory
             .iter()
@@ -222,7 +228,9 @@ impl Meeting {
                 let (status, reason) = match self.roll.get(&e.id) {
                     Some((true, r)) => (RollStatus::Present, r.clone()),
                     Some((false, r)) => (RollStatus::Absent, r.clone()),
-                    None if is_connected => (RollStatus::Present, None),
+                    None if is_connected || self.roll_seen.contains(&e.id) => {
+                        (RollStatus::Present, None)
+                    }
                     None => (RollStatus::Absent, None),
                 };
                 RollEntry {
@@ -305,10 +313,11 @@ mod tests {
         assert_eq!(m.hand_count(), 0, "granting lowers the hand");
         m.grant("xa-b");
         assert!(
-            !m.may_speak("xa-a", Role::Commune),
-            "chair-only: one floor holder"
+            m.may_speak("xa-a", Role::Commune) && m.may_speak("xa-b", Role::Commune),
+            "the chair and the granted sites speak"
         );
-        assert!(m.may_speak("xa-b", Role::Commune));
+        assert!(!m.may_speak("xa-c", Role::Commune));
+        m.revoke("xa-a");
         m.set_mode(FloorMode::Granted);
         m.grant("xa-a");
         assert!(m.may_speak("xa-a", Role::Commune) && m.may_speak("xa-b", Role::Commune));
@@ -320,6 +329,12 @@ mod tests {
             "mute wins over a grant"
         );
         assert!(!m.unmute_reply("xa-a", true), "no unmuting oneself unasked");
+        m.ask_unmute("xa-a");
+        m.mute("xa-a");
+        assert!(
+            !m.unmute_reply("xa-a", true),
+            "a new mute cancels the earlier request"
+        );
         assert!(!m.may_speak("xa-a", Role::Commune));
         m.ask_unmute("xa-a");
         assert!(m.unmute_reply("xa-a", true));
@@ -345,7 +360,8 @@ mod tests {
     fn roll_call_lists_every_directory_site_once() {
         let d = Directory::sample();
         let mut m = Meeting::default();
-        m.roll_call_start(0);
+        m.roll_call_start(0, &BTreeSet::new());
+        m.saw("do-luong"); // joined and dropped during the roll-call
         m.roll_call_mark("con-cuong", false, Some("mất điện".into()));
         m.roll_call_mark("tan-ky", true, None);
         let connected: BTreeSet<SiteId> = ["nghe-an".to_string(), "con-cuong".to_string()].into();
@@ -360,5 +376,7 @@ mod tests {
         assert_eq!(get("tan-ky").status, RollStatus::Present);
         assert!(!get("tan-ky").connected);
         assert_eq!(get("quy-hop").status, RollStatus::Absent);
+        assert_eq!(get("do-luong").status, RollStatus::Present, "seen counts");
+        assert!(!get("do-luong").connected);
     }
 }

@@ -496,7 +496,7 @@ impl Engine {
                 )
             }
         };
-        if self.meeting(&room).locked() && role != Role::Chair && !control {
+        if self.meeting(&room).locked() && role != Role::Chair {
             return refuse(
                 self,
                 ErrorCode::RoomLocked,
@@ -575,6 +575,9 @@ impl Engine {
             },
         );
         self.audit_entry(&room, &site, Some(role), from, "join", None, Ok(()));
+        if !control {
+            self.meeting(&room).saw(&site);
+        }
         self.stats
             .sites
             .store(self.peers.len() as u64, Ordering::Relaxed);
@@ -639,10 +642,14 @@ impl Engine {
     ) {
         let entry = self.cfg.directory.get(&site).cloned();
         let key = self.cfg.key.clone().or_else(|| self.cfg.dev.then(Key::dev));
-        let ok = entry
-            .as_ref()
-            .and_then(|e| e.secret.as_deref())
-            .is_some_and(|s| !s.is_empty() && constant_time_eq(s.as_bytes(), secret.as_bytes()));
+        let ok = room != "*"
+            && !room.is_empty()
+            && entry
+                .as_ref()
+                .and_then(|e| e.secret.as_deref())
+                .is_some_and(|s| {
+                    !s.is_empty() && constant_time_eq(s.as_bytes(), secret.as_bytes())
+                });
         match (entry, key, ok) {
             (Some(e), Some(key), true) => {
                 let now = unix_ms() / 1000;
@@ -691,10 +698,12 @@ impl Engine {
         target: Option<&str>,
         outcome: Result<(), &str>,
     ) {
+        // Refused joins carry whatever the client claimed: keep the log bounded.
+        let cut = |s: &str| s.chars().take(80).collect::<String>();
         self.audit.record(&AuditEntry {
             ts_ms: unix_ms(),
-            room: room.into(),
-            actor: actor.into(),
+            room: cut(room),
+            actor: cut(actor),
             role: role.map(|r| format!("{r:?}").to_lowercase()),
             from: from.to_string(),
             action: action.into(),
@@ -900,7 +909,7 @@ impl Engine {
             ChairCommand::LowerAll => {
                 self.meeting(room).lower_all();
             }
-            ChairCommand::RollCallStart => self.meeting(room).roll_call_start(unix_ms()),
+            ChairCommand::RollCallStart => self.meeting(room).roll_call_start(unix_ms(), &present),
             ChairCommand::RollCallMark {
                 site,
                 present: is_present,
@@ -914,7 +923,7 @@ impl Engine {
                 }
                 let m = self.meeting(room);
                 if !m.roll_call_started() {
-                    m.roll_call_start(unix_ms());
+                    m.roll_call_start(unix_ms(), &present);
                 }
                 m.roll_call_mark(site, *is_present, reason.clone());
             }

@@ -243,7 +243,7 @@ async fn vietnamese_speech_survives_mic_to_speaker_through_the_server() {
             .args([
                 "join", "--server", &url, "--site", site, "--room", "am-thanh", "--video", "none",
             ])
-            .args(["--audio", audio, "--speaker", speaker, "--duration", "16"])
+            .args(["--audio", audio, "--speaker", speaker, "--duration", "20"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -439,4 +439,106 @@ async fn unplugging_the_microphone_mid_call_does_not_stop_the_site() {
         "audio stopped at the unplug: {sent} frames sent in 8 s"
     );
     server.stop();
+}
+
+/// 48 kHz mono s16 speech from espeak-ng.
+fn speak(rig: &PulseRig, name: &str, voice_args: &[&str], text: &str) -> Vec<i16> {
+    let wav = rig.path(&format!("{name}.wav"));
+    let raw = rig.path(&format!("{name}.raw"));
+    assert!(rig
+        .cmd("espeak-ng")
+        .args(voice_args)
+        .arg("-w")
+        .arg(&wav)
+        .arg(text)
+        .status()
+        .unwrap()
+        .success());
+    assert!(rig
+        .cmd("sox")
+        .arg(&wav)
+        .args([
+            "-r",
+            "48000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            "-e",
+            "signed-integer",
+            "-t",
+            "raw"
+        ])
+        .arg(&raw)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::read(&raw)
+        .unwrap()
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+#[test]
+fn echo_of_real_speech_is_cancelled_by_20_db_and_the_near_talker_keeps_his_level() {
+    use diemcau_media::processing::signals::echo;
+    use diemcau_media::processing::{power_db, AudioProcessor, Stages, PROCESS_FRAME};
+    let rig = PulseRig::start();
+    let mut far = Vec::new();
+    while far.len() < 12 * 48_000 {
+        far.extend(speak(
+            &rig,
+            "far",
+            &["-v", "vi", "-s", "150"],
+            "Đề nghị các điểm cầu báo cáo tình hình phòng chống dịch trên địa bàn.",
+        ));
+    }
+    far.truncate(12 * 48_000);
+    let near_voice = speak(
+        &rig,
+        "near",
+        &["-v", "vi", "-p", "80", "-s", "170"],
+        "Xã Kim Liên xin báo cáo: đã hoàn thành tiêm chủng mũi hai.",
+    );
+    let echoed = echo(&far, 48 * 60, 0.6);
+    let dt = 9 * 48_000;
+    let mut near = vec![0i16; far.len()];
+    for (i, s) in near_voice.iter().enumerate() {
+        if dt + i < near.len() {
+            near[dt + i] = (f32::from(*s) * 0.8) as i16;
+        }
+    }
+    let mic: Vec<i16> = (0..far.len())
+        .map(|i| echoed[i].saturating_add(near[i]))
+        .collect();
+    let mut p = AudioProcessor::new(Stages {
+        echo_cancellation: true,
+        noise_suppression: false,
+        gain_control: false,
+    });
+    let mut out = mic.clone();
+    for (f, m) in far
+        .chunks_exact(PROCESS_FRAME)
+        .zip(out.chunks_exact_mut(PROCESS_FRAME))
+    {
+        p.render(f);
+        p.capture(m);
+    }
+    // ERLE over the 10 ms frames with echo to cancel (mic above -50 dBFS), 4 s .. 9 s.
+    let (mut pin, mut pout) = (0.0f64, 0.0f64);
+    for k in (4 * 48_000 / PROCESS_FRAME)..(dt / PROCESS_FRAME) {
+        let r = k * PROCESS_FRAME..(k + 1) * PROCESS_FRAME;
+        if power_db(&mic[r.clone()]) > 20.0 * (32768.0f64 * 10f64.powf(-50.0 / 20.0)).log10() {
+            pin += 10f64.powf(power_db(&mic[r.clone()]) / 10.0);
+            pout += 10f64.powf(power_db(&out[r]) / 10.0);
+        }
+    }
+    let erle = 10.0 * (pin / pout.max(1e-9)).log10();
+    eprintln!("speech ERLE {erle:.1} dB");
+    assert!(erle >= 20.0, "ERLE on speech {erle:.1} dB");
+    let talk = dt..(dt + near_voice.len()).min(far.len());
+    let (n_db, o_db) = (power_db(&near[talk.clone()]), power_db(&out[talk]));
+    eprintln!("double talk: near talker {n_db:.1} dB alone, {o_db:.1} dB after processing");
+    assert!(o_db > n_db - 6.0, "near talker lost in double talk");
 }

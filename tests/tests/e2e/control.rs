@@ -364,6 +364,20 @@ fn audio_from(r: &diemcau_client::Report, site: &str) -> u64 {
         .map_or(0, |x| x.audio_frames)
 }
 
+/// Waits until the audio counted from `site` stops changing (in-flight frames landed).
+async fn settle(room: &Room, site: &str) {
+    let mut last = audio_from(&room.report().await, site);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = audio_from(&room.report().await, site);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+    panic!("audio from {site} never stopped arriving");
+}
+
 /// Waits for this site's floor to say whether it may speak.
 async fn floor_says(events: &mut tokio::sync::mpsc::UnboundedReceiver<RoomEvent>, may: bool) {
     wait_for(events, Duration::from_secs(5), "floor state", |e| match e {
@@ -404,7 +418,9 @@ async fn chair_only_mode_stops_a_communes_audio_at_the_server_until_granted() {
         .await
         .unwrap();
     floor_says(&mut xe, false).await;
-    tokio::time::sleep(Duration::from_millis(500)).await; // frames already in flight land
+    // Frames already in flight land, and the receivers' queues drain.
+    settle(&y, "tp-vinh-le-loi").await;
+    settle(&chair, "tp-vinh-le-loi").await;
     let (y0, c0, x0) = (y.report().await, chair.report().await, x.report().await);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (y1, c1, x1) = (y.report().await, chair.report().await, x.report().await);
@@ -449,7 +465,7 @@ async fn chair_only_mode_stops_a_communes_audio_at_the_server_until_granted() {
         .await
         .unwrap();
     floor_says(&mut xe, false).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&y, "tp-vinh-le-loi").await;
     let y3 = y.report().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let y4 = y.report().await;

@@ -353,6 +353,13 @@ async fn join(args: JoinArgs) -> ExitCode {
         eprintln!("--duration must be between 0 and 86400 seconds");
         return ExitCode::from(2);
     }
+    if args
+        .raise_hand_after
+        .is_some_and(|s| !(0.0..=86_400.0).contains(&s))
+    {
+        eprintln!("--raise-hand-after must be between 0 and 86400 seconds");
+        return ExitCode::from(2);
+    }
     let mut opts = JoinOptions::synthetic(&args.site, &args.room);
     opts.token = args.token.clone();
     opts.secret = args.secret.clone();
