@@ -192,35 +192,12 @@ async fn vietnamese_speech_survives_mic_to_speaker_through_the_server() {
     assert!(devices["cameras"].is_array());
 
     // Speech, as 48 kHz mono s16.
-    let wav = rig.path("speech.wav");
-    let raw = rig.path("speech.raw");
-    assert!(rig
-        .cmd("espeak-ng")
-        .args(["-v", "vi", "-s", "150", "-w"])
-        .arg(&wav)
-        .arg("Xin chào các điểm cầu. Đây là buổi tổng duyệt hệ thống hội nghị truyền hình trực tuyến của tỉnh Nghệ An.")
-        .status()
-        .unwrap()
-        .success());
-    assert!(rig
-        .cmd("sox")
-        .arg(&wav)
-        .args([
-            "-r",
-            "48000",
-            "-c",
-            "1",
-            "-b",
-            "16",
-            "-e",
-            "signed-integer",
-            "-t",
-            "raw"
-        ])
-        .arg(&raw)
-        .status()
-        .unwrap()
-        .success());
+    let (raw, _) = speak(
+        &rig,
+        "speech",
+        &["-v", "vi", "-s", "150"],
+        "Xin chào các điểm cầu. Đây là buổi tổng duyệt hệ thống hội nghị truyền hình trực tuyến của tỉnh Nghệ An.",
+    );
 
     let server = dev_server().await;
     let url = server.url();
@@ -441,8 +418,12 @@ async fn unplugging_the_microphone_mid_call_does_not_stop_the_site() {
     server.stop();
 }
 
-/// 48 kHz mono s16 speech from espeak-ng.
-fn speak(rig: &PulseRig, name: &str, voice_args: &[&str], text: &str) -> Vec<i16> {
+fn speak_samples(rig: &PulseRig, name: &str, voice_args: &[&str], text: &str) -> Vec<i16> {
+    speak(rig, name, voice_args, text).1
+}
+
+/// 48 kHz mono s16 speech from espeak-ng: the raw file and its samples.
+fn speak(rig: &PulseRig, name: &str, voice_args: &[&str], text: &str) -> (PathBuf, Vec<i16>) {
     let wav = rig.path(&format!("{name}.wav"));
     let raw = rig.path(&format!("{name}.raw"));
     assert!(rig
@@ -473,11 +454,12 @@ fn speak(rig: &PulseRig, name: &str, voice_args: &[&str], text: &str) -> Vec<i16
         .status()
         .unwrap()
         .success());
-    std::fs::read(&raw)
+    let samples = std::fs::read(&raw)
         .unwrap()
         .chunks_exact(2)
         .map(|b| i16::from_le_bytes([b[0], b[1]]))
-        .collect()
+        .collect();
+    (raw, samples)
 }
 
 #[test]
@@ -487,7 +469,7 @@ fn echo_of_real_speech_is_cancelled_by_20_db_and_the_near_talker_keeps_his_level
     let rig = PulseRig::start();
     let mut far = Vec::new();
     while far.len() < 12 * 48_000 {
-        far.extend(speak(
+        far.extend(speak_samples(
             &rig,
             "far",
             &["-v", "vi", "-s", "150"],
@@ -495,7 +477,7 @@ fn echo_of_real_speech_is_cancelled_by_20_db_and_the_near_talker_keeps_his_level
         ));
     }
     far.truncate(12 * 48_000);
-    let near_voice = speak(
+    let near_voice = speak_samples(
         &rig,
         "near",
         &["-v", "vi", "-p", "80", "-s", "170"],
