@@ -1,12 +1,12 @@
 //! Meeting control from the client side: chair commands with their answers, and a
 //! signalling-only control session for operators (`diemcau-cli chair ...`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use diemcau_protocol::{ChairCommand, ClientMessage, ServerMessage, PROTOCOL_VERSION};
+use diemcau_protocol::{ChairCommand, ClientMessage, ErrorCode, ServerMessage, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{signal, ClientError};
@@ -90,19 +90,17 @@ pub async fn enroll(
         site: site.into(),
         secret: secret.into(),
     });
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), sig.inbox.recv())
-            .await
-            .map_err(|_| ClientError::Timeout("enrolled"))?
-            .ok_or(ClientError::ServerClosed)?;
-        match msg {
-            ServerMessage::Enrolled { token, .. } => return Ok(token),
-            ServerMessage::Error { code, message, .. } => {
-                return Err(ClientError::Refused { code, message })
-            }
-            _ => {}
-        }
-    }
+    // Any error answers the enrollment.
+    sig.expect(
+        &mut VecDeque::new(),
+        "enrolled",
+        &ErrorCode::ALL,
+        |m| match m {
+            ServerMessage::Enrolled { token, .. } => Some(token.clone()),
+            _ => None,
+        },
+    )
+    .await
 }
 
 /// A signalling-only session that gives chair commands (an operator's console).
@@ -127,19 +125,11 @@ impl ControlSession {
             token: Some(token.into()),
             control: true,
         });
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), sig.inbox.recv())
-                .await
-                .map_err(|_| ClientError::Timeout("welcome"))?
-                .ok_or(ClientError::ServerClosed)?;
-            match msg {
-                ServerMessage::Welcome { .. } => break,
-                ServerMessage::Error { code, message, .. } => {
-                    return Err(ClientError::Refused { code, message })
-                }
-                _ => {}
-            }
-        }
+        // Any error answers the join.
+        sig.expect(&mut VecDeque::new(), "welcome", &ErrorCode::ALL, |m| {
+            matches!(m, ServerMessage::Welcome { .. }).then_some(())
+        })
+        .await?;
         Ok(ControlSession {
             sig,
             requests: Requests::default(),

@@ -154,41 +154,6 @@ pub struct Room {
 /// How long a site waits for media over UDP before joining again over ICE-TCP only.
 pub const UDP_GRACE: Duration = Duration::from_secs(6);
 
-/// Waits for a server message that `pick` accepts; others are kept in `backlog`.
-async fn expect<T>(
-    inbox: &mut mpsc::UnboundedReceiver<ServerMessage>,
-    backlog: &mut VecDeque<ServerMessage>,
-    what: &'static str,
-    fail_on: &[ErrorCode],
-    mut pick: impl FnMut(&ServerMessage) -> Option<T>,
-) -> Result<T, ClientError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, inbox.recv())
-            .await
-            .map_err(|_| ClientError::Timeout(what))?
-            .ok_or(ClientError::ServerClosed)?;
-        if let Some(t) = pick(&msg) {
-            return Ok(t);
-        }
-        if let ServerMessage::Error {
-            code,
-            message,
-            fatal,
-            ..
-        } = &msg
-        {
-            if *fatal || fail_on.contains(code) {
-                return Err(ClientError::Refused {
-                    code: *code,
-                    message: message.clone(),
-                });
-            }
-        }
-        backlog.push_back(msg);
-    }
-}
-
 /// Whether the server URL's host is a loopback address (then media binds to loopback too).
 fn bind_ip_for(url: &str) -> IpAddr {
     let host = url
@@ -281,8 +246,8 @@ impl Room {
             control: false,
         });
         let mut backlog = VecDeque::new();
-        let (you, role, video_slots, audio_slots, sites) =
-            expect(&mut sig.inbox, &mut backlog, "welcome", &[], |m| match m {
+        let (you, role, video_slots, audio_slots, sites) = sig
+            .expect(&mut backlog, "welcome", &[], |m| match m {
                 ServerMessage::Welcome {
                     you,
                     role,
@@ -394,17 +359,12 @@ impl Room {
             .ok_or_else(|| ClientError::WebRtc("no local description".into()))?
             .sdp;
         let _ = sig.outbox.send(ClientMessage::Offer { sdp });
-        let answer = expect(
-            &mut sig.inbox,
-            &mut backlog,
-            "answer",
-            &[ErrorCode::BadSdp],
-            |m| match m {
+        let answer = sig
+            .expect(&mut backlog, "answer", &[ErrorCode::BadSdp], |m| match m {
                 ServerMessage::Answer { sdp } => Some(sdp.clone()),
                 _ => None,
-            },
-        )
-        .await?;
+            })
+            .await?;
         // rtc-ice 0.21.1 looks remote candidates up by address alone, ignoring the
         // transport; the server's UDP and TCP candidates share an address, so a TCP-only
         // client must not see the UDP one or its TCP checks never validate.

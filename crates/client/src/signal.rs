@@ -1,6 +1,9 @@
 //! The signalling WebSocket: the one place where wire messages are read and written.
 
-use diemcau_protocol::{ClientMessage, ServerMessage};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use diemcau_protocol::{ClientMessage, ErrorCode, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -14,6 +17,44 @@ pub struct Signal {
     pub inbox: mpsc::UnboundedReceiver<ServerMessage>,
     /// Resolves when the writer has sent `leave` and closed the socket (or failed).
     pub flushed: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Signal {
+    /// Waits (10 s at most) for a server message that `pick` accepts; the others are kept in
+    /// `backlog`. An error that is fatal, or whose code is in `fail_on`, ends the wait.
+    pub async fn expect<T>(
+        &mut self,
+        backlog: &mut VecDeque<ServerMessage>,
+        what: &'static str,
+        fail_on: &[ErrorCode],
+        mut pick: impl FnMut(&ServerMessage) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.inbox.recv())
+                .await
+                .map_err(|_| ClientError::Timeout(what))?
+                .ok_or(ClientError::ServerClosed)?;
+            if let Some(t) = pick(&msg) {
+                return Ok(t);
+            }
+            if let ServerMessage::Error {
+                code,
+                message,
+                fatal,
+                ..
+            } = &msg
+            {
+                if *fatal || fail_on.contains(code) {
+                    return Err(ClientError::Refused {
+                        code: *code,
+                        message: message.clone(),
+                    });
+                }
+            }
+            backlog.push_back(msg);
+        }
+    }
 }
 
 /// Opens the WebSocket and spawns its reader and writer tasks.
