@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
-use cpal::{Device, ErrorKind, SampleFormat, StreamConfig, SupportedStreamConfig};
+use cpal::{
+    Device, ErrorKind, FromSample, Sample, SampleFormat, SizedSample, StreamConfig,
+    SupportedStreamConfig,
+};
 
 use crate::frame::{now_us, AudioFrame, AUDIO_FRAME_SAMPLES, AUDIO_RATE};
 use crate::playout::{downmix, Mixer, Resampler};
@@ -117,6 +120,69 @@ fn pick(dev: &Device, input: bool, what: &str) -> Result<SupportedStreamConfig, 
     .map_err(|e| map_err(e, what))
 }
 
+/// A flag set when the stream's device goes away, and the error callback that sets it.
+fn death_watch() -> (Arc<AtomicBool>, impl FnMut(cpal::Error) + Send + 'static) {
+    let dead = Arc::new(AtomicBool::new(false));
+    let flag = dead.clone();
+    let err = move |e: cpal::Error| {
+        if matches!(
+            e.kind(),
+            ErrorKind::DeviceNotAvailable | ErrorKind::StreamInvalidated
+        ) {
+            flag.store(true, Ordering::Release);
+        }
+    };
+    (dead, err)
+}
+
+/// A capture stream in sample type `T`, handing `push` mono f32 in [-1, 1).
+fn input_stream<T>(
+    dev: &Device,
+    config: StreamConfig,
+    channels: usize,
+    mut push: impl FnMut(Vec<f32>) + Send + 'static,
+    err: impl FnMut(cpal::Error) + Send + 'static,
+) -> Result<cpal::Stream, cpal::Error>
+where
+    T: SizedSample,
+    f32: FromSample<T>,
+{
+    dev.build_input_stream::<T, _, _>(
+        config,
+        move |data: &[T], _| {
+            let f: Vec<f32> = data.iter().map(|&s| f32::from_sample(s)).collect();
+            push(downmix(&f, channels))
+        },
+        err,
+        None,
+    )
+}
+
+/// A playback stream in sample type `T`, filled from `next(frames)` (mono f32), the same
+/// sample on every channel.
+fn output_stream<T>(
+    dev: &Device,
+    config: StreamConfig,
+    channels: usize,
+    mut next: impl FnMut(usize) -> Vec<f32> + Send + 'static,
+    err: impl FnMut(cpal::Error) + Send + 'static,
+) -> Result<cpal::Stream, cpal::Error>
+where
+    T: SizedSample + FromSample<f32>,
+{
+    dev.build_output_stream::<T, _, _>(
+        config,
+        move |data: &mut [T], _| {
+            let m = next(data.len() / channels);
+            for (frame, s) in data.chunks_mut(channels).zip(m) {
+                frame.fill(T::from_sample(s.clamp(-1.0, 1.0)));
+            }
+        },
+        err,
+        None,
+    )
+}
+
 /// A capture device delivering 48 kHz mono.
 pub struct Microphone {
     name: String,
@@ -135,38 +201,16 @@ impl Microphone {
         let channels = usize::from(sc.channels());
         let config: StreamConfig = sc.into();
         let (tx, chunks) = mpsc::channel::<Vec<f32>>();
-        let dead = Arc::new(AtomicBool::new(false));
-        let dead_cb = dead.clone();
-        let err = move |e: cpal::Error| {
-            if matches!(
-                e.kind(),
-                ErrorKind::DeviceNotAvailable | ErrorKind::StreamInvalidated
-            ) {
-                dead_cb.store(true, Ordering::Release);
-            }
-        };
+        let (dead, err) = death_watch();
         let mut rs = Resampler::new(sc.sample_rate(), AUDIO_RATE);
-        let mut push = move |mono: Vec<f32>| {
+        let push = move |mono: Vec<f32>| {
             let mut out = Vec::with_capacity(mono.len() + 8);
             rs.process(&mono, &mut out);
             let _ = tx.send(out);
         };
         let stream = match sc.sample_format() {
-            SampleFormat::F32 => dev.build_input_stream::<f32, _, _>(
-                config,
-                move |data: &[f32], _| push(downmix(data, channels)),
-                err,
-                None,
-            ),
-            SampleFormat::I16 => dev.build_input_stream::<i16, _, _>(
-                config,
-                move |data: &[i16], _| {
-                    let f: Vec<f32> = data.iter().map(|&s| f32::from(s) / 32768.0).collect();
-                    push(downmix(&f, channels))
-                },
-                err,
-                None,
-            ),
+            SampleFormat::F32 => input_stream::<f32>(&dev, config, channels, push, err),
+            SampleFormat::I16 => input_stream::<i16>(&dev, config, channels, push, err),
             other => {
                 return Err(SourceError::UnsupportedFormat(format!(
                     "{what}: sample format {other}"
@@ -241,7 +285,7 @@ impl Speaker {
         let mut rs = Resampler::new(AUDIO_RATE, sc.sample_rate());
         let mut queue: VecDeque<f32> = VecDeque::new();
         let mut mono = vec![0i16; AUDIO_FRAME_SAMPLES];
-        let mut next = move |frames: usize| -> Vec<f32> {
+        let next = move |frames: usize| -> Vec<f32> {
             while queue.len() < frames {
                 // Never block the audio callback: if the mixer is busy, play silence.
                 match mixer.try_lock() {
@@ -260,39 +304,10 @@ impl Speaker {
             }
             queue.drain(..frames).collect()
         };
-        let dead = Arc::new(AtomicBool::new(false));
-        let dead_cb = dead.clone();
-        let err = move |e: cpal::Error| {
-            if matches!(
-                e.kind(),
-                ErrorKind::DeviceNotAvailable | ErrorKind::StreamInvalidated
-            ) {
-                dead_cb.store(true, Ordering::Release);
-            }
-        };
+        let (dead, err) = death_watch();
         let stream = match sc.sample_format() {
-            SampleFormat::F32 => dev.build_output_stream::<f32, _, _>(
-                config,
-                move |data: &mut [f32], _| {
-                    let m = next(data.len() / channels);
-                    for (frame, s) in data.chunks_mut(channels).zip(m) {
-                        frame.fill(s);
-                    }
-                },
-                err,
-                None,
-            ),
-            SampleFormat::I16 => dev.build_output_stream::<i16, _, _>(
-                config,
-                move |data: &mut [i16], _| {
-                    let m = next(data.len() / channels);
-                    for (frame, s) in data.chunks_mut(channels).zip(m) {
-                        frame.fill((s.clamp(-1.0, 1.0) * 32767.0) as i16);
-                    }
-                },
-                err,
-                None,
-            ),
+            SampleFormat::F32 => output_stream::<f32>(&dev, config, channels, next, err),
+            SampleFormat::I16 => output_stream::<i16>(&dev, config, channels, next, err),
             other => {
                 return Err(SourceError::UnsupportedFormat(format!(
                     "{what}: sample format {other}"
