@@ -72,6 +72,21 @@ impl AudioProcessor {
         }
     }
 
+    /// Runs a recorded far end and microphone through the processor, 10 ms at a time, the
+    /// far end first as it would be played; returns the processed microphone (for
+    /// measurements and tests).
+    pub fn process_recorded(&mut self, far: &[i16], mic: &[i16]) -> Vec<i16> {
+        let mut out = mic.to_vec();
+        for (f, m) in far
+            .chunks_exact(PROCESS_FRAME)
+            .zip(out.chunks_exact_mut(PROCESS_FRAME))
+        {
+            self.render(f);
+            self.capture(m);
+        }
+        out
+    }
+
     /// The delay between a sample being rendered and its echo being captured, if known.
     pub fn set_delay_ms(&mut self, ms: i32) {
         let _ = self.apm.set_stream_delay_ms(ms);
@@ -134,19 +149,6 @@ mod tests {
     use super::signals::{babble, echo};
     use super::*;
 
-    /// Runs far-end `far` and mic `mic` through the processor; returns the processed mic.
-    fn run(p: &mut AudioProcessor, far: &[i16], mic: &[i16]) -> Vec<i16> {
-        let mut out = mic.to_vec();
-        for (f, m) in far
-            .chunks_exact(PROCESS_FRAME)
-            .zip(out.chunks_exact_mut(PROCESS_FRAME))
-        {
-            p.render(f);
-            p.capture(m);
-        }
-        out
-    }
-
     #[test]
     fn echo_is_cancelled_by_20_db_and_double_talk_survives() {
         let secs = 12.0;
@@ -167,7 +169,7 @@ mod tests {
             gain_control: false,
         });
         let t = std::time::Instant::now();
-        let out = run(&mut p, &far, &mic);
+        let out = p.process_recorded(&far, &mic);
         let per_frame = t.elapsed().as_secs_f64() * 1000.0 / (far.len() / PROCESS_FRAME) as f64;
         // After 4 s of convergence, over echo-only sound (4 s .. 9 s).
         let (a, b) = (4 * 48_000, dt_start);

@@ -107,15 +107,8 @@ fn aec() {
         Stages::default(),
     ] {
         let mut p = AudioProcessor::new(stages);
-        let mut out = mic.clone();
         let t = Instant::now();
-        for (f, m) in far
-            .chunks_exact(PROCESS_FRAME)
-            .zip(out.chunks_exact_mut(PROCESS_FRAME))
-        {
-            p.render(f);
-            p.capture(m);
-        }
+        let out = p.process_recorded(&far, &mic);
         let per = t.elapsed().as_secs_f64() * 1000.0 / (far.len() / PROCESS_FRAME) as f64;
         let erle = power_db(&mic[4 * 48_000..dt]) - power_db(&out[4 * 48_000..dt]);
         println!(

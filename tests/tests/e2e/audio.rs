@@ -499,14 +499,7 @@ fn echo_of_real_speech_is_cancelled_by_20_db_and_the_near_talker_keeps_his_level
         noise_suppression: false,
         gain_control: false,
     });
-    let mut out = mic.clone();
-    for (f, m) in far
-        .chunks_exact(PROCESS_FRAME)
-        .zip(out.chunks_exact_mut(PROCESS_FRAME))
-    {
-        p.render(f);
-        p.capture(m);
-    }
+    let out = p.process_recorded(&far, &mic);
     // ERLE over the 10 ms frames with echo to cancel (mic above -50 dBFS), 4 s .. 9 s.
     let (mut pin, mut pout) = (0.0f64, 0.0f64);
     for k in (4 * 48_000 / PROCESS_FRAME)..(dt / PROCESS_FRAME) {
