@@ -581,7 +581,7 @@ impl Engine {
         self.stats
             .sites
             .store(self.peers.len() as u64, Ordering::Relaxed);
-        self.broadcast_meeting(&room);
+        self.send_meeting(&room, Some(conn));
     }
 
     /// Checks a token for `site` joining `room`: the production key first, then (dev only)
@@ -716,6 +716,13 @@ impl Engine {
     /// Sends every member of a room its view of the hands and the floor (and the chairs the
     /// roll-call, once one has started).
     fn broadcast_meeting(&mut self, room: &str) {
+        self.send_meeting(room, None);
+    }
+
+    /// Sends the hands and floor views to every member, or only to `newcomer` (a join
+    /// changes nobody else's view); the chairs also get the roll-call once one runs, since
+    /// who is connected is part of it.
+    fn send_meeting(&mut self, room: &str, newcomer: Option<ConnId>) {
         let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
         let meeting = self.meetings.get(room).cloned().unwrap_or_default();
         let directory = self.cfg.directory.clone();
@@ -733,13 +740,15 @@ impl Engine {
         let total = meeting.hand_count() as u32;
         for m in &members {
             let Some(p) = self.peers.get(m) else { continue };
-            p.send(ServerMessage::Hands {
-                queue: meeting.hands_for(&p.site.id, p.role, info),
-                total,
-            });
-            p.send(ServerMessage::Floor {
-                state: meeting.floor_for(&p.site.id, p.role),
-            });
+            if newcomer.is_none_or(|c| c == *m) {
+                p.send(ServerMessage::Hands {
+                    queue: meeting.hands_for(&p.site.id, p.role, info),
+                    total,
+                });
+                p.send(ServerMessage::Floor {
+                    state: meeting.floor_for(&p.site.id, p.role),
+                });
+            }
             if let (Some(entries), Role::Chair) = (&roll, p.role) {
                 p.send(ServerMessage::RollCall {
                     entries: entries.clone(),
