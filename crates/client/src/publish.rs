@@ -42,9 +42,10 @@ pub struct SendCounters {
     pub video_bitrate: AtomicU64,
 }
 
-/// Shared controls between the room, the capture thread and the writer task.
+/// Shared controls between the room, the capture threads (video and audio) and the writer
+/// tasks.
 #[derive(Debug, Default)]
-pub struct VideoControl {
+pub struct CaptureControl {
     pub force_keyframe: AtomicBool,
     pub stop: AtomicBool,
 }
@@ -66,7 +67,7 @@ pub fn spawn_video_thread(
     mut fallback: Option<VideoFallback>,
     max_bitrate_bps: u32,
     bwe_bps: Arc<AtomicU64>,
-    control: Arc<VideoControl>,
+    control: Arc<CaptureControl>,
     counters: Arc<SendCounters>,
     out: mpsc::Sender<Encoded>,
     errors: mpsc::UnboundedSender<String>,
@@ -165,7 +166,7 @@ pub fn spawn_video_thread(
 pub fn spawn_audio_thread(
     mut source: Box<dyn AudioSource>,
     processor: Option<Arc<std::sync::Mutex<AudioProcessor>>>,
-    stop: Arc<VideoControl>,
+    stop: Arc<CaptureControl>,
     out: mpsc::Sender<Encoded>,
     errors: mpsc::UnboundedSender<String>,
 ) -> std::thread::JoinHandle<()> {
@@ -231,7 +232,7 @@ pub async fn write_track(
     sender: Arc<dyn RtpSender>,
     mut state: watch::Receiver<RTCPeerConnectionState>,
     mut input: mpsc::Receiver<Encoded>,
-    video: Option<Arc<VideoControl>>,
+    video: Option<Arc<CaptureControl>>,
     counters: Arc<SendCounters>,
 ) {
     if state
@@ -285,7 +286,7 @@ pub async fn write_track(
 /// Turns PLI/FIR arriving for our video track into a keyframe on the next frame.
 pub async fn answer_keyframe_requests(
     track: Arc<TrackLocalStaticSample>,
-    control: Arc<VideoControl>,
+    control: Arc<CaptureControl>,
     counters: Arc<SendCounters>,
 ) {
     while let Some(ev) = track.poll().await {
@@ -327,7 +328,7 @@ mod tests {
     #[test]
     fn an_unplugged_camera_gives_way_to_the_test_pattern_without_stopping_the_stream() {
         let cam = Unplugged(SyntheticCamera::new(320, 180, 30, "x").unwrap(), 3);
-        let control = Arc::new(VideoControl::default());
+        let control = Arc::new(CaptureControl::default());
         let (tx, mut rx) = mpsc::channel(64);
         let (etx, mut erx) = mpsc::unbounded_channel();
         let fallback: VideoFallback = Box::new(|| {

@@ -35,7 +35,7 @@ use webrtc::peer_connection::{
 
 use crate::control::{self, ChairResult, Requests};
 use crate::peer::{self, Transports};
-use crate::publish::{self, SendCounters, VideoControl};
+use crate::publish::{self, CaptureControl, SendCounters};
 use crate::receive::{self, Remote};
 use crate::report::{Latency, Received, Report, Sent};
 use crate::signal;
@@ -138,7 +138,7 @@ pub struct Room {
     flushed: Option<tokio::sync::oneshot::Receiver<()>>,
     remote: Arc<Remote>,
     counters: Arc<SendCounters>,
-    video_control: Arc<VideoControl>,
+    capture_control: Arc<CaptureControl>,
     threads: Vec<std::thread::JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     sites_seen: Arc<Mutex<BTreeSet<SiteId>>>,
@@ -426,7 +426,7 @@ impl Room {
             psnr_every: options.psnr_every,
         });
         let counters = Arc::new(SendCounters::default());
-        let video_control = Arc::new(VideoControl::default());
+        let capture_control = Arc::new(CaptureControl::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
         let mut threads = Vec::new();
@@ -502,14 +502,14 @@ impl Room {
                         Some(fallback),
                         options.max_video_bitrate_bps,
                         peer.bwe_bps.clone(),
-                        video_control.clone(),
+                        capture_control.clone(),
                         counters.clone(),
                         tx,
                         err_tx.clone(),
                     ));
                     tasks.push(tokio::spawn(publish::answer_keyframe_requests(
                         track.clone(),
-                        video_control.clone(),
+                        capture_control.clone(),
                         counters.clone(),
                     )));
                     tasks.push(tokio::spawn(publish::write_track(
@@ -517,7 +517,7 @@ impl Room {
                         sender,
                         peer.state.clone(),
                         rx,
-                        Some(video_control.clone()),
+                        Some(capture_control.clone()),
                         counters.clone(),
                     )));
                 }
@@ -540,7 +540,7 @@ impl Room {
                     threads.push(publish::spawn_audio_thread(
                         source,
                         processor.clone(),
-                        video_control.clone(),
+                        capture_control.clone(),
                         tx,
                         err_tx.clone(),
                     ));
@@ -642,7 +642,7 @@ impl Room {
                 flushed: Some(sig.flushed),
                 remote,
                 counters,
-                video_control,
+                capture_control,
                 threads,
                 tasks,
                 sites_seen,
@@ -753,7 +753,7 @@ impl Room {
         if !self.closed.swap(true, Ordering::Relaxed) {
             let _ = self.outbox.send(ClientMessage::Leave);
         }
-        self.video_control.stop.store(true, Ordering::Relaxed);
+        self.capture_control.stop.store(true, Ordering::Relaxed);
         // Let the server hear `leave` before the media path closes.
         if let Some(f) = self.flushed.take() {
             let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
@@ -773,7 +773,7 @@ impl Drop for Room {
     /// A room dropped without [`Room::leave`] (a panic, an early return) still stops its
     /// capture threads, says `leave` and closes the peer connection.
     fn drop(&mut self) {
-        self.video_control.stop.store(true, Ordering::Relaxed);
+        self.capture_control.stop.store(true, Ordering::Relaxed);
         if !self.closed.swap(true, Ordering::Relaxed) {
             let _ = self.outbox.send(ClientMessage::Leave);
         }
