@@ -115,6 +115,10 @@ pub enum RoomEvent {
         site: SiteId,
         picture: Arc<I420Frame>,
     },
+    /// A picture this site is sending (self view; only with [`JoinOptions::deliver_video`]).
+    LocalFrame {
+        picture: Arc<I420Frame>,
+    },
     /// An error the server reported; `fatal` ends the meeting.
     ServerError {
         code: ErrorCode,

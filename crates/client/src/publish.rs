@@ -6,7 +6,7 @@
 //! the encoder's bitrate when it has changed by more than 15 %. A keyframe request (PLI/FIR
 //! from the server) sets a flag the thread checks before encoding.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,37 @@ pub struct SendCounters {
 pub struct CaptureControl {
     pub force_keyframe: AtomicBool,
     pub stop: AtomicBool,
+    /// The person muted the microphone: captured sound is processed but not sent.
+    pub mic_muted: AtomicBool,
+    /// The person turned the camera off: no pictures are read or sent.
+    pub camera_off: AtomicBool,
+    /// Loudness of the last captured sound frame (dBFS as `f32` bits), muted or not, for
+    /// the level meter.
+    pub mic_level: AtomicU32,
+}
+
+impl CaptureControl {
+    /// Loudness of the last captured sound frame in dBFS (-100 when nothing was captured).
+    pub fn mic_level_dbfs(&self) -> f32 {
+        match self.mic_level.load(Ordering::Relaxed) {
+            0 => -100.0,
+            bits => f32::from_bits(bits),
+        }
+    }
+}
+
+/// Loudness of 16-bit samples in dBFS (-100 for silence).
+pub fn level_dbfs(samples: &[i16]) -> f32 {
+    if samples.is_empty() {
+        return -100.0;
+    }
+    let sum: f64 = samples.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
+    let rms = (sum / samples.len() as f64).sqrt() / 32768.0;
+    if rms <= 1e-5 {
+        -100.0
+    } else {
+        (20.0 * rms.log10()) as f32
+    }
 }
 
 /// Bitrate the video encoder may use given the estimate for the whole connection.
@@ -71,6 +102,7 @@ pub fn spawn_video_thread(
     counters: Arc<SendCounters>,
     out: mpsc::Sender<Encoded>,
     errors: mpsc::UnboundedSender<String>,
+    self_view: Option<mpsc::UnboundedSender<crate::RoomEvent>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("video-capture".into())
@@ -91,7 +123,17 @@ pub fn spawn_video_thread(
                 .video_bitrate
                 .store(u64::from(start_bps), Ordering::Relaxed);
             let duration = Duration::from_secs_f64(1.0 / f64::from(fps.max(1)));
+            let mut was_off = false;
             while !control.stop.load(Ordering::Relaxed) {
+                if control.camera_off.load(Ordering::Relaxed) {
+                    was_off = true;
+                    std::thread::sleep(duration);
+                    continue;
+                }
+                if std::mem::take(&mut was_off) {
+                    // The others' decoders need a fresh start after the gap.
+                    control.force_keyframe.store(true, Ordering::Relaxed);
+                }
                 let frame = match source.read() {
                     Ok(f) => f,
                     // Any camera failure (gone, or frames it cannot decode) gives way to the
@@ -137,6 +179,11 @@ pub fn spawn_video_thread(
                 }
                 if control.force_keyframe.swap(false, Ordering::Relaxed) {
                     enc.force_keyframe();
+                }
+                if let Some(view) = &self_view {
+                    let _ = view.send(crate::RoomEvent::LocalFrame {
+                        picture: Arc::new(frame.picture.clone()),
+                    });
                 }
                 match enc.encode(&frame.picture) {
                     Ok(Some(au)) => {
@@ -196,6 +243,11 @@ pub fn spawn_audio_thread(
                     if let Ok(mut p) = p.lock() {
                         p.capture(&mut frame.samples);
                     }
+                }
+                stop.mic_level
+                    .store(level_dbfs(&frame.samples).to_bits(), Ordering::Relaxed);
+                if stop.mic_muted.load(Ordering::Relaxed) {
+                    continue;
                 }
                 match enc.encode(&frame.samples) {
                     Ok(pkt) => {
@@ -343,6 +395,7 @@ mod tests {
             Arc::new(SendCounters::default()),
             tx,
             etx,
+            None,
         );
         let mut frames = 0;
         while frames < 10 {

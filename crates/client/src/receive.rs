@@ -37,6 +37,9 @@ pub struct SiteCounters {
     pub audio_verified: u64,
     /// Time from the start of the join to this site's first verified picture.
     pub first_verified: Option<Duration>,
+    /// Loudness of the loudest recent sound frame (dBFS), and when it was heard.
+    pub audio_level_dbfs: f32,
+    pub audio_loud_at: Option<Instant>,
 }
 
 /// State shared by the receive tasks and the room.
@@ -169,8 +172,17 @@ pub async fn run_track(
                             continue;
                         };
                         let tone = detect_tone(&pcm).is_some();
+                        let level = crate::publish::level_dbfs(&pcm);
                         let mut sites = remote.sites.lock().expect("site counters lock poisoned");
                         let c = sites.entry(site).or_default();
+                        // Speaking indicator: hold the loudest level for 300 ms.
+                        let stale = c
+                            .audio_loud_at
+                            .is_none_or(|t| t.elapsed() > Duration::from_millis(300));
+                        if stale || level >= c.audio_level_dbfs {
+                            c.audio_level_dbfs = level;
+                            c.audio_loud_at = Some(Instant::now());
+                        }
                         c.audio_frames += 1;
                         if tone {
                             c.audio_verified += 1;

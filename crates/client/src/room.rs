@@ -506,6 +506,7 @@ impl Room {
                         counters.clone(),
                         tx,
                         err_tx.clone(),
+                        options.deliver_video.then(|| events_tx.clone()),
                     ));
                     tasks.push(tokio::spawn(publish::answer_keyframe_requests(
                         track.clone(),
@@ -740,6 +741,38 @@ impl Room {
     /// Gives a chair command (refused by the server unless this site is the chair).
     pub async fn chair(&self, command: ChairCommand) -> ChairResult {
         control::send_command(&self.outbox, &self.requests, command).await
+    }
+
+    /// Stops (or resumes) sending the microphone; the level meter keeps working.
+    pub fn set_mic_muted(&self, muted: bool) {
+        self.capture_control
+            .mic_muted
+            .store(muted, Ordering::Relaxed);
+    }
+
+    /// Stops (or resumes) reading and sending the camera.
+    pub fn set_camera_off(&self, off: bool) {
+        self.capture_control
+            .camera_off
+            .store(off, Ordering::Relaxed);
+    }
+
+    /// Loudness of the local microphone (dBFS), muted or not.
+    pub fn mic_level_dbfs(&self) -> f32 {
+        self.capture_control.mic_level_dbfs()
+    }
+
+    /// The remote sites heard within `window` above `threshold_dbfs` (speaking indicators).
+    pub fn speaking(&self, window: Duration, threshold_dbfs: f32) -> Vec<SiteId> {
+        let sites = self.remote.sites.lock().expect("lock poisoned");
+        sites
+            .iter()
+            .filter(|(_, c)| {
+                c.audio_loud_at
+                    .is_some_and(|t| t.elapsed() <= window && c.audio_level_dbfs >= threshold_dbfs)
+            })
+            .map(|(s, _)| s.clone())
+            .collect()
     }
 
     /// The hand queue and floor as last seen.

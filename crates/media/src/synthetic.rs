@@ -132,10 +132,15 @@ impl VideoSource for SyntheticCamera {
 
     fn read(&mut self) -> Result<VideoFrame, SourceError> {
         let start = *self.start.get_or_insert_with(Instant::now);
-        let due = start + Duration::from_secs_f64(f64::from(self.next) / f64::from(self.fps));
+        let since_start = |n: u32| Duration::from_secs_f64(f64::from(n) / f64::from(self.fps));
+        let due = start + since_start(self.next);
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
+        } else if now - due > since_start(2) {
+            // Not read for a while (camera turned off, a stalled encoder): like a real
+            // camera, carry on from now rather than deliver the missed frames in a burst.
+            self.start = now.checked_sub(since_start(self.next));
         }
         Ok(self.frame_now())
     }
@@ -388,5 +393,24 @@ mod tests {
     fn synthetic_camera_refuses_tiny_pictures() {
         assert!(SyntheticCamera::new(64, 48, 15, "x").is_err());
         assert!(SyntheticCamera::new(640, 360, 15, "x").is_ok());
+    }
+
+    #[test]
+    fn a_paused_synthetic_camera_resumes_at_its_pace_without_a_burst() {
+        let mut cam = SyntheticCamera::new(320, 180, 20, "x").unwrap();
+        cam.read().unwrap();
+        // Not read for 10 frame times (the camera was turned off).
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        for _ in 0..5 {
+            cam.read().unwrap();
+        }
+        // Five frames at 20 fps take at least four intervals (200 ms); a burst of the ten
+        // missed frames would return at once.
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

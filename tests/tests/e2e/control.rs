@@ -651,3 +651,113 @@ async fn the_audit_log_survives_a_restart() {
         .any(|e| e.action == "lower-all" && e.outcome == "ok"));
     second.stop();
 }
+
+fn video_from(r: &diemcau_client::Report, site: &str) -> u64 {
+    r.received
+        .iter()
+        .find(|x| x.site == site)
+        .map_or(0, |x| x.video_frames)
+}
+
+/// The app's mute and camera buttons: the site stops sending that kind (the others receive
+/// none of it while the other kind keeps flowing), and both come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_and_camera_off_stop_what_the_others_receive_until_turned_back_on() {
+    let _guard = MEDIA.lock().await;
+    let server = server_with(true, None, Directory::sample(), None).await;
+    let (a, _ae) = diemcau_e2e::join(&server, "xa-tat-tieng", "phong-tat").await;
+    let (b, _be) = diemcau_e2e::join(&server, "xa-nghe", "phong-tat").await;
+    until_verified(&b, &["xa-tat-tieng"], Duration::from_secs(15)).await;
+    // The tone is loud enough to light the speaking indicator.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !b
+        .speaking(Duration::from_millis(400), -45.0)
+        .contains(&"xa-tat-tieng".to_string())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never seen speaking"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        a.mic_level_dbfs() > -45.0,
+        "mic level {}",
+        a.mic_level_dbfs()
+    );
+
+    a.set_mic_muted(true);
+    settle(&b, "xa-tat-tieng").await;
+    let r0 = b.report().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r1 = b.report().await;
+    assert_eq!(
+        audio_from(&r1, "xa-tat-tieng"),
+        audio_from(&r0, "xa-tat-tieng")
+    );
+    assert!(video_from(&r1, "xa-tat-tieng") - video_from(&r0, "xa-tat-tieng") > 15);
+    assert!(
+        !b.speaking(Duration::from_millis(400), -45.0)
+            .contains(&"xa-tat-tieng".to_string()),
+        "a muted site is not speaking"
+    );
+    // The level meter keeps working while muted (people check their mic before unmuting).
+    assert!(a.mic_level_dbfs() > -45.0);
+
+    a.set_mic_muted(false);
+    a.set_camera_off(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while audio_from(&b.report().await, "xa-tat-tieng") < audio_from(&r1, "xa-tat-tieng") + 50 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sound did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pictures already on their way land, then none.
+    let mut last = video_from(&b.report().await, "xa-tat-tieng");
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let now = video_from(&b.report().await, "xa-tat-tieng");
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let r2 = b.report().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r3 = b.report().await;
+    assert_eq!(
+        video_from(&r3, "xa-tat-tieng"),
+        video_from(&r2, "xa-tat-tieng")
+    );
+    assert!(audio_from(&r3, "xa-tat-tieng") - audio_from(&r2, "xa-tat-tieng") > 50);
+
+    // Camera back on: a fresh keyframe, so the pictures verify again at once.
+    a.set_camera_off(false);
+    let before = r3
+        .received
+        .iter()
+        .find(|x| x.site == "xa-tat-tieng")
+        .map_or(0, |x| x.video_frames_verified);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = b.report().await;
+        let v = r
+            .received
+            .iter()
+            .find(|x| x.site == "xa-tat-tieng")
+            .map_or(0, |x| x.video_frames_verified);
+        if v >= before + 15 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pictures did not come back: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.leave().await;
+    b.leave().await;
+    server.stop();
+}

@@ -98,6 +98,29 @@ struct JoinArgs {
     accept_unmute: bool,
 }
 
+/// Resolves on Ctrl-C, or SIGTERM on Unix.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn devices(json: bool) -> ExitCode {
     use diemcau_media::audio_device::{list_inputs, list_outputs};
     let inputs = list_inputs().unwrap_or_else(|e| {
@@ -397,9 +420,16 @@ async fn join(args: JoinArgs) -> ExitCode {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     let mut lost = false;
+    // Ctrl-C (SIGINT) or SIGTERM ends the meeting early, report and all.
+    let stop = stop_signal();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut deadline => break,
+            _ = &mut stop => {
+                eprintln!("[{}] Dừng theo yêu cầu", args.site);
+                break;
+            }
             _ = &mut hand_at, if hand_pending => {
                 hand_pending = false;
                 room.raise_hand();
@@ -433,6 +463,15 @@ async fn join(args: JoinArgs) -> ExitCode {
                     RoomEvent::Hands { queue, total } => {
                         if let Some(me) = queue.iter().find(|h| h.site == args.site) {
                             eprintln!("[{}] Tay của bạn: thứ {} / {total}", args.site, me.place);
+                        }
+                        // A chair or district sees the others' hands too.
+                        let others: Vec<&str> = queue
+                            .iter()
+                            .filter(|h| h.site != args.site)
+                            .map(|h| h.site.as_str())
+                            .collect();
+                        if !others.is_empty() {
+                            eprintln!("[{}] Hàng chờ phát biểu: {}", args.site, others.join(", "));
                         }
                     }
                     RoomEvent::Floor { state } => {
