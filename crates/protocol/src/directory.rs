@@ -171,11 +171,21 @@ impl Directory {
     /// The wire description of a site in the directory.
     pub fn site_info(&self, id: &str) -> Option<SiteInfo> {
         let e = self.sites.get(id)?;
+        let path = self.path(id);
+        let path_names = path
+            .iter()
+            .map(|a| {
+                self.sites
+                    .get(a)
+                    .map_or_else(|| a.clone(), |s| s.name.clone())
+            })
+            .collect();
         Some(SiteInfo {
             id: e.id.clone(),
             name: e.name.clone(),
             level: e.level,
-            path: self.path(id),
+            path,
+            path_names,
         })
     }
 

@@ -55,6 +55,11 @@ pub struct SiteInfo {
     pub level: Level,
     /// Ancestor ids from the root down (empty for the root).
     pub path: Vec<SiteId>,
+    /// The ancestors' names, in the same order (so a roster can head a group with its
+    /// district's name even when the district is not in the room). Optional on the wire
+    /// (servers before it omit it); empty for sites not in the directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_names: Vec<String>,
 }
 
 /// Media kind of a slot.

@@ -258,6 +258,7 @@ mod tests {
             name: site.into(),
             level: Level::Commune,
             path: vec![],
+            path_names: Vec::new(),
         })
     }
 

@@ -523,6 +523,7 @@ impl Engine {
             name: site.clone(),
             level: Level::Commune,
             path: Vec::new(),
+            path_names: Vec::new(),
         });
         let others: Vec<SiteInfo> = members
             .iter()
@@ -732,6 +733,7 @@ impl Engine {
                 name: s.into(),
                 level: Level::Commune,
                 path: Vec::new(),
+                path_names: Vec::new(),
             })
         };
         let roll = meeting
