@@ -100,6 +100,33 @@ pub async fn until_verified(room: &Room, from: &[&str], timeout: Duration) {
     }
 }
 
+pub mod desktop;
+
+pub use desktop::Proc;
+
+/// The real `diemcau-server --dev` binary on a free loopback port, and its `ws://` address.
+pub fn spawn_dev_server() -> (Proc, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(workspace_bin("diemcau-server"))
+        .args(["--dev", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("diemcau-server starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let child = Proc(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("server prints its address");
+    let url = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, url)
+}
+
 /// A raw signalling connection: what a site says and hears, without media.
 pub mod raw {
     use std::time::Duration;

@@ -1,6 +1,10 @@
 //! `diemcau-bench`: the figures in docs/benchmarks.md. Not a test: it measures and prints.
 //!
 //! Run: `cargo run --release -p diemcau-e2e --bin diemcau-bench [-- codec|aec|latency|join|server]`
+//!
+//! `app` (only when asked for: it needs the desktop app built, `cargo build --release -p
+//! diemcau-app`) measures the app's memory (PSS over all its processes) idle and in a 4-site
+//! call, and its CPU.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +41,170 @@ fn main() {
     }
     if want("server") {
         server_cpu(&rt);
+    }
+    if which.iter().any(|w| w == "app") {
+        app::run();
+    }
+}
+
+/// The desktop app's footprint: PSS summed over the app and its WebKit processes (RSS would
+/// count the shared libraries once per process), and CPU time per process kind.
+mod app {
+    use std::collections::BTreeMap;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use diemcau_e2e::desktop::{AppEnv, Display};
+    use diemcau_e2e::{spawn_dev_server, workspace_bin, Proc};
+
+    /// The pid and every descendant of it.
+    fn tree(root: u32) -> Vec<u32> {
+        let mut parent = BTreeMap::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // pid (comm) state ppid …: comm may hold spaces, so cut after the last ')'.
+                if let Some(rest) = stat.rsplit_once(')').map(|x| x.1) {
+                    if let Some(ppid) = rest
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|p| p.parse::<u32>().ok())
+                    {
+                        parent.insert(pid, ppid);
+                    }
+                }
+            }
+        }
+        let mut out = vec![root];
+        let mut i = 0;
+        while i < out.len() {
+            let p = out[i];
+            out.extend(parent.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+            i += 1;
+        }
+        out
+    }
+
+    fn name(pid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn pss_kib(pid: u32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Pss:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// utime + stime in seconds.
+    fn cpu_s(pid: u32) -> f64 {
+        let tick = 100.0; // USER_HZ on Linux
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_string();
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let u: f64 = f.get(11)?.parse().ok()?;
+                let k: f64 = f.get(12)?.parse().ok()?;
+                Some((u + k) / tick)
+            })
+            .unwrap_or(0.0)
+    }
+
+    fn measure(label: &str, root: u32, window: Duration) {
+        let pids = tree(root);
+        let before: Vec<(u32, f64)> = pids.iter().map(|&p| (p, cpu_s(p))).collect();
+        let t0 = Instant::now();
+        std::thread::sleep(window);
+        let wall = t0.elapsed().as_secs_f64();
+        let mut pss_total = 0;
+        let mut by_kind: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        for (p, c0) in before {
+            let kind = name(p);
+            let pss = pss_kib(p);
+            let cpu = (cpu_s(p) - c0) / wall * 100.0;
+            pss_total += pss;
+            let e = by_kind.entry(kind).or_default();
+            e.0 += pss;
+            e.1 += cpu;
+        }
+        println!(
+            "app {label}: PSS {:.0} MB over {} processes",
+            pss_total as f64 / 1024.0,
+            by_kind.len()
+        );
+        for (k, (pss, cpu)) in by_kind {
+            println!(
+                "  {k:<22} PSS {:>6.0} MB  CPU {cpu:>5.1} % of a core",
+                pss as f64 / 1024.0
+            );
+        }
+    }
+
+    pub fn run() {
+        let (_server, url) = spawn_dev_server();
+        let display = Display::start();
+        let bin = workspace_bin("diemcau");
+        let start = |name: &str, args: &[&str]| {
+            let env = AppEnv::new(name, &display, "");
+            let mut cmd = Command::new(&bin);
+            cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+            for (k, v) in &env.vars {
+                cmd.env(k, v);
+            }
+            (Proc(cmd.spawn().expect("the app starts")), env)
+        };
+
+        // Idle: the pre-join screen (camera preview: the test pattern here, no camera).
+        let (idle, _env) = start("bench-idle", &["--server", &url, "--site", "xa-nhan-roi"]);
+        std::thread::sleep(Duration::from_secs(15));
+        measure(
+            "idle (pre-join screen)",
+            idle.0.id(),
+            Duration::from_secs(10),
+        );
+        drop(idle);
+
+        // A 4-site call: four headless sites at 360p15, the app shows their four tiles.
+        let sites: Vec<Proc> = ["tp-vinh", "nam-dan", "nghi-loc", "dien-chau"]
+            .iter()
+            .map(|s| {
+                Proc(
+                    Command::new(workspace_bin("diemcau-cli"))
+                        .args(["join", "--server", &url, "--site", s, "--room", "hop-tinh"])
+                        .args(["--video", "synthetic:640x360@15", "--audio", "synthetic"])
+                        .args(["--duration", "120"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("diemcau-cli starts"),
+                )
+            })
+            .collect();
+        let (call, env) = start(
+            "bench-call",
+            &["--join", "--server", &url, "--site", "nam-dan-kim-lien"],
+        );
+        std::thread::sleep(Duration::from_secs(20));
+        measure(
+            "in a 4-site call (4 × 360p15 tiles)",
+            call.0.id(),
+            Duration::from_secs(20),
+        );
+        drop(call);
+        drop(sites);
+        let log = env.log_text();
+        let joined = log.contains("joining");
+        println!("  (app log says it joined: {joined})");
     }
 }
 

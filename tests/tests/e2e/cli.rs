@@ -7,34 +7,7 @@ use std::process::{Child, Command, Stdio};
 use diemcau_e2e::{workspace_bin, MEDIA};
 use serde_json::Value;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server() -> (Killed, String) {
-    let mut child = Command::new(workspace_bin("diemcau-server"))
-        .args(["--dev", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("diemcau-server starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("server prints its address");
-    let url = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (Killed(child), url)
-}
+use diemcau_e2e::spawn_dev_server as start_server;
 
 fn cli_join(url: &str, site: &str, duration: &str, extra: &[&str]) -> Child {
     Command::new(workspace_bin("diemcau-cli"))
@@ -261,7 +234,7 @@ fn production_server_keys_tokens_chair_cli_and_roll_call_csv() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let _server = Killed(child);
+    let _server = diemcau_e2e::Proc(child);
     let url = line.trim().strip_prefix("listening ").unwrap().to_string();
 
     // A commune's chair command: refused, non-zero exit, the reason in Vietnamese.

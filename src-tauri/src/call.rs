@@ -1,0 +1,377 @@
+//! The meeting as the window sees it: joins through `diemcau-client`, turns [`RoomEvent`]s
+//! into typed `call` events for the UI, and pictures into binary channel messages.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diemcau_client::{AudioInput, JoinOptions, Room, RoomEvent, SpeakerOutput, VideoInput};
+use diemcau_protocol::{FloorState, Hand, Level, Role, RollEntry, SiteInfo};
+use serde::Serialize;
+use tauri::ipc::{Channel, InvokeResponseBody};
+use tauri::{AppHandle, Emitter};
+use tokio::sync::{mpsc, Mutex};
+use tracing::{info, warn};
+
+use crate::frames::{self, Pacer};
+use crate::settings::Settings;
+
+/// A site as the roster shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteView {
+    pub id: String,
+    pub name: String,
+    pub level: Level,
+    /// Ancestor ids from the province down, and their names.
+    pub path: Vec<String>,
+    pub path_names: Vec<String>,
+}
+
+impl From<SiteInfo> for SiteView {
+    fn from(s: SiteInfo) -> Self {
+        SiteView {
+            id: s.id,
+            name: s.name,
+            level: s.level,
+            path: s.path,
+            path_names: s.path_names,
+        }
+    }
+}
+
+/// How the link is doing, for the indicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    Good,
+    Fair,
+    Poor,
+    /// Nothing to judge yet (no media, or alone in the room).
+    Unknown,
+}
+
+/// Judges the link from what was received since the last look: lost pictures and delay.
+pub fn judge(frames: u64, lost: u64, latency_p95_ms: Option<f64>, tcp: bool) -> Quality {
+    if frames + lost == 0 {
+        return Quality::Unknown;
+    }
+    let loss = lost as f64 / (frames + lost) as f64;
+    let delay = latency_p95_ms.unwrap_or(0.0);
+    if loss > 0.10 || delay > 400.0 {
+        Quality::Poor
+    } else if loss > 0.02 || delay > 150.0 || tcp {
+        Quality::Fair
+    } else {
+        Quality::Good
+    }
+}
+
+/// What the window hears about the meeting (event name `call`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CallEvent {
+    Joined {
+        you: SiteView,
+        role: Role,
+        sites: Vec<SiteView>,
+    },
+    SiteJoined {
+        site: SiteView,
+    },
+    SiteLeft {
+        site: String,
+    },
+    /// ICE and DTLS are up.
+    MediaConnected,
+    Hands {
+        queue: Vec<Hand>,
+        total: u32,
+    },
+    Floor {
+        state: FloorState,
+    },
+    AskUnmute {
+        by: String,
+    },
+    /// The roll-call (the chair only).
+    RollCall {
+        entries: Vec<RollEntry>,
+    },
+    /// Twice a second: who is speaking, the mic level, the link.
+    Status {
+        speaking: Vec<String>,
+        mic_dbfs: f32,
+        quality: Quality,
+        transport: Option<String>,
+        bitrate_kbps: u64,
+    },
+    /// Something a person should read (device gone, fallback picture…), in Vietnamese.
+    Notice {
+        message: String,
+    },
+    Error {
+        message: String,
+        fatal: bool,
+    },
+    /// The meeting ended for this site.
+    Ended {
+        reason: String,
+    },
+}
+
+/// The call in progress, if any.
+#[derive(Default)]
+pub struct Call {
+    room: Mutex<Option<Arc<Room>>>,
+    pump: std::sync::Mutex<Vec<tauri::async_runtime::JoinHandle<()>>>,
+    /// The last report of the last call (JSON), for diagnostics.
+    pub last_report: std::sync::Mutex<Option<serde_json::Value>>,
+}
+
+/// The join options for these settings: the configured camera (the labelled test pattern
+/// when it cannot be opened), microphone and speaker.
+pub fn options(s: &Settings) -> Result<JoinOptions, String> {
+    let site = s
+        .site
+        .clone()
+        .ok_or("Chưa đặt mã điểm cầu trong phần Cài đặt.")?;
+    let mut o = JoinOptions::synthetic(&site, &s.room_or_default());
+    o.token = s.token.clone();
+    o.secret = s.secret.clone();
+    o.video = if s.no_camera == Some(true) {
+        VideoInput::None
+    } else {
+        VideoInput::Camera {
+            index: s.camera.unwrap_or(0),
+            width: 640,
+            height: 360,
+            fps: 15,
+        }
+    };
+    o.audio = AudioInput::Mic(s.microphone.clone());
+    o.speaker = match &s.speaker {
+        Some(id) => SpeakerOutput::Device(id.clone()),
+        None => SpeakerOutput::Default,
+    };
+    o.deliver_video = true;
+    o.psnr_every = 0;
+    Ok(o)
+}
+
+impl Call {
+    pub async fn room(&self) -> Option<Arc<Room>> {
+        self.room.lock().await.clone()
+    }
+
+    /// Joins; returns once the server has let us in (media then comes up by itself).
+    pub async fn join(
+        self: &Arc<Self>,
+        app: AppHandle,
+        settings: &Settings,
+        frames_out: Channel<InvokeResponseBody>,
+    ) -> Result<(), String> {
+        let mut slot = self.room.lock().await;
+        if slot.is_some() {
+            return Err("Điểm cầu đang ở trong cuộc họp.".into());
+        }
+        let server = settings
+            .server
+            .clone()
+            .ok_or("Chưa đặt địa chỉ máy chủ trong phần Cài đặt.")?;
+        let opts = options(settings)?;
+        info!(%server, site = %opts.site, room = %opts.room, "joining");
+        let (room, events) = Room::connect(&server, opts).await.map_err(|e| {
+            warn!("join failed: {e}");
+            e.vi()
+        })?;
+        let room = Arc::new(room);
+        *slot = Some(room.clone());
+        drop(slot);
+        let me = self.clone();
+        let pump = tauri::async_runtime::spawn(me.clone().pump(app.clone(), events, frames_out));
+        let status = tauri::async_runtime::spawn(me.status(app, Arc::downgrade(&room)));
+        self.pump
+            .lock()
+            .expect("lock poisoned")
+            .extend([pump, status]);
+        Ok(())
+    }
+
+    /// Leaves (if in a call) and keeps the report.
+    pub async fn leave(&self) -> Option<serde_json::Value> {
+        let room = self.room.lock().await.take()?;
+        for t in self.pump.lock().expect("lock poisoned").drain(..) {
+            t.abort();
+        }
+        // A command in flight may hold the room for a moment; the status task holds only a
+        // weak reference.
+        let mut room = room;
+        let report = loop {
+            match Arc::try_unwrap(room) {
+                Ok(r) => break r.leave().await,
+                Err(r) => {
+                    room = r;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let json = serde_json::to_value(&report).ok();
+        *self.last_report.lock().expect("lock poisoned") = json.clone();
+        info!("left the meeting");
+        json
+    }
+
+    async fn pump(
+        self: Arc<Self>,
+        app: AppHandle,
+        mut events: mpsc::UnboundedReceiver<RoomEvent>,
+        frames_out: Channel<InvokeResponseBody>,
+    ) {
+        let mut pacer = Pacer::new(15);
+        let emit = |e: CallEvent| {
+            if let Err(err) = app.emit("call", e) {
+                warn!("emit: {err}");
+            }
+        };
+        while let Some(ev) = events.recv().await {
+            match ev {
+                RoomEvent::VideoFrame { site, picture } => {
+                    if pacer.admit(&site, Instant::now()) {
+                        let msg = frames::pack(frames::KIND_REMOTE, &site, &picture);
+                        let _ = frames_out.send(InvokeResponseBody::Raw(msg));
+                    }
+                }
+                RoomEvent::LocalFrame { picture } => {
+                    if pacer.admit("", Instant::now()) {
+                        let msg = frames::pack(frames::KIND_SELF, "", &picture);
+                        let _ = frames_out.send(InvokeResponseBody::Raw(msg));
+                    }
+                }
+                RoomEvent::Joined { you, role, sites } => emit(CallEvent::Joined {
+                    you: you.into(),
+                    role,
+                    sites: sites.into_iter().map(Into::into).collect(),
+                }),
+                RoomEvent::SiteJoined { site } => emit(CallEvent::SiteJoined { site: site.into() }),
+                RoomEvent::SiteLeft { site, .. } => {
+                    pacer.forget(&site);
+                    emit(CallEvent::SiteLeft { site })
+                }
+                RoomEvent::MediaConnected => emit(CallEvent::MediaConnected),
+                RoomEvent::Hands { queue, total } => emit(CallEvent::Hands { queue, total }),
+                RoomEvent::Floor { state } => emit(CallEvent::Floor { state }),
+                RoomEvent::AskUnmute { by } => emit(CallEvent::AskUnmute { by }),
+                RoomEvent::RollCall { entries } => emit(CallEvent::RollCall { entries }),
+                RoomEvent::DeviceError { message } => emit(CallEvent::Notice { message }),
+                RoomEvent::ServerError {
+                    code,
+                    message,
+                    fatal,
+                } => {
+                    warn!(?code, %message, fatal, "server error");
+                    emit(CallEvent::Error {
+                        message: code.vi().to_string(),
+                        fatal,
+                    });
+                    if fatal {
+                        break;
+                    }
+                }
+                RoomEvent::Disconnected { reason } => {
+                    warn!(%reason, "disconnected");
+                    break;
+                }
+                RoomEvent::TrackAdded { .. }
+                | RoomEvent::TrackRemoved { .. }
+                | RoomEvent::FirstVerifiedFrame { .. } => {}
+            }
+        }
+        // The meeting ended under us (server gone, removed, media failed).
+        let was_in = self.room.lock().await.is_some();
+        if was_in {
+            let call = self.clone();
+            tauri::async_runtime::spawn(async move { call.leave().await });
+            emit(CallEvent::Ended {
+                reason: "Cuộc họp đã kết thúc hoặc mất kết nối tới máy chủ.".into(),
+            });
+        }
+    }
+
+    async fn status(self: Arc<Self>, app: AppHandle, room: std::sync::Weak<Room>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_seen = (0u64, 0u64);
+        let mut quality = Quality::Unknown;
+        let mut transport = None;
+        let mut bitrate_kbps = 0;
+        for n in 0u64.. {
+            tick.tick().await;
+            let Some(room) = room.upgrade() else { break };
+            if n % 4 == 0 {
+                let report = room.report().await;
+                let frames: u64 = report.received.iter().map(|r| r.video_frames).sum();
+                let lost: u64 = report.received.iter().map(|r| r.video_frames_lost).sum();
+                let tcp = report.transport.as_deref() == Some("tcp");
+                quality = judge(
+                    frames - last_seen.0.min(frames),
+                    lost - last_seen.1.min(lost),
+                    report.latency_ms.p95,
+                    tcp,
+                );
+                last_seen = (frames, lost);
+                transport = report.transport.clone();
+                bitrate_kbps = report.sent.video_bitrate_bps / 1000;
+                *self.last_report.lock().expect("lock poisoned") =
+                    serde_json::to_value(&report).ok();
+            }
+            let e = CallEvent::Status {
+                speaking: room.speaking(Duration::from_millis(400), -45.0),
+                mic_dbfs: room.mic_level_dbfs(),
+                quality,
+                transport: transport.clone(),
+                bitrate_kbps,
+            };
+            if app.emit("call", e).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quality_follows_loss_delay_and_tcp() {
+        assert_eq!(judge(0, 0, None, false), Quality::Unknown);
+        assert_eq!(judge(300, 0, Some(40.0), false), Quality::Good);
+        assert_eq!(judge(300, 0, Some(40.0), true), Quality::Fair);
+        assert_eq!(judge(95, 5, Some(40.0), false), Quality::Fair);
+        assert_eq!(judge(80, 20, Some(40.0), false), Quality::Poor);
+        assert_eq!(judge(300, 0, Some(500.0), false), Quality::Poor);
+    }
+
+    #[test]
+    fn the_settings_become_join_options() {
+        let s = Settings {
+            server: Some("ws://127.0.0.1:7600".into()),
+            site: Some("xa-a".into()),
+            camera: Some(2),
+            microphone: Some("alsa:testmic".into()),
+            ..Default::default()
+        };
+        let o = options(&s).unwrap();
+        assert_eq!(o.room, crate::settings::DEFAULT_ROOM);
+        assert!(matches!(o.video, VideoInput::Camera { index: 2, .. }));
+        assert_eq!(o.audio, AudioInput::Mic(Some("alsa:testmic".into())));
+        assert_eq!(o.speaker, SpeakerOutput::Default);
+        assert!(o.deliver_video);
+        let none = Settings {
+            no_camera: Some(true),
+            ..s
+        };
+        assert_eq!(options(&none).unwrap().video, VideoInput::None);
+        assert!(options(&Settings::default())
+            .unwrap_err()
+            .contains("mã điểm cầu"));
+    }
+}

@@ -1,0 +1,501 @@
+//! The desktop app `diemcau`, for real: WebKitGTK under Xvfb, driven over WebDriver
+//! (tauri-driver + WebKitWebDriver), against the real `diemcau-server --dev` and headless
+//! `diemcau-cli` sites. Screenshots go to `test-output/`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use diemcau_e2e::desktop::{output_dir, AppEnv, Display, Session, APP};
+use diemcau_e2e::{dev_token, spawn_dev_server, workspace_bin, Proc};
+use diemcau_protocol::Role;
+use serde_json::Value;
+
+const APP_SITE: &str = "nam-dan-kim-lien";
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    APP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A headless site: its stderr lines arrive on a channel, its JSON report on stop.
+struct Cli {
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Cli {
+    fn join(url: &str, site: &str, room: &str, extra: &[&str]) -> Cli {
+        let mut child = Command::new(workspace_bin("diemcau-cli"))
+            .args(["join", "--server", url, "--site", site, "--room", room])
+            .args(["--duration", "600", "--report", "json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("diemcau-cli starts");
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Cli {
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line that `pick` accepts.
+    fn wait_line(&mut self, timeout: Duration, what: &str, pick: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pick(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {what}; the site said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// SIGTERM: the site leaves and prints its report.
+    fn stop(mut self) -> Value {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM");
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut out)
+            .expect("report");
+        let status = child.wait().expect("cli exits");
+        assert!(status.success(), "diemcau-cli exited with {status}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What the report says was received from `site`.
+fn received_from<'a>(report: &'a Value, site: &str) -> &'a Value {
+    report["received"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["site"] == site))
+        .unwrap_or_else(|| panic!("nothing received from {site}: {report}"))
+}
+
+fn machine_config(url: &str, room: &str, portal: Option<&str>) -> String {
+    let mut s = format!("server = \"{url}\"\nsite = \"{APP_SITE}\"\nroom = \"{room}\"\n");
+    if let Some(p) = portal {
+        s.push_str(&format!("portal_url = \"{p}\"\n"));
+    }
+    s
+}
+
+fn app_bin() -> std::path::PathBuf {
+    workspace_bin("diemcau")
+}
+
+const PREJOIN_READY: &str = "const s = document.getElementById('screen-prejoin'); \
+     return !!s && !s.hidden && document.getElementById('join').textContent.length > 0";
+
+#[test]
+fn the_app_joins_shows_moving_video_raises_a_hand_and_is_verified_by_a_headless_site() {
+    let _g = lock();
+    let (_server, url) = spawn_dev_server();
+    let room = "hop-app";
+    let chair = dev_token("nghe-an", Role::Chair, room);
+    let mut cli = Cli::join(&url, "nghe-an", room, &["--token", &chair]);
+    cli.wait_line(Duration::from_secs(30), "the chair site to join", |l| {
+        l.contains("Đã tham gia")
+    });
+
+    let display = Display::start();
+    let env = AppEnv::new("call", &display, &machine_config(&url, room, None));
+    let app = Session::start(&app_bin(), &[], &env);
+    app.wait_until(
+        PREJOIN_READY,
+        Duration::from_secs(60),
+        "the pre-join screen",
+    );
+    // Vietnamese with its diacritics, in the DOM and (see the screenshot) on screen.
+    assert_eq!(
+        app.exec("return document.getElementById('join').textContent"),
+        "Tham gia"
+    );
+    assert_eq!(app.exec("return document.characterSet"), "UTF-8");
+    let out = output_dir();
+    app.screenshot(&out.join("app-1-prejoin.png"));
+
+    app.click("#join");
+    let tile = "document.querySelector('.tile[data-site=\"nghe-an\"] canvas')";
+    let frames = format!("const c = {tile}; return c ? Number(c.dataset.frames || 0) : 0");
+    app.wait_until(
+        &format!("const c = {tile}; return !!c && Number(c.dataset.frames) >= 20"),
+        Duration::from_secs(60),
+        "20 pictures from the chair's site drawn in its tile",
+    );
+    // Moving video: more pictures drawn, and the pixels differ (the test pattern moves).
+    let pixels = format!("return {tile}.toDataURL('image/png')");
+    let (f1, p1) = (app.exec(&frames).as_f64().unwrap_or(0.0), app.exec(&pixels));
+    app.wait_until(
+        &format!(
+            "const c = {tile}; return Number(c.dataset.frames) >= {}",
+            f1 + 15.0
+        ),
+        Duration::from_secs(30),
+        "15 more pictures",
+    );
+    let p2 = app.exec(&pixels);
+    assert_ne!(p1, p2, "the remote tile's pixels did not change");
+    assert_eq!(
+        app.exec(&format!("return {tile}.dataset.renderer")),
+        "webgl",
+        "the tile is not drawn with WebGL"
+    );
+    // The roster groups the sites by the administrative tree.
+    app.wait_until(
+        &format!(
+            "return !!document.querySelector('#roster .node[data-site=\"nghe-an\"] \
+             .node[data-site=\"nam-dan\"] .node[data-site=\"{APP_SITE}\"]')"
+        ),
+        Duration::from_secs(10),
+        "province → district → commune in the roster",
+    );
+    app.screenshot(&out.join("app-2-call.png"));
+    display.screenshot(&out.join("app-2-call-screen.png"));
+
+    // Raise a hand: the button says so, the roster shows it, the chair's site sees it.
+    app.click("#raise");
+    app.wait_until(
+        &format!(
+            "return !!document.querySelector('#roster .node[data-site=\"{APP_SITE}\"] .hand')"
+        ),
+        Duration::from_secs(10),
+        "the raised hand in the roster",
+    );
+    assert_eq!(
+        app.exec("return document.getElementById('raise').textContent"),
+        "Hạ tay"
+    );
+    cli.wait_line(Duration::from_secs(10), "the chair to see the hand", |l| {
+        l.contains("Hàng chờ phát biểu") && l.contains(APP_SITE)
+    });
+    app.screenshot(&out.join("app-3-hand.png"));
+
+    let report = cli.stop();
+    let hands: Vec<&str> = report["hand_queue"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|h| h["site"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(hands.contains(&APP_SITE), "hand queue {hands:?}");
+    // The app has no camera here: it sends the labelled test pattern, which the chair's
+    // site checks picture by picture.
+    let from_app = received_from(&report, APP_SITE);
+    let verified = from_app["video_frames_verified"].as_u64().unwrap_or(0);
+    let got = from_app["video_frames"].as_u64().unwrap_or(0);
+    assert!(
+        verified >= 15,
+        "only {verified} verified pictures from the app: {from_app}"
+    );
+    assert!(
+        verified * 10 >= got * 9,
+        "{verified} of {got} verified: {from_app}"
+    );
+    app.close();
+}
+
+#[test]
+fn kiosk_start_publishes_video_that_a_cli_site_verifies() {
+    let _g = lock();
+    let (_server, url) = spawn_dev_server();
+    let mut cli = Cli::join(&url, "xa-kiem-tra", "hop-tinh", &[]);
+    cli.wait_line(Duration::from_secs(30), "the site to join", |l| {
+        l.contains("Đã tham gia")
+    });
+    // Exactly what an office's autostart runs; no WebDriver, no configuration file.
+    let display = Display::start();
+    let env = AppEnv::new("kiosk", &display, "");
+    let mut cmd = Command::new("xvfb-run");
+    cmd.args(["-a"])
+        .arg(app_bin())
+        .args(["--join", "--server", &url, "--site", APP_SITE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in &env.vars {
+        if k != "DISPLAY" {
+            cmd.env(k, v);
+        }
+    }
+    let app = Proc(cmd.spawn().expect("xvfb-run diemcau starts"));
+    // The site prints what it has verified every 5 s.
+    let line = cli.wait_line(
+        Duration::from_secs(90),
+        "verified pictures from the app",
+        |l| {
+            l.split(&format!("{APP_SITE}: "))
+                .nth(1)
+                .is_some_and(|rest| {
+                    // "N hình (M đã kiểm)"
+                    rest.split(['(', ' '])
+                        .filter_map(|w| w.parse::<u64>().ok())
+                        .nth(1)
+                        .is_some_and(|m| m >= 30)
+                })
+        },
+    );
+    let report = cli.stop();
+    let from_app = received_from(&report, APP_SITE);
+    assert!(
+        from_app["video_frames_verified"].as_u64().unwrap_or(0) >= 30,
+        "{line}\n{from_app}"
+    );
+    drop(app);
+    assert!(env.log_text().contains("joining"), "{}", env.log_text());
+}
+
+/// A local stand-in for the province's portal, serving one UTF-8 page until stopped.
+struct Portal {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const PORTAL_PAGE: &str = "<!doctype html><html lang=\"vi\"><head><meta charset=\"utf-8\">\
+<title>Cổng thông tin Covid-19 Nghệ An</title></head><body>\
+<h1 id=\"portal-heading\">Cổng thông tin phòng chống dịch Covid-19</h1>\
+<p>Số ca mắc mới hôm nay: 0. Xin chào các điểm cầu!</p></body></html>";
+
+impl Portal {
+    fn start(port: u16) -> Portal {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("portal port");
+        let port = listener.local_addr().expect("bound").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 4096];
+                        let _ = conn.read(&mut buf);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{PORTAL_PAGE}",
+                            PORTAL_PAGE.len()
+                        );
+                        let _ = conn.write_all(resp.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Portal {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Portal {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Calls one of the app's commands from the current window; "ok" or the refusal.
+const TRY_IPC: &str = "const done = arguments[arguments.length - 1]; \
+    const ipc = window.__TAURI_INTERNALS__; \
+    if (!ipc) { done('refused: no IPC in this page'); return; } \
+    ipc.invoke('app_state', {}).then(() => done('ok'), (e) => done('refused: ' + String(e)));";
+
+#[test]
+fn the_portal_window_cannot_call_the_app_and_shows_an_offline_page_when_down() {
+    let _g = lock();
+    let (_server, url) = spawn_dev_server();
+    let portal = Portal::start(0);
+    let portal_url = portal.url();
+    let display = Display::start();
+    let env = AppEnv::new(
+        "portal",
+        &display,
+        &machine_config(&url, "hop-cong", Some(&portal_url)),
+    );
+    let app = Session::start(&app_bin(), &[], &env);
+    app.wait_until(
+        PREJOIN_READY,
+        Duration::from_secs(60),
+        "the pre-join screen",
+    );
+    // The main window may call its commands: the control for the refusal below.
+    assert_eq!(app.exec_async(TRY_IPC), "ok");
+    let main_url = app.url();
+
+    app.click("#open-portal");
+    app.switch_to_window_where(
+        |u| u.starts_with(&portal_url),
+        Duration::from_secs(30),
+        "the portal page",
+    );
+    app.wait_until(
+        "const h = document.getElementById('portal-heading'); return h && h.textContent",
+        Duration::from_secs(20),
+        "the portal's heading",
+    );
+    assert_eq!(
+        app.exec("return document.getElementById('portal-heading').textContent"),
+        "Cổng thông tin phòng chống dịch Covid-19"
+    );
+    let answer = app.exec_async(TRY_IPC);
+    let answer = answer.as_str().unwrap_or_default();
+    assert!(
+        answer.starts_with("refused") && answer.contains("not allowed"),
+        "the portal called the app: {answer}"
+    );
+    let out = output_dir();
+    // WebKitWebDriver's screenshot hangs on a second window; the screen's is taken instead.
+    display.screenshot(&out.join("app-4-portal.png"));
+
+    // The portal goes down: opening it again shows the offline page, itself without rights.
+    let port = portal.port;
+    drop(portal);
+    app.switch_to_window_where(|u| u == main_url, Duration::from_secs(5), "the main window");
+    app.click("#open-portal");
+    app.switch_to_window_where(
+        |u| u.contains("portal-offline.html"),
+        Duration::from_secs(30),
+        "the offline page",
+    );
+    app.wait_until(
+        "const h = document.getElementById('offline-title'); return h && h.textContent",
+        Duration::from_secs(20),
+        "the offline message",
+    );
+    assert_eq!(
+        app.exec("return document.getElementById('offline-title').textContent"),
+        "Không mở được cổng thông tin"
+    );
+    let answer = app.exec_async(TRY_IPC);
+    assert!(
+        answer.as_str().unwrap_or_default().starts_with("refused"),
+        "the offline page called the app: {answer}"
+    );
+    display.screenshot(&out.join("app-5-portal-offline.png"));
+
+    // Back up: "Thử lại" brings the portal back.
+    let _portal = Portal::start(port);
+    app.click("#retry");
+    app.switch_to_window_where(
+        |u| u.starts_with(&portal_url),
+        Duration::from_secs(30),
+        "the portal again after retry",
+    );
+    app.close();
+}
+
+/// The chair's view: a commune raises its hand, the chair (in the app) sees it, gives it the
+/// floor in chair-only mode, and exports the roll-call.
+#[test]
+fn the_chair_sees_a_raised_hand_gives_the_floor_and_exports_the_roll_call() {
+    let _g = lock();
+    let (_server, url) = spawn_dev_server();
+    let room = "hop-chu-toa";
+    let token = dev_token("nghe-an", Role::Chair, room);
+    let config =
+        format!("server = \"{url}\"\nsite = \"nghe-an\"\nroom = \"{room}\"\ntoken = \"{token}\"\n");
+    let display = Display::start();
+    let env = AppEnv::new("chair", &display, &config);
+    let app = Session::start(&app_bin(), &["--join"], &env);
+    app.wait_until(
+        "const p = document.getElementById('chair-panel'); return !!p && !p.hidden",
+        Duration::from_secs(60),
+        "the chair's panel",
+    );
+    // Only the chair and the site it invites may speak.
+    app.exec(
+        "const s = document.getElementById('floor-mode'); s.value = 'chair_only'; \
+         s.dispatchEvent(new Event('change')); return true",
+    );
+    let mut commune = Cli::join(
+        &url,
+        "tp-vinh-le-loi",
+        room,
+        &["--raise-hand-after", "1", "--accept-unmute"],
+    );
+    let hand = "#chair-hands li[data-site=\"tp-vinh-le-loi\"] .grant";
+    app.wait_until(
+        &format!(
+            "return !!document.querySelector('{}')",
+            hand.replace('\'', "\\'")
+        ),
+        Duration::from_secs(30),
+        "the commune's hand in the chair's queue",
+    );
+    assert_eq!(
+        app.exec("return document.getElementById('floor-mode').value"),
+        "chair_only"
+    );
+    app.screenshot(&output_dir().join("app-6-chair-hand.png"));
+    app.click(hand);
+    commune.wait_line(Duration::from_secs(10), "the floor at the commune", |l| {
+        l.contains("Chủ tọa đã cho phép bạn phát biểu")
+    });
+    app.wait_until(
+        "return !!document.querySelector('#chair-granted [data-site=\"tp-vinh-le-loi\"]')",
+        Duration::from_secs(10),
+        "the granted site in the chair's panel",
+    );
+    app.screenshot(&output_dir().join("app-7-chair-granted.png"));
+
+    app.click("#roll-export");
+    let path = app.wait_until(
+        "const n = [...document.querySelectorAll('#notices li')].map(l => l.textContent) \
+         .find(t => t.includes('.csv')); return n ? n.split(': ').pop() : ''",
+        Duration::from_secs(10),
+        "the exported roll-call",
+    );
+    let csv = std::fs::read_to_string(path.as_str().unwrap_or_default()).expect("the CSV");
+    assert!(
+        csv.starts_with("site,name,path,status,connected,reason"),
+        "{csv}"
+    );
+    assert!(csv.contains("tp-vinh-le-loi"), "{csv}");
+    drop(commune);
+    app.close();
+}
