@@ -66,6 +66,10 @@ impl ClientError {
     /// A sentence for a person, in Vietnamese.
     pub fn vi(&self) -> String {
         match self {
+            ClientError::Unreachable { url, detail } if detail.contains("certificate") => format!(
+                "Chứng chỉ bảo mật của máy chủ {url} không hợp lệ hoặc máy này chưa tin cậy nó. \
+                 Hãy báo bộ phận kỹ thuật của tỉnh."
+            ),
             ClientError::Unreachable { url, .. } => format!(
                 "Không kết nối được tới máy chủ {url}. Hãy kiểm tra mạng hoặc địa chỉ máy chủ."
             ),

@@ -59,6 +59,11 @@ impl Signal {
 
 /// Opens the WebSocket and spawns its reader and writer tasks.
 pub async fn connect(url: &str) -> Result<Signal, ClientError> {
+    if url.starts_with("wss://") {
+        // One crypto provider for the process (aws-lc-rs; another crate may bring ring too,
+        // and rustls then refuses to guess). An error means one is installed already.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
     let (ws, _) = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         tokio_tungstenite::connect_async(url),

@@ -15,6 +15,7 @@ pub mod meeting;
 pub mod sfu;
 pub mod signalling;
 pub mod slots;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct ServerConfig {
     pub key: Option<Key>,
     /// Append-only JSONL audit log; `None` logs privileged actions to the log output only.
     pub audit_log: Option<std::path::PathBuf>,
+    /// TLS for signalling (`wss://`, see [`tls::load`]); `None` serves plain `ws://`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -67,6 +70,7 @@ impl ServerConfig {
             connect_timeout: Duration::from_secs(20),
             key: None,
             audit_log: None,
+            tls: None,
         }
     }
 }
@@ -93,6 +97,8 @@ pub enum ServerError {
 /// A started server. Dropping it does not stop it; call [`RunningServer::stop`].
 pub struct RunningServer {
     pub signalling: SocketAddr,
+    /// Whether signalling is TLS (`wss://`).
+    pub tls: bool,
     pub media_udp: SocketAddr,
     pub stats: Arc<Stats>,
     tasks: Vec<JoinHandle<()>>,
@@ -100,9 +106,10 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// `ws://host:port` for clients.
+    /// `ws://host:port` (or `wss://` with TLS) for clients.
     pub fn url(&self) -> String {
-        format!("ws://{}", self.signalling)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}", self.signalling)
     }
 
     /// Stops accepting, closes every connection and the media engine.
@@ -187,10 +194,16 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let engine = sfu::Engine::new(engine_cfg, Arc::new(udp), stats.clone(), audit);
     let tasks = vec![
         tokio::spawn(engine.run(rx)),
-        tokio::spawn(signalling::accept_loop(listener, tx, shutdown_rx)),
+        tokio::spawn(signalling::accept_loop(
+            listener,
+            tx,
+            shutdown_rx,
+            cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+        )),
     ];
     Ok(RunningServer {
         signalling,
+        tls: cfg.tls.is_some(),
         media_udp,
         stats,
         tasks,

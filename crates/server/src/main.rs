@@ -67,7 +67,7 @@ struct IssueArgs {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Development mode on loopback: no TLS, the built-in Nghệ An sample directory, joins
+    /// Development mode on loopback: the built-in Nghệ An sample directory, joins
     /// from any site id without a token (as commune), and tokens signed with the public dev
     /// key. Never expose it to a network.
     #[arg(long)]
@@ -95,6 +95,12 @@ struct RunArgs {
     /// the default is ./diemcau-audit.jsonl.
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for signalling: clients then use wss://. Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Video slots per site: how many remote videos one site receives at most.
     #[arg(long, default_value_t = 9)]
     video_slots: u8,
@@ -220,6 +226,15 @@ async fn main() -> anyhow::Result<()> {
             "--key-file FILE is required without --dev (create one with `diemcau-server keygen --out FILE`)"
         ),
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(diemcau_server::tls::load(c, k).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    if tls.is_none() && !args.dev {
+        tracing::warn!(
+            "no --tls-cert/--tls-key: signalling (join tokens, enrollment secrets) crosses the network unencrypted"
+        );
+    }
     if args.dev && !args.listen.ip().is_loopback() {
         tracing::warn!("--dev on a non-loopback address: anyone who reaches it can join");
     }
@@ -239,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
             .audit_log
             .clone()
             .or_else(|| (!args.dev).then(|| PathBuf::from("diemcau-audit.jsonl"))),
+        tls,
     };
     let sites = cfg.directory.len();
     let server = start(cfg).await?;

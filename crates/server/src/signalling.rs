@@ -1,8 +1,11 @@
 //! The TCP side of the server: one port carries both the signalling WebSocket and ICE-TCP.
 //!
 //! A new connection is classified by its first bytes: `GET ` starts an HTTP upgrade to the
-//! WebSocket; anything else is taken as RFC 4571-framed ICE-TCP (a 2-byte length, then a
-//! STUN/DTLS/RTP packet), which offices behind UDP-blocking firewalls fall back to.
+//! WebSocket; 0x16 starts a TLS handshake, inside which the WebSocket then runs (`wss://`,
+//! when the server has a certificate); anything else is taken as RFC 4571-framed ICE-TCP
+//! (a 2-byte length, then a STUN/DTLS/RTP packet), which offices behind UDP-blocking
+//! firewalls fall back to. A server with TLS refuses plain-text WebSockets: join tokens
+//! must not cross the network in the clear.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use diemcau_protocol::{ClientMessage, ErrorCode, LeaveReason, ServerMessage, MAX_MESSAGE_BYTES};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -34,6 +37,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     engine: mpsc::UnboundedSender<Command>,
     shutdown: tokio::sync::watch::Receiver<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
     loop {
@@ -49,10 +53,25 @@ pub async fn accept_loop(
         let engine = engine.clone();
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let mut shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let serve = async move {
                 match tokio::time::timeout(HELLO_TIMEOUT, sniff(&stream)).await {
+                    Ok(Ok(Kind::WebSocket)) if tls.is_some() => refuse_plain(stream, from).await,
                     Ok(Ok(Kind::WebSocket)) => serve_websocket(stream, from, id, engine).await,
+                    Ok(Ok(Kind::Tls)) => match tls {
+                        Some(acceptor) => {
+                            match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(stream)).await
+                            {
+                                Ok(Ok(s)) => serve_websocket(s, from, id, engine).await,
+                                Ok(Err(e)) => debug!(%from, "TLS handshake failed: {e}"),
+                                Err(_) => debug!(%from, "TLS handshake stalled; dropped"),
+                            }
+                        }
+                        None => {
+                            debug!(%from, "a TLS handshake, but this server has no certificate")
+                        }
+                    },
                     Ok(Ok(Kind::IceTcp)) => serve_ice_tcp(stream, from, engine).await,
                     Ok(Err(e)) => debug!(%from, "connection closed before saying anything: {e}"),
                     Err(_) => debug!(%from, "connection silent; dropped"),
@@ -68,7 +87,20 @@ pub async fn accept_loop(
 
 enum Kind {
     WebSocket,
+    Tls,
     IceTcp,
+}
+
+/// A plain-text WebSocket to a TLS server: an HTTP answer that says why, then close.
+async fn refuse_plain(mut stream: TcpStream, from: SocketAddr) {
+    warn!(%from, "plain ws:// refused: this server requires wss://");
+    let body = "Use wss:// (TLS) for this server.\n";
+    let answer = format!(
+        "HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.2, HTTP/1.1\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn sniff(stream: &TcpStream) -> std::io::Result<Kind> {
@@ -81,6 +113,8 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Kind> {
         if n >= 4 {
             return Ok(if &buf == b"GET " {
                 Kind::WebSocket
+            } else if buf[0] == 0x16 {
+                Kind::Tls
             } else {
                 Kind::IceTcp
             });
@@ -136,12 +170,14 @@ async fn serve_ice_tcp(
     writer.abort();
 }
 
-async fn serve_websocket(
-    stream: TcpStream,
+async fn serve_websocket<S>(
+    stream: S,
     from: SocketAddr,
     conn: ConnId,
     engine: mpsc::UnboundedSender<Command>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let config = WebSocketConfig::default()
         .max_message_size(Some(HARD_FRAME_LIMIT))
         .max_frame_size(Some(HARD_FRAME_LIMIT));

@@ -343,3 +343,93 @@ fn devices_json_lists_cameras_inputs_and_outputs() {
         assert!(v[key].is_array(), "{key} in {v}");
     }
 }
+
+/// `diemcau-server --tls-cert --tls-key`: sites join over `wss://` when they trust the
+/// certificate (here through `SSL_CERT_FILE`, as an installer would add the province's CA to
+/// the system store), see each other's media, and are told in Vietnamese when they do not
+/// trust it; a plain `ws://` connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
+    let _guard = MEDIA.lock().await;
+    let dir = temp_dir("tls");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut child = Command::new(workspace_bin("diemcau-server"))
+        .args(["--dev", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = diemcau_e2e::Proc(child);
+    let url = line.trim().strip_prefix("listening ").unwrap().to_string();
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+
+    let trusting = |site: &str, duration: &str| {
+        let mut c = Command::new(workspace_bin("diemcau-cli"));
+        c.args(["join", "--server", &url, "--site", site, "--room", "tls"])
+            .args(["--video", "synthetic:320x180@15", "--audio", "synthetic"])
+            .args(["--duration", duration, "--report", "json"])
+            .env("SSL_CERT_FILE", &cert)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let a = trusting("xa-bao-mat", "5");
+    let b = trusting("xa-ma-hoa", "4");
+    let ((ra, _), (rb, _)) = tokio::task::spawn_blocking(move || (report(a), report(b)))
+        .await
+        .unwrap();
+    for (r, other) in [(&ra, "xa-ma-hoa"), (&rb, "xa-bao-mat")] {
+        let o = r["received"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["site"] == other))
+            .unwrap_or_else(|| panic!("nothing from {other}: {r}"));
+        assert!(o["video_frames_verified"].as_u64().unwrap() > 10, "{o}");
+    }
+
+    // No trust in the certificate: refused, said in Vietnamese.
+    let out = Command::new(workspace_bin("diemcau-cli"))
+        .args([
+            "join",
+            "--server",
+            &url,
+            "--site",
+            "xa-nghi-ngo",
+            "--duration",
+            "1",
+        ])
+        .env("SSL_CERT_FILE", "/dev/null")
+        .env("SSL_CERT_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Chứng chỉ bảo mật"), "{err}");
+
+    // Plain ws:// to a TLS server: refused (tokens must not cross in the clear).
+    let plain = url.replacen("wss://", "ws://", 1);
+    let out = Command::new(workspace_bin("diemcau-cli"))
+        .args([
+            "join",
+            "--server",
+            &plain,
+            "--site",
+            "xa-khong-ma-hoa",
+            "--duration",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Không kết nối được"));
+}
