@@ -18,20 +18,30 @@ pub fn log_path() -> PathBuf {
         .join("diemcau.log")
 }
 
-/// Starts logging to the file (and stderr). The previous run's log is kept as `.1`.
+/// Past this size the log moves to `diemcau.log.1` (replacing the older one) at start.
+const ROTATE_BYTES: u64 = 5 << 20;
+
+/// Starts logging to the file (appending; a second start that hands over to the running
+/// app must not take its log away) and to stderr.
 pub fn init_logging() -> PathBuf {
     let path = log_path();
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let _ = std::fs::rename(&path, path.with_extension("log.1"));
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() > ROTATE_BYTES) {
+        let _ = std::fs::rename(&path, path.with_extension("log.1"));
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,webrtc=warn,rtc=warn,webrtc_ice=warn,tao=warn,wry=warn")
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false);
-    match std::fs::File::create(&path) {
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
         Ok(file) => {
             let _ = builder.with_writer(Tee(Mutex::new(file))).try_init();
         }

@@ -83,6 +83,7 @@ interface RollEntry {
   name: string;
   status: "present" | "absent";
   connected: boolean;
+  reason?: string | null;
 }
 
 /** A chair command as the server takes it (`action` plus its fields). */
@@ -393,6 +394,7 @@ function renderChair(): void {
       g.append(item);
     }
   }
+  renderRoll();
   $("roll-summary").textContent = roll.length
     ? t("chair.rollSummary", {
         present: roll.filter((r) => r.status === "present").length,
@@ -400,6 +402,50 @@ function renderChair(): void {
         total: roll.length,
       })
     : "";
+}
+
+/** The roll-call, site by site: present, or absent with the reason the chair types. */
+function renderRoll(): void {
+  $("roll-details").hidden = roll.length === 0;
+  const list = $("roll-list");
+  // Keep a reason being typed: redraw only the rows whose entry changed.
+  const rows = new Map([...list.children].map((li) => [(li as HTMLElement).dataset.site!, li as HTMLElement]));
+  const fresh = roll.map((r) => {
+    const key = `${r.status}|${r.connected}|${r.reason ?? ""}`;
+    const old = rows.get(r.site);
+    if (old && old.dataset.key === key) return old;
+    const li = document.createElement("li");
+    li.dataset.site = r.site;
+    li.dataset.key = key;
+    li.className = r.status;
+    const name = document.createElement("span");
+    name.textContent = r.name + (r.connected ? ` (${t("chair.connected")})` : "");
+    const status = document.createElement("strong");
+    status.textContent = r.status === "present" ? t("chair.present") : t("chair.absent");
+    const reason = document.createElement("input");
+    reason.placeholder = t("chair.reason");
+    reason.value = r.reason ?? "";
+    li.append(
+      status,
+      " ",
+      name,
+      button(t("chair.present"), () => void chairCmd({ action: "roll_call_mark", site: r.site, present: true }), "mini"),
+      reason,
+      button(
+        t("chair.saveReason"),
+        () =>
+          void chairCmd({
+            action: "roll_call_mark",
+            site: r.site,
+            present: false,
+            reason: reason.value.trim() || null,
+          }),
+        "mini",
+      ),
+    );
+    return li;
+  });
+  list.replaceChildren(...fresh);
 }
 
 $("floor-mode").onchange = () =>

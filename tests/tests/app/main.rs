@@ -365,6 +365,24 @@ fn the_portal_window_cannot_call_the_app_and_shows_an_offline_page_when_down() {
     );
     // The main window may call its commands: the control for the refusal below.
     assert_eq!(app.exec_async(TRY_IPC), "ok");
+
+    // "Export diagnostics" writes one file with versions, settings and the log.
+    app.click("#export-diag");
+    let path = app.wait_until(
+        "const n = [...document.querySelectorAll('#notices li')].map(l => l.textContent) \
+         .find(t => t.includes('diemcau-chan-doan')); return n ? n.split(': ').pop() : ''",
+        Duration::from_secs(10),
+        "the diagnostics file",
+    );
+    let diag = std::fs::read_to_string(path.as_str().unwrap_or_default()).expect("diagnostics");
+    assert!(
+        diag.contains("diemcau: 0.1.0") && diag.contains("webview:"),
+        "{diag}"
+    );
+    assert!(
+        diag.contains("Điểm cầu starting"),
+        "no log in the diagnostics:\n{diag}"
+    );
     let main_url = app.url();
 
     app.click("#open-portal");
@@ -483,6 +501,31 @@ fn the_chair_sees_a_raised_hand_gives_the_floor_and_exports_the_roll_call() {
     );
     app.screenshot(&output_dir().join("app-7-chair-granted.png"));
 
+    // Roll-call: start it, mark an absent district with the reason the chair types.
+    app.click("#roll-start");
+    let row = "#roll-list li[data-site=\"con-cuong\"]";
+    app.wait_until(
+        &format!(
+            "return !!document.querySelector('{}')",
+            row.replace('\'', "\\'")
+        ),
+        Duration::from_secs(10),
+        "the roll-call list",
+    );
+    app.click("#roll-details summary");
+    app.exec(&format!(
+        "document.querySelector('{} input').value = 'Mất điện'; return true",
+        row.replace('\'', "\\'")
+    ));
+    app.click(&format!("{row} button:last-of-type"));
+    app.wait_until(
+        &format!(
+            "const r = document.querySelector('{}'); return !!r && r.dataset.key.includes('Mất điện')",
+            row.replace('\'', "\\'")
+        ),
+        Duration::from_secs(10),
+        "the reason recorded by the server",
+    );
     app.click("#roll-export");
     let path = app.wait_until(
         "const n = [...document.querySelectorAll('#notices li')].map(l => l.textContent) \
@@ -496,6 +539,61 @@ fn the_chair_sees_a_raised_hand_gives_the_floor_and_exports_the_roll_call() {
         "{csv}"
     );
     assert!(csv.contains("tp-vinh-le-loi"), "{csv}");
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("con-cuong,") && l.contains("absent") && l.contains("Mất điện")),
+        "{csv}"
+    );
     drop(commune);
     app.close();
+}
+
+/// A second start on the same desktop does not open a second app: it hands over to the
+/// first (which comes to the front) and exits.
+#[test]
+fn a_second_start_hands_over_to_the_running_app() {
+    let _g = lock();
+    let display = Display::start();
+    let env = AppEnv::new(
+        "single",
+        &display,
+        "server = \"ws://127.0.0.1:9\"\nsite = \"xa-a\"\n",
+    );
+    let start = || {
+        let mut cmd = Command::new(app_bin());
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        for (k, v) in &env.vars {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("the app starts")
+    };
+    let mut first = Proc(start());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.log_text().contains("Điểm cầu starting") {
+        assert!(Instant::now() < deadline, "the first app did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The window is up when the preview runs.
+    while !env.log_text().contains("preview:") {
+        assert!(
+            Instant::now() < deadline,
+            "the first app shows no window:\n{}",
+            env.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut second = start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = second.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the second start kept running");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        first.0.try_wait().expect("wait").is_none(),
+        "the first app went away"
+    );
 }
