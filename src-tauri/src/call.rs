@@ -227,6 +227,9 @@ impl Call {
         frames_out: Channel<InvokeResponseBody>,
     ) {
         let mut pacer = Pacer::new(15);
+        let mut ended =
+            "Mất kết nối tới máy chủ hoặc đường truyền hình và tiếng; hãy tham gia lại."
+                .to_string();
         let emit = |e: CallEvent| {
             if let Err(err) = app.emit("call", e) {
                 warn!("emit: {err}");
@@ -268,13 +271,14 @@ impl Call {
                     fatal,
                 } => {
                     warn!(?code, %message, fatal, "server error");
+                    if fatal {
+                        ended = code.vi().to_string();
+                        break;
+                    }
                     emit(CallEvent::Error {
                         message: code.vi().to_string(),
                         fatal,
                     });
-                    if fatal {
-                        break;
-                    }
                 }
                 RoomEvent::Disconnected { reason } => {
                     warn!(%reason, "disconnected");
@@ -285,13 +289,14 @@ impl Call {
                 | RoomEvent::FirstVerifiedFrame { .. } => {}
             }
         }
-        // The meeting ended under us (server gone, removed, media failed).
-        let was_in = self.room.lock().await.is_some();
-        if was_in {
+        // The meeting ended under us (server gone, removed, media failed): hang up first,
+        // so the devices are free when the window goes back to its preview.
+        // (In a task of its own: `leave` aborts this pump.)
+        if self.room.lock().await.is_some() {
             let call = self.clone();
-            tauri::async_runtime::spawn(async move { call.leave().await });
-            emit(CallEvent::Ended {
-                reason: "Cuộc họp đã kết thúc hoặc mất kết nối tới máy chủ.".into(),
+            tauri::async_runtime::spawn(async move {
+                call.leave().await;
+                let _ = app.emit("call", CallEvent::Ended { reason: ended });
             });
         }
     }

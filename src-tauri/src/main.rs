@@ -106,14 +106,15 @@ async fn app_state(app: State<'_, App>) -> Result<AppView, String> {
 async fn save_settings(app: State<'_, App>, settings: Settings) -> Result<AppView, String> {
     settings.validate()?;
     let current = app.settings();
-    // The user's answers over what is there; secrets stay the machine's.
-    let merged = Settings {
-        secret: current.secret.clone(),
-        token: current.token.clone(),
-        ..settings
-    };
-    settings::save_user(&app.paths, &merged)?;
-    *app.settings.lock().expect("lock poisoned") = merged.overlay(&app.overrides);
+    // The user's file keeps only what the person changed: values from the machine file or
+    // from this run's command line stay theirs (a new server in the machine file, a kiosk's
+    // --server, must not be frozen into the user's file by an unrelated change).
+    let user_before = settings::read(&app.paths.user).unwrap_or_default();
+    let user = settings::changed(&user_before, &current, &settings);
+    settings::save_user(&app.paths, &user)?;
+    let machine = settings::read(&app.paths.machine).unwrap_or_default();
+    *app.settings.lock().expect("lock poisoned") =
+        machine.overlay(&user.user_part()).overlay(&app.overrides);
     info!("settings saved to {}", app.paths.user.display());
     Ok(view(&app).await)
 }
@@ -184,6 +185,10 @@ async fn start_preview(
     app: State<'_, App>,
     frames: Channel<InvokeResponseBody>,
 ) -> Result<(), String> {
+    // The call holds the camera and microphone; the preview waits for the pre-join screen.
+    if app.call.room().await.is_some() {
+        return Ok(());
+    }
     // Stop the old one first (off the main thread: it waits for its devices to close).
     stop_preview(app.clone()).await?;
     let fresh = preview::start(handle, &app.settings(), frames);
@@ -342,14 +347,14 @@ fn tray(app: &tauri::App) -> tauri::Result<()> {
     use tauri::menu::{Menu, MenuItem};
     use tauri::tray::TrayIconBuilder;
     let show = MenuItem::with_id(app, "show", "Mở Điểm cầu", true, None::<&str>)?;
-    let quit = MenuItem::with_id(app, "quit", "Thoát", true, None::<&str>)?;
-    let menu = Menu::with_items(app, &[&show, &quit])?;
+    let quit_item = MenuItem::with_id(app, "quit", "Thoát", true, None::<&str>)?;
+    let menu = Menu::with_items(app, &[&show, &quit_item])?;
     let mut b = TrayIconBuilder::with_id("main")
         .tooltip("Điểm cầu")
         .menu(&menu)
         .on_menu_event(|app, ev| match ev.id().as_ref() {
             "show" => show_main(app),
-            "quit" => app.exit(0),
+            "quit" => quit(app),
             _ => {}
         });
     if let Some(icon) = app.default_window_icon() {
@@ -357,6 +362,15 @@ fn tray(app: &tauri::App) -> tauri::Result<()> {
     }
     b.build(app)?;
     Ok(())
+}
+
+/// Hangs up (for at most 3 s) and quits: the window's close button and the tray's Thoát.
+fn quit(app: &AppHandle) {
+    let call = app.state::<App>().call.clone();
+    tauri::async_runtime::block_on(async {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), call.leave()).await;
+    });
+    app.exit(0);
 }
 
 fn show_main(app: &AppHandle) {

@@ -50,7 +50,7 @@ pub fn decide(to: &Url, allowed: &[url::Origin], app_origin: &url::Origin) -> De
     if &to.origin() == app_origin || is_app_page(to) {
         return if to.path() == RETRY_PATH {
             Decision::Retry
-        } else if to.path().ends_with(OFFLINE_PAGE) {
+        } else if to.path() == format!("/{OFFLINE_PAGE}") {
             Decision::Allow
         } else {
             // The portal window never shows the meeting UI.
@@ -132,13 +132,21 @@ pub async fn open(
         info!(%portal, "portal unreachable; showing the offline page");
         offline_url(&app, &portal, &lang)
     };
+    let allowed = allowed_origins(&portal, &extra);
     if let Some(w) = app.get_webview_window(LABEL) {
+        // The settings may have changed the portal since the window was built.
+        if let Some(policy) = app.try_state::<Arc<Policy>>() {
+            *policy.target.write().expect("lock poisoned") = Target {
+                portal,
+                allowed,
+                lang,
+            };
+        }
         navigate(&w, first);
         let _ = w.show();
         let _ = w.set_focus();
         return Ok(());
     }
-    let allowed = allowed_origins(&portal, &extra);
     let app_origin = app_base(&app).origin();
     let title = if lang == "en" {
         "Covid-19 information portal"
@@ -147,11 +155,14 @@ pub async fn open(
     };
     let policy = Arc::new(Policy {
         app: app.clone(),
-        portal,
-        allowed,
         app_origin,
-        lang,
+        target: std::sync::RwLock::new(Target {
+            portal,
+            allowed,
+            lang,
+        }),
     });
+    app.manage(policy.clone());
     let (nav, popup) = (policy.clone(), policy);
     let first = if matches!(first.scheme(), "http" | "https") {
         WebviewUrl::External(first)
@@ -161,45 +172,73 @@ pub async fn open(
     WebviewWindowBuilder::new(&app, LABEL, first)
         .title(title)
         .inner_size(1100.0, 760.0)
-        .on_navigation(move |to| nav.navigation(to))
-        // Links that ask for a new window (target=_blank, window.open) follow the same rule
-        // in this window or the system browser; the portal never opens windows of its own.
+        // Navigations (top level, and on Linux frames too) stay on the allowed origins;
+        // nothing else loads, and nothing opens by itself.
+        .on_navigation(move |to| nav.navigation(to, false))
+        // A person's click on a link elsewhere becomes a new-window request (the script
+        // below), which opens in the system browser; so do target=_blank and window.open.
         .on_new_window(move |to, _| {
-            if popup.navigation(&to) {
+            if popup.navigation(&to, true) {
                 if let Some(w) = popup.app.get_webview_window(LABEL) {
                     navigate(&w, to);
                 }
             }
             NewWindowResponse::Deny
         })
+        .initialization_script(EXTERNAL_LINKS)
         .build()
         .map_err(|e| format!("Không mở được cửa sổ cổng thông tin: {e}"))?;
     Ok(())
 }
 
-/// What the portal window's navigation handlers need.
-struct Policy {
-    app: AppHandle,
+/// In the portal page: a click on a link to another origin asks for a new window (which
+/// the app sends to the system browser) instead of navigating.
+const EXTERNAL_LINKS: &str = r#"
+document.addEventListener('click', (e) => {
+  const a = e.target && e.target.closest ? e.target.closest('a[href]') : null;
+  if (!a) return;
+  const u = new URL(a.href, location.href);
+  if (u.origin !== location.origin && /^(https?|mailto):$/.test(u.protocol)) {
+    e.preventDefault();
+    window.open(u.href, '_blank');
+  }
+}, true);
+"#;
+
+/// Where the portal is now (settings may change it while the window lives).
+struct Target {
     portal: Url,
     allowed: Vec<url::Origin>,
-    app_origin: url::Origin,
     lang: String,
 }
 
+/// What the portal window's navigation handlers need.
+struct Policy {
+    app: AppHandle,
+    app_origin: url::Origin,
+    target: std::sync::RwLock<Target>,
+}
+
 impl Policy {
-    /// Whether the window may go to `to`; acts on the other outcomes.
-    fn navigation(&self, to: &Url) -> bool {
-        match decide(to, &self.allowed, &self.app_origin) {
+    /// Whether the window may go to `to`; acts on the other outcomes. Only a person's
+    /// request for a new window (`asked`) opens the system browser.
+    fn navigation(&self, to: &Url, asked: bool) -> bool {
+        let t = self.target.read().expect("lock poisoned");
+        match decide(to, &t.allowed, &self.app_origin) {
             Decision::Allow => true,
-            Decision::External => {
+            Decision::External if asked => {
                 if let Err(e) = ::open::that_detached(to.as_str()) {
                     warn!(%to, "cannot open in the system browser: {e}");
                 }
                 false
             }
+            Decision::External => {
+                info!(%to, "portal window: another origin not loaded here");
+                false
+            }
             Decision::Retry => {
                 let app = self.app.clone();
-                let (portal, lang) = (self.portal.clone(), self.lang.clone());
+                let (portal, lang) = (t.portal.clone(), t.lang.clone());
                 tauri::async_runtime::spawn(async move {
                     let target = if reachable(&portal).await {
                         portal
@@ -256,6 +295,11 @@ mod tests {
         assert_eq!(
             d("tauri://localhost/portal-offline.html?url=x&lang=vi"),
             Decision::Allow
+        );
+        // Only that page: any other path would be served the meeting UI.
+        assert_eq!(
+            d("tauri://localhost/x/portal-offline.html"),
+            Decision::Refuse
         );
         assert_eq!(d("tauri://localhost/portal-retry"), Decision::Retry);
         assert_eq!(d("http://tauri.localhost/portal-retry"), Decision::Retry);

@@ -174,6 +174,20 @@ pub fn read(path: &Path) -> Result<Settings, String> {
     }
 }
 
+/// The user's file after a save: `before` (the user's file) with every field the person
+/// changed (`after` differs from what was in effect, `current`) set to its new value.
+pub fn changed(before: &Settings, current: &Settings, after: &Settings) -> Settings {
+    let mut out = before.user_part();
+    macro_rules! keep {
+        ($($f:ident),*) => {$( if after.$f != current.$f { out.$f = after.$f.clone(); } )*};
+    }
+    keep!(server, site, room, language, portal_url, camera, no_camera, microphone, speaker);
+    if after.portal_origins != current.portal_origins {
+        out.portal_origins = after.portal_origins.clone();
+    }
+    out
+}
+
 /// The machine's settings with the user's on top, and any problems met on the way.
 pub fn load(paths: &Paths) -> (Settings, Vec<String>) {
     let mut problems = Vec::new();
@@ -246,6 +260,40 @@ mod tests {
         assert_eq!(again.language_or_default(), "en");
         assert_eq!(again.secret.as_deref(), Some("s3cret"));
         assert_eq!(again.server.as_deref(), Some("wss://hop.nghean.gov.vn"));
+    }
+
+    #[test]
+    fn a_save_keeps_only_what_the_person_changed() {
+        let machine = Settings {
+            server: Some("ws://10.0.0.1:7600".into()),
+            site: Some("xa-a".into()),
+            ..Default::default()
+        };
+        // This run's --server override is in effect.
+        let current = Settings {
+            server: Some("ws://127.0.0.1:9".into()),
+            ..machine.clone()
+        };
+        let after = Settings {
+            microphone: Some("alsa:testmic".into()),
+            ..current.clone()
+        };
+        let user = changed(&Settings::default(), &current, &after);
+        assert_eq!(user.microphone.as_deref(), Some("alsa:testmic"));
+        assert_eq!(
+            user.server, None,
+            "the override leaked into the user's file"
+        );
+        assert_eq!(user.site, None, "the machine's value was copied");
+        // A later change of server in the machine file still reaches this user.
+        let moved = Settings {
+            server: Some("wss://hop.nghean.gov.vn".into()),
+            ..machine
+        };
+        assert_eq!(
+            moved.overlay(&user).server.as_deref(),
+            Some("wss://hop.nghean.gov.vn")
+        );
     }
 
     #[test]

@@ -16,12 +16,26 @@ use serde_json::{json, Value};
 /// cores would measure the machine rather than the app.
 pub static APP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A child process killed (with its group) on drop.
+/// A child process, killed on drop (with its whole process group when started with
+/// [`Proc::group`]: `xvfb-run` leaves its Xvfb and the app behind otherwise).
 #[derive(Debug)]
 pub struct Proc(pub Child);
 
+impl Proc {
+    /// Starts `cmd` as the leader of a new process group.
+    pub fn group(cmd: &mut Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        Proc(cmd.process_group(0).spawn().expect("the command starts"))
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A group leader's pid is its group id; for a lone process this is a no-op.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -198,7 +212,7 @@ impl Session {
         for (k, v) in &env.vars {
             cmd.env(k, v);
         }
-        let driver = Proc(cmd.spawn().expect("tauri-driver starts"));
+        let driver = Proc::group(&mut cmd);
         let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while ureq::get(&format!("{base}/status")).call().is_err() {
@@ -350,7 +364,12 @@ impl Session {
     }
 
     /// Ends the session (and so the app).
-    pub fn close(self) {
+    pub fn close(self) {}
+}
+
+impl Drop for Session {
+    /// Also on a failed test: the app closes, then the driver's group goes.
+    fn drop(&mut self) {
         let _ = agent().delete(&self.base).call();
     }
 }

@@ -133,7 +133,8 @@ function notice(message: string): void {
     const b = $("banner");
     b.textContent = message;
     b.hidden = false;
-    setTimeout(() => (b.hidden = true), 8000);
+    // Then back to what the banner says about the floor.
+    setTimeout(renderFloor, 8000);
   }
 }
 
@@ -353,6 +354,8 @@ function renderChair(): void {
   $("chair-panel").hidden = !isChair;
   if (!isChair) return;
   $<HTMLSelectElement>("floor-mode").value = floor?.mode ?? "open";
+  // What the server last confirmed (the select may show a choice still on its way).
+  $("chair-panel").dataset.mode = floor?.mode ?? "open";
   $("lock-room").textContent = floor?.locked ? t("chair.unlock") : t("chair.lock");
   const list = $("chair-hands");
   if (!hands.length) {
@@ -610,7 +613,7 @@ function onCall(e: CallEvent): void {
       endCall();
       return;
     case "ended":
-      fail(e.reason);
+      if (inCall) fail(e.reason);
       endCall();
       return;
   }
@@ -630,6 +633,8 @@ async function join(): Promise<void> {
     await invoke("join", { frames: frameChannel() });
     inCall = true;
     muted = cameraOff = handUp = false;
+    speaking = new Set();
+    $("self-tile").classList.remove("off");
     show("call");
     renderControls();
     renderRoster();

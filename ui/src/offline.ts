@@ -12,7 +12,10 @@ let left = 15;
 const auto = document.getElementById("offline-auto")!;
 const tick = () => {
   auto.textContent = t("offline.auto", { s: left });
-  if (left-- <= 0) location.href = "/portal-retry";
+  if (left-- <= 0) {
+    left = 15;
+    location.href = "/portal-retry";
+  }
 };
 tick();
 setInterval(tick, 1000);

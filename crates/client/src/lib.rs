@@ -70,6 +70,9 @@ impl ClientError {
                 "Chứng chỉ bảo mật của máy chủ {url} không hợp lệ hoặc máy này chưa tin cậy nó. \
                  Hãy báo bộ phận kỹ thuật của tỉnh."
             ),
+            ClientError::Unreachable { url, detail } if detail.contains("426") => format!(
+                "Máy chủ {url} chỉ nhận kết nối bảo mật: hãy dùng địa chỉ bắt đầu bằng wss://."
+            ),
             ClientError::Unreachable { url, .. } => format!(
                 "Không kết nối được tới máy chủ {url}. Hãy kiểm tra mạng hoặc địa chỉ máy chủ."
             ),

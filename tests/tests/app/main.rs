@@ -254,7 +254,7 @@ fn kiosk_start_publishes_video_that_a_cli_site_verifies() {
             cmd.env(k, v);
         }
     }
-    let app = Proc(cmd.spawn().expect("xvfb-run diemcau starts"));
+    let app = Proc::group(&mut cmd);
     // The site prints what it has verified every 5 s.
     let line = cli.wait_line(
         Duration::from_secs(90),
@@ -485,9 +485,11 @@ fn the_chair_sees_a_raised_hand_gives_the_floor_and_exports_the_roll_call() {
         Duration::from_secs(30),
         "the commune's hand in the chair's queue",
     );
-    assert_eq!(
-        app.exec("return document.getElementById('floor-mode').value"),
-        "chair_only"
+    // The server confirmed the mode (the panel shows the floor state it sent back).
+    app.wait_until(
+        "return document.getElementById('chair-panel').dataset.mode === 'chair_only'",
+        Duration::from_secs(10),
+        "chair-only mode confirmed by the server",
     );
     app.screenshot(&output_dir().join("app-6-chair-hand.png"));
     app.click(hand);
@@ -582,10 +584,10 @@ fn a_second_start_hands_over_to_the_running_app() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut second = start();
+    let mut second = Proc(start());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(s) = second.try_wait().expect("wait") {
+        if let Some(s) = second.0.try_wait().expect("wait") {
             break s;
         }
         assert!(Instant::now() < deadline, "the second start kept running");
