@@ -63,12 +63,13 @@ pub async fn wait_for<T>(
 
 /// Path of a binary built from this workspace (`cargo test --workspace` builds them).
 pub fn workspace_bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/e2e-HASH → target/<profile>/<name>
+    // target/<profile>/deps/e2e-HASH (a test) or target/<profile>/diemcau-bench (a binary)
+    // → target/<profile>/<name>
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps");
+    let mut dir = exe.parent().expect("a binary lives in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps lives in target/<profile>");
+    }
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),

@@ -62,6 +62,8 @@ export class TileRenderer {
   private gl: WebGLRenderingContext | null = null;
   private tex: WebGLTexture[] = [];
   private ctx2d: CanvasRenderingContext2D | null = null;
+  /** Size the textures were allocated at (re-allocated only when it changes). */
+  private texSize = "";
   private rgba: ImageData | null = null;
 
   constructor(canvas: HTMLCanvasElement) {
@@ -126,10 +128,17 @@ export class TileRenderer {
         [p.u, p.width >> 1, p.height >> 1],
         [p.v, p.width >> 1, p.height >> 1],
       ];
+      const size = `${p.width}x${p.height}`;
+      const fresh = size !== this.texSize;
+      this.texSize = size;
       planes.forEach(([data, w, h], i) => {
         gl.activeTexture(gl.TEXTURE0 + i);
         gl.bindTexture(gl.TEXTURE_2D, this.tex[i]);
-        gl.texImage2D(gl.TEXTURE_2D, 0, gl.LUMINANCE, w, h, 0, gl.LUMINANCE, gl.UNSIGNED_BYTE, data);
+        if (fresh) {
+          gl.texImage2D(gl.TEXTURE_2D, 0, gl.LUMINANCE, w, h, 0, gl.LUMINANCE, gl.UNSIGNED_BYTE, data);
+        } else {
+          gl.texSubImage2D(gl.TEXTURE_2D, 0, 0, 0, w, h, gl.LUMINANCE, gl.UNSIGNED_BYTE, data);
+        }
       });
       gl.drawArrays(gl.TRIANGLE_STRIP, 0, 4);
     } else if (this.ctx2d) {
