@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diemcau_client::{AudioInput, JoinOptions, Room, RoomEvent, SpeakerOutput, VideoInput};
-use diemcau_protocol::{FloorState, Hand, Level, Role, RollEntry, SiteInfo};
+use diemcau_protocol::{FloorState, Hand, Role, RollEntry, SiteInfo};
 use serde::Serialize;
 use tauri::ipc::{Channel, InvokeResponseBody};
 use tauri::{AppHandle, Emitter};
@@ -14,29 +14,6 @@ use tracing::{info, warn};
 
 use crate::frames::{self, Pacer};
 use crate::settings::Settings;
-
-/// A site as the roster shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SiteView {
-    pub id: String,
-    pub name: String,
-    pub level: Level,
-    /// Ancestor ids from the province down, and their names.
-    pub path: Vec<String>,
-    pub path_names: Vec<String>,
-}
-
-impl From<SiteInfo> for SiteView {
-    fn from(s: SiteInfo) -> Self {
-        SiteView {
-            id: s.id,
-            name: s.name,
-            level: s.level,
-            path: s.path,
-            path_names: s.path_names,
-        }
-    }
-}
 
 /// How the link is doing, for the indicator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -70,12 +47,12 @@ pub fn judge(frames: u64, lost: u64, latency_p95_ms: Option<f64>, tcp: bool) -> 
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CallEvent {
     Joined {
-        you: SiteView,
+        you: SiteInfo,
         role: Role,
-        sites: Vec<SiteView>,
+        sites: Vec<SiteInfo>,
     },
     SiteJoined {
-        site: SiteView,
+        site: SiteInfo,
     },
     SiteLeft {
         site: String,
@@ -252,12 +229,10 @@ impl Call {
                         let _ = frames_out.send(InvokeResponseBody::Raw(msg));
                     }
                 }
-                RoomEvent::Joined { you, role, sites } => emit(CallEvent::Joined {
-                    you: you.into(),
-                    role,
-                    sites: sites.into_iter().map(Into::into).collect(),
-                }),
-                RoomEvent::SiteJoined { site } => emit(CallEvent::SiteJoined { site: site.into() }),
+                RoomEvent::Joined { you, role, sites } => {
+                    emit(CallEvent::Joined { you, role, sites })
+                }
+                RoomEvent::SiteJoined { site } => emit(CallEvent::SiteJoined { site }),
                 RoomEvent::SiteLeft { site, .. } => {
                     pacer.forget(&site);
                     emit(CallEvent::SiteLeft { site })
