@@ -48,6 +48,23 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Starts `cmd` with its stdout piped and returns it with its first stdout line (trimmed):
+/// the address or display a server reports when it is ready.
+pub fn first_line(cmd: &mut Command, what: &str) -> (Proc, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let child = Proc(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{what} reports nothing: {e}"));
+    (child, line.trim().to_string())
+}
+
 /// Where a tool lives: on PATH or in cargo's bin directory.
 pub fn tool(name: &str) -> PathBuf {
     let candidates = std::env::var_os("PATH")
@@ -77,8 +94,8 @@ pub struct Display {
 impl Display {
     pub fn start() -> Display {
         // -displayfd: Xvfb picks a free display number and writes it to us when ready.
-        let mut xvfb = Command::new(tool("Xvfb"))
-            .args([
+        let (xvfb, number) = first_line(
+            Command::new(tool("Xvfb")).args([
                 "-displayfd",
                 "1",
                 "-screen",
@@ -86,32 +103,18 @@ impl Display {
                 "1280x800x24",
                 "-nolisten",
                 "tcp",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Xvfb starts");
-        let mut line = String::new();
-        BufReader::new(xvfb.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("Xvfb reports its display");
-        let display = format!(":{}", line.trim());
-        let xvfb = Proc(xvfb);
-        let mut bus = Command::new(tool("dbus-daemon"))
-            .args(["--session", "--nofork", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon starts");
-        let mut addr = String::new();
-        BufReader::new(bus.stdout.take().expect("piped"))
-            .read_line(&mut addr)
-            .expect("dbus-daemon reports its address");
+            ]),
+            "Xvfb",
+        );
+        let (bus, dbus) = first_line(
+            Command::new(tool("dbus-daemon")).args(["--session", "--nofork", "--print-address=1"]),
+            "dbus-daemon",
+        );
         Display {
-            display,
-            dbus: addr.trim().to_string(),
+            display: format!(":{number}"),
+            dbus,
             _xvfb: xvfb,
-            _bus: Proc(bus),
+            _bus: bus,
         }
     }
 

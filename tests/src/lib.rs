@@ -105,27 +105,77 @@ pub mod desktop;
 
 pub use desktop::Proc;
 
+/// What a child process writes to stderr, line by line (read on a thread of its own), and
+/// everything seen so far for the failure message.
+pub struct StderrLines {
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl StderrLines {
+    /// Takes `child`'s piped stderr.
+    pub fn of(child: &mut std::process::Child) -> StderrLines {
+        use std::io::BufRead;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().expect("piped stderr");
+        // Drains the pipe to the end even when nobody listens any more, so the child never
+        // blocks on a full stderr.
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        StderrLines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line that `pick` accepts; panics after `timeout` with `what` and every
+    /// line seen.
+    pub fn wait(&mut self, timeout: Duration, what: &str, pick: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pick(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {what}; got:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits up to 20 s for a line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        self.wait(Duration::from_secs(20), &format!("{needle:?}"), |l| {
+            l.contains(needle)
+        })
+    }
+}
+
 /// The real `diemcau-server --dev` binary on a free loopback port, and its `ws://` address.
 pub fn spawn_dev_server() -> (Proc, String) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(workspace_bin("diemcau-server"))
-        .args(["--dev", "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("diemcau-server starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let child = Proc(child);
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("server prints its address");
+    spawn_server(&["--dev", "--listen", "127.0.0.1:0"])
+}
+
+/// The real `diemcau-server` with `args`, and the address from its first stdout line
+/// (`listening ws://…` or `wss://…`).
+pub fn spawn_server<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Proc, String) {
+    let mut cmd = std::process::Command::new(workspace_bin("diemcau-server"));
+    cmd.args(args);
+    let (server, line) = desktop::first_line(&mut cmd, "diemcau-server");
     let url = line
-        .trim()
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
-    (child, url)
+    (server, url)
 }
 
 /// A raw signalling connection: what a site says and hears, without media.

@@ -2,15 +2,15 @@
 //! (tauri-driver + WebKitWebDriver), against the real `diemcau-server --dev` and headless
 //! `diemcau-cli` sites. Screenshots go to `test-output/`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diemcau_e2e::desktop::{output_dir, AppEnv, Display, Session, APP};
-use diemcau_e2e::{dev_token, spawn_dev_server, workspace_bin, Proc};
+use diemcau_e2e::{dev_token, spawn_dev_server, workspace_bin, Proc, StderrLines};
 use diemcau_protocol::Role;
 use serde_json::Value;
 
@@ -20,11 +20,10 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
     APP.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A headless site: its stderr lines arrive on a channel, its JSON report on stop.
+/// A headless site: its stderr lines as they come, its JSON report on stop.
 struct Cli {
     child: Option<Child>,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    lines: StderrLines,
 }
 
 impl Cli {
@@ -37,40 +36,16 @@ impl Cli {
             .stderr(Stdio::piped())
             .spawn()
             .expect("diemcau-cli starts");
-        let (tx, lines) = mpsc::channel();
-        let err = child.stderr.take().expect("piped");
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = StderrLines::of(&mut child);
         Cli {
             child: Some(child),
             lines,
-            seen: Vec::new(),
         }
     }
 
     /// Waits for a stderr line that `pick` accepts.
     fn wait_line(&mut self, timeout: Duration, what: &str, pick: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if pick(&l) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!(
-                    "timed out after {timeout:?} waiting for {what}; the site said:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
+        self.lines.wait(timeout, what, pick)
     }
 
     /// SIGTERM: the site leaves and prints its report.
@@ -125,6 +100,40 @@ fn app_bin() -> std::path::PathBuf {
 
 const PREJOIN_READY: &str = "const s = document.getElementById('screen-prejoin'); \
      return !!s && !s.hidden && document.getElementById('join').textContent.length > 0";
+
+/// Waits until an element matching `css` (which must not contain `'`) is in the page.
+fn wait_element(app: &Session, css: &str, timeout: Duration, what: &str) {
+    app.wait_until(
+        &format!("return !!document.querySelector('{css}')"),
+        timeout,
+        what,
+    );
+}
+
+/// Waits until the element `id` shows some text, and returns it.
+fn text_of(app: &Session, id: &str, timeout: Duration) -> String {
+    let v = app.wait_until(
+        &format!("const e = document.getElementById('{id}'); return e && e.textContent"),
+        timeout,
+        &format!("text in #{id}"),
+    );
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// The contents of the file whose path the app announced in a notice ("…: PATH") that
+/// mentions `marker`.
+fn announced_file(app: &Session, marker: &str, what: &str) -> String {
+    let path = app.wait_until(
+        &format!(
+            "const n = [...document.querySelectorAll('#notices li')].map(l => l.textContent) \
+             .find(t => t.includes('{marker}')); return n ? n.split(': ').pop() : ''"
+        ),
+        Duration::from_secs(10),
+        what,
+    );
+    let path = path.as_str().unwrap_or_default();
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{what} at {path}: {e}"))
+}
 
 #[test]
 fn the_app_joins_shows_moving_video_raises_a_hand_and_is_verified_by_a_headless_site() {
@@ -181,10 +190,11 @@ fn the_app_joins_shows_moving_video_raises_a_hand_and_is_verified_by_a_headless_
         "the tile is not drawn with WebGL"
     );
     // The roster groups the sites by the administrative tree.
-    app.wait_until(
+    wait_element(
+        &app,
         &format!(
-            "return !!document.querySelector('#roster .node[data-site=\"nghe-an\"] \
-             .node[data-site=\"nam-dan\"] .node[data-site=\"{APP_SITE}\"]')"
+            "#roster .node[data-site=\"nghe-an\"] .node[data-site=\"nam-dan\"] \
+             .node[data-site=\"{APP_SITE}\"]"
         ),
         Duration::from_secs(10),
         "province → district → commune in the roster",
@@ -194,10 +204,9 @@ fn the_app_joins_shows_moving_video_raises_a_hand_and_is_verified_by_a_headless_
 
     // Raise a hand: the button says so, the roster shows it, the chair's site sees it.
     app.click("#raise");
-    app.wait_until(
-        &format!(
-            "return !!document.querySelector('#roster .node[data-site=\"{APP_SITE}\"] .hand')"
-        ),
+    wait_element(
+        &app,
+        &format!("#roster .node[data-site=\"{APP_SITE}\"] .hand"),
         Duration::from_secs(10),
         "the raised hand in the roster",
     );
@@ -368,13 +377,7 @@ fn the_portal_window_cannot_call_the_app_and_shows_an_offline_page_when_down() {
 
     // "Export diagnostics" writes one file with versions, settings and the log.
     app.click("#export-diag");
-    let path = app.wait_until(
-        "const n = [...document.querySelectorAll('#notices li')].map(l => l.textContent) \
-         .find(t => t.includes('diemcau-chan-doan')); return n ? n.split(': ').pop() : ''",
-        Duration::from_secs(10),
-        "the diagnostics file",
-    );
-    let diag = std::fs::read_to_string(path.as_str().unwrap_or_default()).expect("diagnostics");
+    let diag = announced_file(&app, "diemcau-chan-doan", "the diagnostics file");
     assert!(
         diag.contains("diemcau: 0.1.0") && diag.contains("webview:"),
         "{diag}"
@@ -391,13 +394,8 @@ fn the_portal_window_cannot_call_the_app_and_shows_an_offline_page_when_down() {
         Duration::from_secs(30),
         "the portal page",
     );
-    app.wait_until(
-        "const h = document.getElementById('portal-heading'); return h && h.textContent",
-        Duration::from_secs(20),
-        "the portal's heading",
-    );
     assert_eq!(
-        app.exec("return document.getElementById('portal-heading').textContent"),
+        text_of(&app, "portal-heading", Duration::from_secs(20)),
         "Cổng thông tin phòng chống dịch Covid-19"
     );
     let answer = app.exec_async(TRY_IPC);
@@ -420,13 +418,8 @@ fn the_portal_window_cannot_call_the_app_and_shows_an_offline_page_when_down() {
         Duration::from_secs(30),
         "the offline page",
     );
-    app.wait_until(
-        "const h = document.getElementById('offline-title'); return h && h.textContent",
-        Duration::from_secs(20),
-        "the offline message",
-    );
     assert_eq!(
-        app.exec("return document.getElementById('offline-title').textContent"),
+        text_of(&app, "offline-title", Duration::from_secs(20)),
         "Không mở được cổng thông tin"
     );
     let answer = app.exec_async(TRY_IPC);
@@ -477,11 +470,9 @@ fn the_chair_sees_a_raised_hand_gives_the_floor_and_exports_the_roll_call() {
         &["--raise-hand-after", "1", "--accept-unmute"],
     );
     let hand = "#chair-hands li[data-site=\"tp-vinh-le-loi\"] .grant";
-    app.wait_until(
-        &format!(
-            "return !!document.querySelector('{}')",
-            hand.replace('\'', "\\'")
-        ),
+    wait_element(
+        &app,
+        hand,
         Duration::from_secs(30),
         "the commune's hand in the chair's queue",
     );
@@ -496,8 +487,9 @@ fn the_chair_sees_a_raised_hand_gives_the_floor_and_exports_the_roll_call() {
     commune.wait_line(Duration::from_secs(10), "the floor at the commune", |l| {
         l.contains("Chủ tọa đã cho phép bạn phát biểu")
     });
-    app.wait_until(
-        "return !!document.querySelector('#chair-granted [data-site=\"tp-vinh-le-loi\"]')",
+    wait_element(
+        &app,
+        "#chair-granted [data-site=\"tp-vinh-le-loi\"]",
         Duration::from_secs(10),
         "the granted site in the chair's panel",
     );
@@ -506,36 +498,21 @@ fn the_chair_sees_a_raised_hand_gives_the_floor_and_exports_the_roll_call() {
     // Roll-call: start it, mark an absent district with the reason the chair types.
     app.click("#roll-start");
     let row = "#roll-list li[data-site=\"con-cuong\"]";
-    app.wait_until(
-        &format!(
-            "return !!document.querySelector('{}')",
-            row.replace('\'', "\\'")
-        ),
-        Duration::from_secs(10),
-        "the roll-call list",
-    );
+    wait_element(&app, row, Duration::from_secs(10), "the roll-call list");
     app.click("#roll-details summary");
     app.exec(&format!(
-        "document.querySelector('{} input').value = 'Mất điện'; return true",
-        row.replace('\'', "\\'")
+        "document.querySelector('{row} input').value = 'Mất điện'; return true"
     ));
     app.click(&format!("{row} button:last-of-type"));
     app.wait_until(
         &format!(
-            "const r = document.querySelector('{}'); return !!r && r.dataset.key.includes('Mất điện')",
-            row.replace('\'', "\\'")
+            "const r = document.querySelector('{row}'); return !!r && r.dataset.key.includes('Mất điện')"
         ),
         Duration::from_secs(10),
         "the reason recorded by the server",
     );
     app.click("#roll-export");
-    let path = app.wait_until(
-        "const n = [...document.querySelectorAll('#notices li')].map(l => l.textContent) \
-         .find(t => t.includes('.csv')); return n ? n.split(': ').pop() : ''",
-        Duration::from_secs(10),
-        "the exported roll-call",
-    );
-    let csv = std::fs::read_to_string(path.as_str().unwrap_or_default()).expect("the CSV");
+    let csv = announced_file(&app, ".csv", "the exported roll-call");
     assert!(
         csv.starts_with("site,name,path,status,connected,reason"),
         "{csv}"

@@ -2,13 +2,11 @@
 //! devices behind ALSA `pulse` PCMs, with Vietnamese speech from espeak-ng, compared after
 //! the round trip (capture → Opus → server → other site → jitter buffer → playback).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use diemcau_e2e::{dev_server, workspace_bin, MEDIA};
+use diemcau_e2e::{dev_server, workspace_bin, StderrLines, MEDIA};
 
 /// A PulseAudio daemon with two null sinks (`mic`, `spk`) in a private runtime dir, and an
 /// `.asoundrc` that shows `testmic` (mic.monitor) and `testspk` (spk) to ALSA.
@@ -145,30 +143,6 @@ fn correlation(a: &[f32], b: &[f32], lag: usize) -> f32 {
 }
 
 /// Forwards a child's stderr lines into a channel (and keeps the child's pipe drained).
-fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().expect("piped stderr");
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, log: &mut Vec<String>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-    {
-        let hit = l.contains(needle);
-        log.push(l);
-        if hit {
-            return;
-        }
-    }
-    panic!("no line containing {needle:?}; got:\n{}", log.join("\n"));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vietnamese_speech_survives_mic_to_speaker_through_the_server() {
     let _guard = MEDIA.lock().await;
@@ -227,14 +201,11 @@ async fn vietnamese_speech_survives_mic_to_speaker_through_the_server() {
             .unwrap()
     };
     let mut listener = cli("tp-vinh", "none", "alsa:testspk");
-    let listener_lines = lines_of(&mut listener);
-    let mut log = Vec::new();
-    wait_line(&listener_lines, "Đã kết nối hình và tiếng", &mut log);
+    let mut listener_lines = StderrLines::of(&mut listener);
+    listener_lines.wait_for("Đã kết nối hình và tiếng");
     let mut talker = cli("nghe-an", "mic:alsa:testmic", "none");
-    let talker_lines = lines_of(&mut talker);
-    let mut tlog = Vec::new();
-    wait_line(&talker_lines, "Đã kết nối hình và tiếng", &mut tlog);
-    wait_line(&listener_lines, "Đang nhận tiếng từ nghe-an", &mut log);
+    StderrLines::of(&mut talker).wait_for("Đã kết nối hình và tiếng");
+    listener_lines.wait_for("Đang nhận tiếng từ nghe-an");
 
     // Speak into the microphone, in real time.
     let spoke = tokio::task::spawn_blocking({
@@ -380,9 +351,7 @@ async fn unplugging_the_microphone_mid_call_does_not_stop_the_site() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = lines_of(&mut site);
-    let mut log = Vec::new();
-    wait_line(&lines, "Đã kết nối hình và tiếng", &mut log);
+    StderrLines::of(&mut site).wait_for("Đã kết nối hình và tiếng");
     // Unplug: the null sink behind the microphone disappears.
     let modules = rig
         .cmd("pactl")

@@ -1,7 +1,6 @@
 //! The binaries as scripts and installers use them: `diemcau-server --dev` and
 //! `diemcau-cli join ... --report json`, checked against the report contract.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use diemcau_e2e::{workspace_bin, MEDIA};
@@ -216,26 +215,16 @@ fn production_server_keys_tokens_chair_cli_and_roll_call_csv() {
 
     // The production start: directory, key, audit log.
     let audit = dir.join("audit.jsonl");
-    let mut child = Command::new(workspace_bin("diemcau-server"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--directory",
-            directory.to_str().unwrap(),
-            "--key-file",
-            key_s,
-        ])
-        .args(["--audit-log", audit.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = diemcau_e2e::Proc(child);
-    let url = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let (_server, url) = diemcau_e2e::spawn_server(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--directory",
+        directory.to_str().unwrap(),
+        "--key-file",
+        key_s,
+        "--audit-log",
+        audit.to_str().unwrap(),
+    ]);
 
     // A commune's chair command: refused, non-zero exit, the reason in Vietnamese.
     let out = chair_cli(&url, &commune, &["mute-all"]);
@@ -357,21 +346,15 @@ async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let mut child = Command::new(workspace_bin("diemcau-server"))
-        .args(["--dev", "--listen", "127.0.0.1:0", "--tls-cert"])
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = diemcau_e2e::Proc(child);
-    let url = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let (_server, url) = diemcau_e2e::spawn_server(&[
+        "--dev".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+    ]);
     assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
 
     let trusting = |site: &str, duration: &str| {

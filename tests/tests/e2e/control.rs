@@ -357,25 +357,65 @@ async fn the_hand_queue_keeps_raise_order_across_reconnects() {
     server.stop();
 }
 
+/// A count from what `r` received from `site` (0 when nothing was).
+type Count = fn(&diemcau_client::Report, &str) -> u64;
+
+fn received<'a>(
+    r: &'a diemcau_client::Report,
+    site: &str,
+) -> Option<&'a diemcau_client::report::Received> {
+    r.received.iter().find(|x| x.site == site)
+}
+
 fn audio_from(r: &diemcau_client::Report, site: &str) -> u64 {
-    r.received
-        .iter()
-        .find(|x| x.site == site)
-        .map_or(0, |x| x.audio_frames)
+    received(r, site).map_or(0, |x| x.audio_frames)
+}
+
+fn video_from(r: &diemcau_client::Report, site: &str) -> u64 {
+    received(r, site).map_or(0, |x| x.video_frames)
+}
+
+fn verified_from(r: &diemcau_client::Report, site: &str) -> u64 {
+    received(r, site).map_or(0, |x| x.video_frames_verified)
 }
 
 /// Waits until the audio counted from `site` stops changing (in-flight frames landed).
 async fn settle(room: &Room, site: &str) {
-    let mut last = audio_from(&room.report().await, site);
+    settle_by(room, site, audio_from, "audio").await
+}
+
+/// Waits until `count` from `site` stops changing.
+async fn settle_by(room: &Room, site: &str, count: Count, what: &str) {
+    let mut last = count(&room.report().await, site);
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = audio_from(&room.report().await, site);
+        let now = count(&room.report().await, site);
         if now == last {
             return;
         }
         last = now;
     }
-    panic!("audio from {site} never stopped arriving");
+    panic!("{what} from {site} never stopped arriving");
+}
+
+/// Waits until `count` from `site` reaches `at_least`; panics after `timeout` with `what`.
+async fn until_count(
+    room: &Room,
+    site: &str,
+    count: Count,
+    at_least: u64,
+    timeout: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let r = room.report().await;
+        if count(&r, site) >= at_least {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits for this site's floor to say whether it may speak.
@@ -652,13 +692,6 @@ async fn the_audit_log_survives_a_restart() {
     second.stop();
 }
 
-fn video_from(r: &diemcau_client::Report, site: &str) -> u64 {
-    r.received
-        .iter()
-        .find(|x| x.site == site)
-        .map_or(0, |x| x.video_frames)
-}
-
 /// The app's mute and camera buttons: the site stops sending that kind (the others receive
 /// none of it while the other kind keeps flowing), and both come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -706,24 +739,19 @@ async fn mute_and_camera_off_stop_what_the_others_receive_until_turned_back_on()
 
     a.set_mic_muted(false);
     a.set_camera_off(true);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while audio_from(&b.report().await, "xa-tat-tieng") < audio_from(&r1, "xa-tat-tieng") + 50 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "sound did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let site = "xa-tat-tieng";
+    let back = audio_from(&r1, site) + 50;
+    until_count(
+        &b,
+        site,
+        audio_from,
+        back,
+        Duration::from_secs(5),
+        "sound did not come back",
+    )
+    .await;
     // Pictures already on their way land, then none.
-    let mut last = video_from(&b.report().await, "xa-tat-tieng");
-    loop {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let now = video_from(&b.report().await, "xa-tat-tieng");
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    settle_by(&b, site, video_from, "pictures").await;
     let r2 = b.report().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let r3 = b.report().await;
@@ -735,28 +763,16 @@ async fn mute_and_camera_off_stop_what_the_others_receive_until_turned_back_on()
 
     // Camera back on: a fresh keyframe, so the pictures verify again at once.
     a.set_camera_off(false);
-    let before = r3
-        .received
-        .iter()
-        .find(|x| x.site == "xa-tat-tieng")
-        .map_or(0, |x| x.video_frames_verified);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = b.report().await;
-        let v = r
-            .received
-            .iter()
-            .find(|x| x.site == "xa-tat-tieng")
-            .map_or(0, |x| x.video_frames_verified);
-        if v >= before + 15 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "pictures did not come back: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let again = verified_from(&r3, site) + 15;
+    until_count(
+        &b,
+        site,
+        verified_from,
+        again,
+        Duration::from_secs(5),
+        "pictures did not come back",
+    )
+    .await;
     a.leave().await;
     b.leave().await;
     server.stop();
