@@ -180,11 +180,6 @@ pub fn spawn_video_thread(
                 if control.force_keyframe.swap(false, Ordering::Relaxed) {
                     enc.force_keyframe();
                 }
-                if let Some(view) = &self_view {
-                    let _ = view.send(crate::RoomEvent::LocalFrame {
-                        picture: Arc::new(frame.picture.clone()),
-                    });
-                }
                 match enc.encode(&frame.picture) {
                     Ok(Some(au)) => {
                         let e = Encoded {
@@ -203,6 +198,12 @@ pub fn spawn_video_thread(
                         let _ = errors.send(format!("H.264 encoder: {e}"));
                         return;
                     }
+                }
+                // The picture is done with once encoded: the self view takes it, no copy.
+                if let Some(view) = &self_view {
+                    let _ = view.send(crate::RoomEvent::LocalFrame {
+                        picture: Arc::new(frame.picture),
+                    });
                 }
             }
         })

@@ -189,6 +189,12 @@ fn the_app_joins_shows_moving_video_raises_a_hand_and_is_verified_by_a_headless_
         "webgl",
         "the tile is not drawn with WebGL"
     );
+    // The self view shows what this site sends.
+    app.wait_until(
+        "return Number(document.getElementById('self-view').dataset.frames || 0) >= 5",
+        Duration::from_secs(10),
+        "pictures in the self view",
+    );
     // The roster groups the sites by the administrative tree.
     wait_element(
         &app,
