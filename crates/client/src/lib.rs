@@ -44,6 +44,10 @@ pub use room::{AudioInput, JoinOptions, Room, SpeakerOutput, VideoInput};
 pub enum ClientError {
     #[error("cannot reach the server at {url}: {detail}")]
     Unreachable { url: String, detail: String },
+    #[error("the server at {url} has a certificate this machine does not trust: {detail}")]
+    Certificate { url: String, detail: String },
+    #[error("the server at {url} accepts only wss:// (TLS)")]
+    NeedsTls { url: String },
     #[error("the server refused: {message} ({code:?})")]
     Refused { code: ErrorCode, message: String },
     #[error("the server closed the connection")]
@@ -66,11 +70,11 @@ impl ClientError {
     /// A sentence for a person, in Vietnamese.
     pub fn vi(&self) -> String {
         match self {
-            ClientError::Unreachable { url, detail } if detail.contains("certificate") => format!(
+            ClientError::Certificate { url, .. } => format!(
                 "Chứng chỉ bảo mật của máy chủ {url} không hợp lệ hoặc máy này chưa tin cậy nó. \
                  Hãy báo bộ phận kỹ thuật của tỉnh."
             ),
-            ClientError::Unreachable { url, detail } if detail.contains("426") => format!(
+            ClientError::NeedsTls { url } => format!(
                 "Máy chủ {url} chỉ nhận kết nối bảo mật: hãy dùng địa chỉ bắt đầu bằng wss://."
             ),
             ClientError::Unreachable { url, .. } => format!(

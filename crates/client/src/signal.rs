@@ -57,6 +57,43 @@ impl Signal {
     }
 }
 
+/// What a failed WebSocket connect means for a person: a TLS server asked for plain text,
+/// a certificate this machine does not trust, or no server at all.
+fn connect_error(url: &str, e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+    use tokio_tungstenite::tungstenite::Error;
+    match &e {
+        Error::Http(resp) if resp.status() == 426 => {
+            return ClientError::NeedsTls { url: url.into() };
+        }
+        Error::Io(io) => {
+            let rustls_error = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            if let Some(rustls::Error::InvalidCertificate(why)) = rustls_error {
+                return ClientError::Certificate {
+                    url: url.into(),
+                    detail: format!("{why:?}"),
+                };
+            }
+            // The system has no trusted roots at all (tokio-tungstenite says so only in
+            // words): nothing can be trusted, the same answer for a person.
+            if io.kind() == std::io::ErrorKind::NotFound
+                && io.to_string().starts_with("no native root CA certificates")
+            {
+                return ClientError::Certificate {
+                    url: url.into(),
+                    detail: io.to_string(),
+                };
+            }
+        }
+        _ => {}
+    }
+    ClientError::Unreachable {
+        url: url.into(),
+        detail: e.to_string(),
+    }
+}
+
 /// Opens the WebSocket and spawns its reader and writer tasks.
 pub async fn connect(url: &str) -> Result<Signal, ClientError> {
     if url.starts_with("wss://") {
@@ -73,10 +110,7 @@ pub async fn connect(url: &str) -> Result<Signal, ClientError> {
         url: url.into(),
         detail: "timed out".into(),
     })?
-    .map_err(|e| ClientError::Unreachable {
-        url: url.into(),
-        detail: e.to_string(),
-    })?;
+    .map_err(|e| connect_error(url, e))?;
     let (mut sink, mut stream) = ws.split();
     let (outbox, mut out_rx) = mpsc::unbounded_channel::<ClientMessage>();
     let (in_tx, inbox) = mpsc::unbounded_channel::<ServerMessage>();

@@ -380,24 +380,33 @@ async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
         assert!(o["video_frames_verified"].as_u64().unwrap() > 10, "{o}");
     }
 
-    // No trust in the certificate: refused, said in Vietnamese.
-    let out = Command::new(workspace_bin("diemcau-cli"))
-        .args([
-            "join",
-            "--server",
-            &url,
-            "--site",
-            "xa-nghi-ngo",
-            "--duration",
-            "1",
-        ])
-        .env("SSL_CERT_FILE", "/dev/null")
-        .env("SSL_CERT_DIR", "/nonexistent")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Chứng chỉ bảo mật"), "{err}");
+    // No trust in the certificate: refused, said in Vietnamese — whether this machine
+    // trusts other certificates only, or none at all.
+    let other = dir.join("other-ca.pem");
+    let other_ck = rcgen::generate_simple_self_signed(vec!["khac.example".into()]).unwrap();
+    std::fs::write(&other, other_ck.cert.pem()).unwrap();
+    for (file, certs_dir) in [
+        (other.as_os_str(), "/nonexistent".as_ref()),
+        ("/dev/null".as_ref(), "/nonexistent".as_ref()),
+    ] {
+        let out = Command::new(workspace_bin("diemcau-cli"))
+            .args([
+                "join",
+                "--server",
+                &url,
+                "--site",
+                "xa-nghi-ngo",
+                "--duration",
+                "1",
+            ])
+            .env("SSL_CERT_FILE", file)
+            .env::<_, &std::ffi::OsStr>("SSL_CERT_DIR", certs_dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Chứng chỉ bảo mật"), "{err}");
+    }
 
     // Plain ws:// to a TLS server: refused (tokens must not cross in the clear).
     let plain = url.replacen("wss://", "ws://", 1);
