@@ -787,9 +787,10 @@ impl Room {
             let _ = self.outbox.send(ClientMessage::Leave);
         }
         self.capture_control.stop.store(true, Ordering::Relaxed);
-        // Let the server hear `leave` before the media path closes.
+        // Let the server act on `leave` (it then closes the signalling) before the media path
+        // closes: a media close first reads to the others as a lost connection.
         if let Some(f) = self.flushed.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), f).await;
         }
         let _ = self.pc.close().await;
         for t in self.threads.drain(..) {

@@ -15,7 +15,8 @@ use crate::ClientError;
 pub struct Signal {
     pub outbox: mpsc::UnboundedSender<ClientMessage>,
     pub inbox: mpsc::UnboundedReceiver<ServerMessage>,
-    /// Resolves when the writer has sent `leave` and closed the socket (or failed).
+    /// Resolves when the server has closed the signalling (after acting on `leave`), or it
+    /// broke.
     pub flushed: tokio::sync::oneshot::Receiver<()>,
 }
 
@@ -126,7 +127,6 @@ pub async fn connect(url: &str) -> Result<Signal, ClientError> {
                 break;
             }
         }
-        let _ = flushed_tx.send(());
     });
     tokio::spawn(async move {
         while let Some(m) = stream.next().await {
@@ -144,6 +144,9 @@ pub async fn connect(url: &str) -> Result<Signal, ClientError> {
             }
         }
         debug!("signalling closed");
+        // The server closes after it has acted on `leave` (or it is gone): only now may the
+        // media path close without the others seeing a lost connection instead of a leave.
+        let _ = flushed_tx.send(());
     });
     Ok(Signal {
         outbox,
