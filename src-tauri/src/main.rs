@@ -16,7 +16,6 @@ mod diagnostics;
 mod frames;
 mod portal;
 mod preview;
-mod settings;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,6 +27,7 @@ use tauri::{AppHandle, Manager, State};
 use tracing::{info, warn};
 
 use call::Call;
+use diemcau_client::settings;
 use settings::{Paths, Settings};
 
 #[derive(Debug, Parser)]
@@ -45,6 +45,10 @@ struct Cli {
     /// Room, for this run.
     #[arg(long)]
     room: Option<String>,
+    /// Started by the log-on entry the installers make: the app opens only when the
+    /// settings say `autostart = true` (the MSI's and the .deb's AUTOSTART=1).
+    #[arg(long)]
+    autostart: bool,
 }
 
 /// Everything the commands share.
@@ -391,6 +395,10 @@ fn main() {
     let (loaded, problems) = settings::load(&paths);
     for p in &problems {
         warn!("{p}");
+    }
+    if cli.autostart && loaded.autostart != Some(true) {
+        info!("log-on start, autostart is off in the settings: not opening");
+        return;
     }
     let overrides = Settings {
         server: cli.server.clone(),

@@ -26,6 +26,7 @@ pub mod publish;
 pub mod receive;
 pub mod report;
 pub mod room;
+pub mod settings;
 pub mod signal;
 
 use std::sync::Arc;

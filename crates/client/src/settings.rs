@@ -36,6 +36,9 @@ pub struct Settings {
     /// cpal device id of the microphone / speaker (`None`: the system default).
     pub microphone: Option<String>,
     pub speaker: Option<String>,
+    /// Open the app at log-on (the installers' AUTOSTART; their log-on entry always runs
+    /// `diemcau --autostart`, which looks here).
+    pub autostart: Option<bool>,
     /// Enrollment secret (machine file only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -52,12 +55,37 @@ impl Settings {
         macro_rules! take {
             ($($f:ident),*) => {$( if over.$f.is_some() { self.$f = over.$f.clone(); } )*};
         }
-        take!(server, site, room, language, portal_url, camera, no_camera, microphone, speaker);
+        take!(
+            server, site, room, language, portal_url, camera, no_camera, microphone, speaker,
+            autostart
+        );
         take!(secret, token);
         if !over.portal_origins.is_empty() {
             self.portal_origins = over.portal_origins.clone();
         }
         self
+    }
+
+    /// `self` without the values that are blank (an installer's unset property).
+    pub fn non_empty(&self) -> Settings {
+        fn keep(v: &Option<String>) -> Option<String> {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+        }
+        Settings {
+            server: keep(&self.server),
+            site: keep(&self.site),
+            room: keep(&self.room),
+            language: keep(&self.language),
+            portal_url: keep(&self.portal_url),
+            microphone: keep(&self.microphone),
+            speaker: keep(&self.speaker),
+            secret: keep(&self.secret),
+            token: keep(&self.token),
+            ..self.clone()
+        }
     }
 
     /// What a user may change (no secrets), for the per-user file.
@@ -113,6 +141,13 @@ impl Settings {
                 if !ok {
                     return Err(format!("Địa chỉ cổng thông tin \"{u}\" không hợp lệ."));
                 }
+            }
+        }
+        if let Some(l) = &self.language {
+            if !matches!(l.trim(), "vi" | "en" | "") {
+                return Err(format!(
+                    "Ngôn ngữ \"{l}\" không có: chỉ có vi (tiếng Việt) hoặc en (English)."
+                ));
             }
         }
         Ok(())
@@ -181,7 +216,9 @@ pub fn changed(before: &Settings, current: &Settings, after: &Settings) -> Setti
     macro_rules! keep {
         ($($f:ident),*) => {$( if after.$f != current.$f { out.$f = after.$f.clone(); } )*};
     }
-    keep!(server, site, room, language, portal_url, camera, no_camera, microphone, speaker);
+    keep!(
+        server, site, room, language, portal_url, camera, no_camera, microphone, speaker, autostart
+    );
     if after.portal_origins != current.portal_origins {
         out.portal_origins = after.portal_origins.clone();
     }
@@ -204,16 +241,33 @@ pub fn load(paths: &Paths) -> (Settings, Vec<String>) {
 
 /// Writes the user's part of `settings` (never secrets) atomically.
 pub fn save_user(paths: &Paths, settings: &Settings) -> Result<(), String> {
-    let text = toml::to_string_pretty(&settings.user_part())
-        .map_err(|e| format!("Không lưu được cấu hình: {e}"))?;
-    if let Some(dir) = paths.user.parent() {
+    write_file(&paths.user, &settings.user_part())
+}
+
+/// The installer's step (`diemcau-cli config set`, run by the MSI and the .deb): the
+/// machine file with every field `given` sets replaced and the rest kept, so that an
+/// upgrade or a repair that passes no values keeps the office's settings. Empty values
+/// count as "not given" (an MSI property left unset arrives as ""). Returns what is now
+/// in the file.
+pub fn update_machine(path: &Path, given: &Settings) -> Result<Settings, String> {
+    let given = given.non_empty();
+    given.validate()?;
+    let now = read(path)?.overlay(&given);
+    write_file(path, &now)?;
+    Ok(now)
+}
+
+fn write_file(path: &Path, settings: &Settings) -> Result<(), String> {
+    let text =
+        toml::to_string_pretty(settings).map_err(|e| format!("Không lưu được cấu hình: {e}"))?;
+    if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("Không tạo được thư mục {}: {e}", dir.display()))?;
     }
-    let tmp = paths.user.with_extension("toml.tmp");
+    let tmp = path.with_extension("toml.tmp");
     std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &paths.user))
-        .map_err(|e| format!("Không lưu được cấu hình vào {}: {e}", paths.user.display()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("Không lưu được cấu hình vào {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -260,6 +314,47 @@ mod tests {
         assert_eq!(again.language_or_default(), "en");
         assert_eq!(again.secret.as_deref(), Some("s3cret"));
         assert_eq!(again.server.as_deref(), Some("wss://hop.nghean.gov.vn"));
+    }
+
+    #[test]
+    fn the_installer_step_replaces_what_it_is_given_and_keeps_the_rest() {
+        let d = temp("installer");
+        let file = d.join("ProgramData").join("DiemCau").join("config.toml");
+        let first = Settings {
+            server: Some("ws://10.0.0.1:7600".into()),
+            site: Some("xa-a".into()),
+            secret: Some("k1".into()),
+            portal_url: Some(String::new()),
+            ..Default::default()
+        };
+        let now = update_machine(&file, &first).unwrap();
+        assert_eq!(now.secret.as_deref(), Some("k1"));
+        assert_eq!(now.portal_url, None, "an unset property was written");
+        // An upgrade passing nothing but the room keeps the rest.
+        let upgrade = Settings {
+            server: Some(" ".into()),
+            room: Some("hop-huyen".into()),
+            ..Default::default()
+        };
+        update_machine(&file, &upgrade).unwrap();
+        let (s, problems) = load(&Paths {
+            machine: file.clone(),
+            user: d.join("none.toml"),
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(s.server.as_deref(), Some("ws://10.0.0.1:7600"));
+        assert_eq!(s.site.as_deref(), Some("xa-a"));
+        assert_eq!(s.room.as_deref(), Some("hop-huyen"));
+        assert_eq!(s.secret.as_deref(), Some("k1"));
+        // A bad value is refused and the file is untouched.
+        let bad = Settings {
+            language: Some("fr".into()),
+            ..Default::default()
+        };
+        assert!(update_machine(&file, &bad)
+            .unwrap_err()
+            .contains("Ngôn ngữ"));
+        assert_eq!(read(&file).unwrap(), s);
     }
 
     #[test]

@@ -31,6 +31,53 @@ enum Command {
     /// lower-hand SITE | lower-all | roll-call start | roll-call mark SITE present|absent |
     /// roll-call export
     Chair(ChairArgs),
+    /// The machine-wide settings the desktop app and `join` start from
+    /// (`/etc/diemcau/config.toml`, `%ProgramData%\DiemCau\config.toml`).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Write the given values and keep the others (what the MSI and the .deb run). An
+    /// empty value leaves that setting as it is.
+    Set {
+        #[command(flatten)]
+        values: ConfigValues,
+        /// Another file than the machine-wide one.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
+    /// Print the machine-wide settings (the enrollment secret masked).
+    Show {
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigValues {
+    /// Server address, ws://… or wss://… (SERVER_URL).
+    #[arg(long)]
+    server: Option<String>,
+    /// This office's site id (SITE_ID).
+    #[arg(long)]
+    site: Option<String>,
+    /// Enrollment secret (SITE_KEY).
+    #[arg(long)]
+    secret: Option<String>,
+    /// Room (ROOM).
+    #[arg(long)]
+    room: Option<String>,
+    /// The Covid-19 information portal (PORTAL_URL).
+    #[arg(long)]
+    portal_url: Option<String>,
+    /// vi or en (LANGUAGE).
+    #[arg(long)]
+    language: Option<String>,
+    /// 1: open the app at log-on, 0: do not (AUTOSTART).
+    #[arg(long)]
+    autostart: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,18 +100,18 @@ struct ChairArgs {
 
 #[derive(Debug, clap::Args)]
 struct JoinArgs {
-    /// Server address, e.g. ws://127.0.0.1:7600
+    /// Server address, e.g. ws://127.0.0.1:7600 (default: the machine-wide settings).
     #[arg(long)]
-    server: String,
-    /// This site's id in the directory.
+    server: Option<String>,
+    /// This site's id in the directory (default: the machine-wide settings).
     #[arg(long)]
-    site: String,
+    site: Option<String>,
     /// Join token (not needed by a --dev server).
     #[arg(long)]
     token: Option<String>,
-    /// Room name.
-    #[arg(long, default_value = "hop-tinh")]
-    room: String,
+    /// Room name (default: the machine-wide settings, else hop-tinh).
+    #[arg(long)]
+    room: Option<String>,
     /// Picture source: synthetic[:WxH[@FPS]] | camera[:N] | none
     #[arg(long, default_value = "synthetic")]
     video: String,
@@ -361,10 +408,112 @@ fn main() -> ExitCode {
         Command::Join(args) => runtime.block_on(join(args)),
         Command::Chair(args) => runtime.block_on(chair(args)),
         Command::Devices { json } => devices(json),
+        Command::Config(c) => config(c),
+    }
+}
+
+fn config(command: ConfigCommand) -> ExitCode {
+    use diemcau_client::settings::{self, Paths, Settings};
+    let machine = |file: Option<std::path::PathBuf>| file.unwrap_or(Paths::from_env().machine);
+    match command {
+        ConfigCommand::Set { values, file } => {
+            let path = machine(file);
+            let autostart = match values.autostart.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some("1" | "true" | "yes") => Some(true),
+                Some("0" | "false" | "no") => Some(false),
+                Some(other) => {
+                    eprintln!("AUTOSTART phải là 1 hoặc 0 (đang là \"{other}\").");
+                    return ExitCode::from(2);
+                }
+            };
+            let given = Settings {
+                autostart,
+                server: values.server,
+                site: values.site,
+                secret: values.secret,
+                room: values.room,
+                portal_url: values.portal_url,
+                language: values.language,
+                ..Default::default()
+            };
+            match settings::update_machine(&path, &given) {
+                Ok(_) => {
+                    eprintln!("Đã ghi cấu hình vào {}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        ConfigCommand::Show { file } => {
+            let path = machine(file);
+            match settings::read(&path) {
+                Ok(mut s) => {
+                    if s.secret.is_some() {
+                        s.secret = Some("********".into());
+                    }
+                    println!("# {}", path.display());
+                    print!("{}", toml::to_string_pretty(&s).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+/// What `join` connects with: the command line, else the machine-wide settings.
+#[derive(Debug)]
+struct Target {
+    server: String,
+    site: String,
+    room: String,
+    secret: Option<String>,
+    token: Option<String>,
+}
+
+impl JoinArgs {
+    fn target(&self) -> Result<Target, String> {
+        use diemcau_client::settings::{self, Paths};
+        let path = Paths::from_env().machine;
+        let machine = settings::read(&path)?.non_empty();
+        let need =
+            |given: &Option<String>, saved: &Option<String>, what: &str| {
+                given.clone().or_else(|| saved.clone()).ok_or_else(|| {
+                    format!(
+                    "Chưa có {what}: dùng tùy chọn --{} hoặc ghi vào {} (diemcau-cli config set).",
+                    if what.contains("máy chủ") { "server" } else { "site" },
+                    path.display()
+                )
+                })
+            };
+        Ok(Target {
+            server: need(&self.server, &machine.server, "địa chỉ máy chủ")?,
+            site: need(&self.site, &machine.site, "mã điểm cầu")?,
+            room: self
+                .room
+                .clone()
+                .unwrap_or_else(|| machine.room_or_default()),
+            secret: self.secret.clone().or(machine.secret),
+            token: self.token.clone().or(machine.token),
+        })
     }
 }
 
 async fn join(args: JoinArgs) -> ExitCode {
+    let target = match args.target() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let (video, audio) = match (parse_video(&args.video), parse_audio(&args.audio)) {
         (Ok(v), Ok(a)) => (v, a),
         (Err(e), _) | (_, Err(e)) => {
@@ -383,9 +532,9 @@ async fn join(args: JoinArgs) -> ExitCode {
         eprintln!("--raise-hand-after must be between 0 and 86400 seconds");
         return ExitCode::from(2);
     }
-    let mut opts = JoinOptions::synthetic(&args.site, &args.room);
-    opts.token = args.token.clone();
-    opts.secret = args.secret.clone();
+    let mut opts = JoinOptions::synthetic(&target.site, &target.room);
+    opts.token = target.token.clone();
+    opts.secret = target.secret.clone();
     opts.video = video;
     opts.audio = audio;
     opts.max_video_bitrate_bps = args.max_video_kbps.saturating_mul(1000);
@@ -397,13 +546,13 @@ async fn join(args: JoinArgs) -> ExitCode {
     };
     eprintln!(
         "[{}] Đang kết nối tới {} (phòng {})…",
-        args.site, args.server, args.room
+        target.site, target.server, target.room
     );
-    let (room, mut events) = match Room::connect(&args.server, opts).await {
+    let (room, mut events) = match Room::connect(&target.server, opts).await {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("[{}] {}", args.site, e.vi());
-            eprintln!("[{}] detail: {e}", args.site);
+            eprintln!("[{}] {}", target.site, e.vi());
+            eprintln!("[{}] detail: {e}", target.site);
             return ExitCode::from(1);
         }
     };
@@ -427,66 +576,66 @@ async fn join(args: JoinArgs) -> ExitCode {
         tokio::select! {
             _ = &mut deadline => break,
             _ = &mut stop => {
-                eprintln!("[{}] Dừng theo yêu cầu", args.site);
+                eprintln!("[{}] Dừng theo yêu cầu", target.site);
                 break;
             }
             _ = &mut hand_at, if hand_pending => {
                 hand_pending = false;
                 room.raise_hand();
-                eprintln!("[{}] Giơ tay phát biểu", args.site);
+                eprintln!("[{}] Giơ tay phát biểu", target.site);
             }
             _ = tick.tick() => {
                 let r = room.report().await;
                 let parts: Vec<String> = r.received.iter().map(|s| format!(
                     "{}: {} hình ({} đã kiểm), {} tiếng", s.site, s.video_frames, s.video_frames_verified, s.audio_frames)).collect();
-                eprintln!("[{}] đã gửi {} hình, {} tiếng; nhận {}", args.site, r.sent.video_frames, r.sent.audio_frames,
+                eprintln!("[{}] đã gửi {} hình, {} tiếng; nhận {}", target.site, r.sent.video_frames, r.sent.audio_frames,
                     if parts.is_empty() { "chưa có gì".to_string() } else { parts.join("; ") });
             }
             ev = events.recv() => match ev {
                 None => break,
                 Some(ev) => match ev {
                     RoomEvent::Joined { you, sites, .. } => eprintln!(
-                        "[{}] Đã tham gia với tên \"{}\"; trong phòng có {} điểm cầu khác", args.site, you.name, sites.len()),
-                    RoomEvent::SiteJoined { site } => eprintln!("[{}] {} ({}) vào phòng", args.site, site.name, site.id),
-                    RoomEvent::SiteLeft { site, .. } => eprintln!("[{}] {site} rời phòng", args.site),
-                    RoomEvent::MediaConnected => eprintln!("[{}] Đã kết nối hình và tiếng", args.site),
+                        "[{}] Đã tham gia với tên \"{}\"; trong phòng có {} điểm cầu khác", target.site, you.name, sites.len()),
+                    RoomEvent::SiteJoined { site } => eprintln!("[{}] {} ({}) vào phòng", target.site, site.name, site.id),
+                    RoomEvent::SiteLeft { site, .. } => eprintln!("[{}] {site} rời phòng", target.site),
+                    RoomEvent::MediaConnected => eprintln!("[{}] Đã kết nối hình và tiếng", target.site),
                     RoomEvent::TrackAdded { site, kind: diemcau_protocol::MediaKind::Audio } => {
-                        eprintln!("[{}] Đang nhận tiếng từ {site}", args.site)
+                        eprintln!("[{}] Đang nhận tiếng từ {site}", target.site)
                     }
                     RoomEvent::FirstVerifiedFrame { site, since_join } => eprintln!(
-                        "[{}] Hình đầu tiên từ {site} sau {} ms", args.site, since_join.as_millis()),
+                        "[{}] Hình đầu tiên từ {site} sau {} ms", target.site, since_join.as_millis()),
                     RoomEvent::ServerError { code, message, fatal } => {
-                        eprintln!("[{}] Máy chủ báo lỗi: {} ({message})", args.site, code.vi());
+                        eprintln!("[{}] Máy chủ báo lỗi: {} ({message})", target.site, code.vi());
                         if fatal { lost = true; break; }
                     }
-                    RoomEvent::DeviceError { message } => eprintln!("[{}] {message}", args.site),
+                    RoomEvent::DeviceError { message } => eprintln!("[{}] {message}", target.site),
                     RoomEvent::Hands { queue, total } => {
-                        if let Some(me) = queue.iter().find(|h| h.site == args.site) {
-                            eprintln!("[{}] Tay của bạn: thứ {} / {total}", args.site, me.place);
+                        if let Some(me) = queue.iter().find(|h| h.site == target.site) {
+                            eprintln!("[{}] Tay của bạn: thứ {} / {total}", target.site, me.place);
                         }
                         // A chair or district sees the others' hands too.
                         let others: Vec<&str> = queue
                             .iter()
-                            .filter(|h| h.site != args.site)
+                            .filter(|h| h.site != target.site)
                             .map(|h| h.site.as_str())
                             .collect();
                         if !others.is_empty() {
-                            eprintln!("[{}] Hàng chờ phát biểu: {}", args.site, others.join(", "));
+                            eprintln!("[{}] Hàng chờ phát biểu: {}", target.site, others.join(", "));
                         }
                     }
                     RoomEvent::Floor { state } => {
-                        let granted = state.you_may_speak && state.granted.contains(&args.site);
+                        let granted = state.you_may_speak && state.granted.contains(&target.site);
                         if granted && !had_floor {
-                            eprintln!("[{}] Chủ tọa đã cho phép bạn phát biểu", args.site);
+                            eprintln!("[{}] Chủ tọa đã cho phép bạn phát biểu", target.site);
                         }
                         had_floor = granted;
                     }
                     RoomEvent::AskUnmute { by } => {
-                        eprintln!("[{}] Chủ tọa ({by}) đề nghị bạn bật micro", args.site);
+                        eprintln!("[{}] Chủ tọa ({by}) đề nghị bạn bật micro", target.site);
                         room.reply_unmute(args.accept_unmute);
                     }
                     RoomEvent::Disconnected { reason } => {
-                        eprintln!("[{}] Mất kết nối với máy chủ ({reason})", args.site);
+                        eprintln!("[{}] Mất kết nối với máy chủ ({reason})", target.site);
                         lost = true;
                         break;
                     }
@@ -496,7 +645,7 @@ async fn join(args: JoinArgs) -> ExitCode {
         }
     }
     let report = room.leave().await;
-    eprintln!("[{}] Đã rời phòng", args.site);
+    eprintln!("[{}] Đã rời phòng", target.site);
     if args.report == "json" {
         match serde_json::to_string(&report) {
             Ok(s) => println!("{s}"),
