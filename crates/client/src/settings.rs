@@ -119,6 +119,27 @@ impl Settings {
 
     /// A user's answer checked: a site id and server address that can work.
     pub fn validate(&self) -> Result<(), String> {
+        // A quote or a control character has no place in any value, and on the installer's
+        // command line a quote (or a backslash before one) would move the values around.
+        for (name, v) in [
+            ("server", &self.server),
+            ("site", &self.site),
+            ("room", &self.room),
+            ("language", &self.language),
+            ("portal_url", &self.portal_url),
+            ("microphone", &self.microphone),
+            ("speaker", &self.speaker),
+            ("secret", &self.secret),
+            ("token", &self.token),
+        ] {
+            if v.as_deref()
+                .is_some_and(|v| v.chars().any(|c| c == '"' || c.is_control()))
+            {
+                return Err(format!(
+                    "Giá trị của {name} không được chứa dấu ngoặc kép hay ký tự điều khiển."
+                ));
+            }
+        }
         if let Some(s) = &self.server {
             let s = s.trim();
             if !(s.starts_with("ws://") || s.starts_with("wss://")) {
@@ -264,10 +285,23 @@ fn write_file(path: &Path, settings: &Settings) -> Result<(), String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("Không tạo được thư mục {}: {e}", dir.display()))?;
     }
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("Không lưu được cấu hình vào {}: {e}", path.display()))
+    // A fresh name made here and nowhere else (create_new), so that nobody can have prepared
+    // the file the installer, running as the system, then moves into place.
+    let tmp = path.with_extension(format!("toml.{:016x}.tmp", rand::random::<u64>()));
+    let write = || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("Không lưu được cấu hình vào {}: {e}", path.display())
+    })
 }
 
 #[cfg(test)]
@@ -347,6 +381,14 @@ mod tests {
         assert_eq!(s.room.as_deref(), Some("hop-huyen"));
         assert_eq!(s.secret.as_deref(), Some("k1"));
         // A bad value is refused and the file is untouched.
+        // What a secret ending in a backslash becomes on the MSI's command line.
+        let shifted = Settings {
+            secret: Some("k\" --room hop-thu".into()),
+            ..Default::default()
+        };
+        assert!(update_machine(&file, &shifted)
+            .unwrap_err()
+            .contains("ngoặc kép"));
         let bad = Settings {
             language: Some("fr".into()),
             ..Default::default()

@@ -132,6 +132,72 @@ fn cli_says_in_vietnamese_when_the_server_is_unreachable() {
     assert!(out.stdout.is_empty());
 }
 
+/// The machine-wide settings an installer wrote: `join` alone joins as the office; a site
+/// named on the command line joins without the office's secret (a `--dev` server refuses a
+/// secret for a site that has none, so a leaked secret would fail that join).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_takes_the_installed_settings_and_keeps_their_secret_to_their_site() {
+    let _guard = MEDIA.lock().await;
+    let (_server, url) = start_server();
+    let dir = std::env::temp_dir().join(format!("diemcau-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    let set = Command::new(workspace_bin("diemcau-cli"))
+        .args(["config", "set", "--file", config.to_str().unwrap()])
+        .args(["--server", &url, "--site", "yen-thanh", "--room", "cli"])
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let plain = |extra: &[&str]| {
+        Command::new(workspace_bin("diemcau-cli"))
+            .env("DIEMCAU_MACHINE_CONFIG", &config)
+            .args([
+                "join",
+                "--video",
+                "synthetic:320x180@15",
+                "--speaker",
+                "none",
+            ])
+            .args(["--duration", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Without a secret: the settings alone are enough against a --dev server.
+    let alone = plain(&[]);
+    let (r, _) = tokio::task::spawn_blocking(move || report(alone))
+        .await
+        .unwrap();
+    assert_eq!(r["site"], "yen-thanh");
+    // With a secret only yen-thanh could use, another site named on the command line.
+    let set = Command::new(workspace_bin("diemcau-cli"))
+        .args(["config", "set", "--file", config.to_str().unwrap()])
+        .args(["--secret", "khoa-cua-yen-thanh"])
+        .output()
+        .unwrap();
+    assert!(set.status.success());
+    let other = plain(&["--site", "quynh-luu"]);
+    let (r, _) = tokio::task::spawn_blocking(move || report(other))
+        .await
+        .unwrap();
+    assert_eq!(r["site"], "quynh-luu");
+    // Nothing to go on: a Vietnamese sentence and exit 2.
+    let out = Command::new(workspace_bin("diemcau-cli"))
+        .env("DIEMCAU_MACHINE_CONFIG", dir.join("none.toml"))
+        .args(["join", "--duration", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Chưa có địa chỉ máy chủ"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn server_without_dev_needs_a_directory_and_a_key() {
     let out = Command::new(workspace_bin("diemcau-server"))

@@ -479,29 +479,43 @@ struct Target {
 }
 
 impl JoinArgs {
+    /// The command line, completed from the machine-wide settings when it lacks the server
+    /// or the site. The file's secret and token go only with the file's own site and server:
+    /// never to a server or for a site named on the command line.
     fn target(&self) -> Result<Target, String> {
-        use diemcau_client::settings::{self, Paths};
+        use diemcau_client::settings::{self, Paths, Settings};
         let path = Paths::from_env().machine;
-        let machine = settings::read(&path)?.non_empty();
-        let need =
-            |given: &Option<String>, saved: &Option<String>, what: &str| {
-                given.clone().or_else(|| saved.clone()).ok_or_else(|| {
-                    format!(
-                    "Chưa có {what}: dùng tùy chọn --{} hoặc ghi vào {} (diemcau-cli config set).",
-                    if what.contains("máy chủ") { "server" } else { "site" },
-                    path.display()
-                )
-                })
-            };
+        let machine = if self.server.is_none() || self.site.is_none() {
+            settings::read(&path)
+                .map_err(|e| format!("{e}\nKhông tham gia được: thiếu --server hoặc --site."))?
+                .non_empty()
+        } else {
+            Settings::default()
+        };
+        let missing = |flag: &str, what: &str| {
+            format!(
+                "Chưa có {what}: dùng tùy chọn --{flag} hoặc ghi vào {} (diemcau-cli config set).",
+                path.display()
+            )
+        };
+        let from_file = self.server.is_none() && self.site.is_none();
         Ok(Target {
-            server: need(&self.server, &machine.server, "địa chỉ máy chủ")?,
-            site: need(&self.site, &machine.site, "mã điểm cầu")?,
+            server: self
+                .server
+                .clone()
+                .or(machine.server.clone())
+                .ok_or_else(|| missing("server", "địa chỉ máy chủ"))?,
+            site: self
+                .site
+                .clone()
+                .or(machine.site.clone())
+                .ok_or_else(|| missing("site", "mã điểm cầu"))?,
             room: self
                 .room
                 .clone()
                 .unwrap_or_else(|| machine.room_or_default()),
-            secret: self.secret.clone().or(machine.secret),
-            token: self.token.clone().or(machine.token),
+            secret: self.secret.clone().or(machine.secret.filter(|_| from_file)),
+            token: self.token.clone().or(machine.token.filter(|_| from_file)),
         })
     }
 }
