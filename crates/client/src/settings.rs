@@ -380,8 +380,8 @@ mod tests {
         assert_eq!(s.site.as_deref(), Some("xa-a"));
         assert_eq!(s.room.as_deref(), Some("hop-huyen"));
         assert_eq!(s.secret.as_deref(), Some("k1"));
-        // A bad value is refused and the file is untouched.
-        // What a secret ending in a backslash becomes on the MSI's command line.
+        // Bad values are refused and the file is untouched: what a secret ending in a
+        // backslash becomes on the MSI's command line, a language the app does not have.
         let shifted = Settings {
             secret: Some("k\" --room hop-thu".into()),
             ..Default::default()

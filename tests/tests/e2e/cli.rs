@@ -142,16 +142,19 @@ async fn join_takes_the_installed_settings_and_keeps_their_secret_to_their_site(
     let dir = std::env::temp_dir().join(format!("diemcau-cli-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.toml");
-    let set = Command::new(workspace_bin("diemcau-cli"))
-        .args(["config", "set", "--file", config.to_str().unwrap()])
-        .args(["--server", &url, "--site", "yen-thanh", "--room", "cli"])
-        .output()
-        .unwrap();
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
+    let config_set = |values: &[&str]| {
+        let set = Command::new(workspace_bin("diemcau-cli"))
+            .args(["config", "set", "--file", config.to_str().unwrap()])
+            .args(values)
+            .output()
+            .unwrap();
+        assert!(
+            set.status.success(),
+            "{}",
+            String::from_utf8_lossy(&set.stderr)
+        );
+    };
+    config_set(&["--server", &url, "--site", "yen-thanh", "--room", "cli"]);
     let plain = |extra: &[&str]| {
         Command::new(workspace_bin("diemcau-cli"))
             .env("DIEMCAU_MACHINE_CONFIG", &config)
@@ -176,12 +179,7 @@ async fn join_takes_the_installed_settings_and_keeps_their_secret_to_their_site(
         .unwrap();
     assert_eq!(r["site"], "yen-thanh");
     // With a secret only yen-thanh could use, another site named on the command line.
-    let set = Command::new(workspace_bin("diemcau-cli"))
-        .args(["config", "set", "--file", config.to_str().unwrap()])
-        .args(["--secret", "khoa-cua-yen-thanh"])
-        .output()
-        .unwrap();
-    assert!(set.status.success());
+    config_set(&["--secret", "khoa-cua-yen-thanh"]);
     let other = plain(&["--site", "quynh-luu"]);
     let (r, _) = tokio::task::spawn_blocking(move || report(other))
         .await

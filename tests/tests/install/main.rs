@@ -75,6 +75,11 @@ fn run(cmd: &mut Command, what: &str) -> Output {
     out
 }
 
+/// What `cmd` printed on stdout, after it succeeded.
+fn stdout(cmd: &mut Command, what: &str) -> String {
+    String::from_utf8(run(cmd, what).stdout).unwrap_or_else(|e| panic!("{what}: not UTF-8: {e}"))
+}
+
 /// Runs an installer script; its last stdout line is the package's path.
 fn build(script: &str, args: &[&str]) -> PathBuf {
     let mut cmd = Command::new(repo().join("installers").join(script));
@@ -87,17 +92,16 @@ fn build(script: &str, args: &[&str]) -> PathBuf {
             cmd.env_remove(&*k);
         }
     }
-    let out = run(cmd.args(args).stderr(Stdio::inherit()), script);
-    let path = String::from_utf8(out.stdout).unwrap();
+    let path = stdout(cmd.args(args).stderr(Stdio::inherit()), script);
     PathBuf::from(path.lines().last().expect("the package's path").trim())
 }
 
 fn msi_table(msi: &Path, table: &str) -> String {
-    let out = run(
+    // UTF-8: the MSI's code page is 65001.
+    stdout(
         Command::new("msiinfo").arg("export").arg(msi).arg(table),
         "msiinfo export",
-    );
-    String::from_utf8(out.stdout).expect("msiinfo writes UTF-8 with code page 65001")
+    )
 }
 
 /// The rows of an exported table (after its three header lines), split into columns.
@@ -385,16 +389,12 @@ fn the_msi_installs_silently_configures_joins_upgrades_and_uninstalls() {
             .into_iter()
             .find(|p| p.file_name().is_some_and(|n| n == exe))
             .unwrap_or_else(|| panic!("{exe} not in the MSI"));
-        let dump = String::from_utf8(
-            run(
-                Command::new("x86_64-w64-mingw32-objdump")
-                    .arg("-p")
-                    .arg(&path),
-                "objdump -p",
-            )
-            .stdout,
-        )
-        .unwrap();
+        let dump = stdout(
+            Command::new("x86_64-w64-mingw32-objdump")
+                .arg("-p")
+                .arg(&path),
+            "objdump -p",
+        );
         let dlls: Vec<&str> = dump
             .lines()
             .filter_map(|l| l.trim().strip_prefix("DLL Name: "))
@@ -620,24 +620,16 @@ fn the_deb_installs_presets_and_purges() {
         &["--profile", "dev", "--out", dir.to_str().unwrap()],
     );
     assert_eq!(deb.file_name().unwrap(), "diemcau_0.1.0_amd64.deb");
-    let info = String::from_utf8(
-        run(
-            Command::new("dpkg-deb").arg("--info").arg(&deb),
-            "dpkg-deb --info",
-        )
-        .stdout,
-    )
-    .unwrap();
+    let info = stdout(
+        Command::new("dpkg-deb").arg("--info").arg(&deb),
+        "dpkg-deb --info",
+    );
     assert!(info.contains("Package: diemcau"), "{info}");
     assert!(info.contains("libwebkit2gtk-4.1-0"), "{info}");
-    let contents = String::from_utf8(
-        run(
-            Command::new("dpkg-deb").arg("--contents").arg(&deb),
-            "dpkg-deb --contents",
-        )
-        .stdout,
-    )
-    .unwrap();
+    let contents = stdout(
+        Command::new("dpkg-deb").arg("--contents").arg(&deb),
+        "dpkg-deb --contents",
+    );
     for f in [
         "./usr/bin/diemcau",
         "./usr/bin/diemcau-cli",
