@@ -89,6 +89,14 @@ pub enum CallEvent {
         message: String,
         fatal: bool,
     },
+    /// The connection was lost; the engine is joining again by itself.
+    Reconnecting {
+        reason: String,
+    },
+    /// Back in the room.
+    Reconnected {
+        after_ms: u64,
+    },
     /// The meeting ended for this site.
     Ended {
         reason: String,
@@ -258,8 +266,16 @@ impl Call {
                         fatal,
                     });
                 }
+                RoomEvent::Reconnecting { reason } => {
+                    warn!(%reason, "connection lost; reconnecting");
+                    emit(CallEvent::Reconnecting { reason });
+                }
+                RoomEvent::Reconnected { after } => emit(CallEvent::Reconnected {
+                    after_ms: after.as_millis() as u64,
+                }),
                 RoomEvent::Disconnected { reason } => {
                     warn!(%reason, "disconnected");
+                    ended = reason;
                     break;
                 }
                 RoomEvent::TrackAdded { .. }

@@ -102,6 +102,7 @@ pub async fn until_verified(room: &Room, from: &[&str], timeout: Duration) {
 }
 
 pub mod desktop;
+pub mod netns;
 
 pub use desktop::Proc;
 
@@ -270,6 +271,7 @@ pub mod raw {
                 site: site.into(),
                 token: token.map(str::to_string),
                 control,
+                resume: false,
             })
             .await;
             self.wait("welcome or error", |m| {

@@ -76,6 +76,8 @@ type CallEvent =
     }
   | { type: "notice"; message: string }
   | { type: "error"; message: string; fatal: boolean }
+  | { type: "reconnecting"; reason: string }
+  | { type: "reconnected"; after_ms: number }
   | { type: "ended"; reason: string };
 
 interface RollEntry {
@@ -604,6 +606,14 @@ function onCall(e: CallEvent): void {
       if (!changed) return;
       break;
     }
+    case "reconnecting":
+      // The engine joins again by itself; the pictures resume when it is back.
+      progress(t("join.reconnecting"));
+      return;
+    case "reconnected":
+      progress(t("join.reconnected"));
+      setTimeout(() => progress(""), 3000);
+      return;
     case "notice":
       notice(e.message);
       return;

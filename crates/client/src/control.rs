@@ -124,6 +124,7 @@ impl ControlSession {
             site: site.into(),
             token: Some(token.into()),
             control: true,
+            resume: false,
         });
         // Any error answers the join.
         sig.expect(&mut VecDeque::new(), "welcome", &ErrorCode::ALL, |m| {

@@ -158,7 +158,17 @@ pub enum RoomEvent {
     DeviceError {
         message: String,
     },
-    /// The meeting ended for this site (server gone or media failed).
+    /// The connection to the server was lost; the room is joining again by itself (the
+    /// devices keep running, the server keeps the site's hand and floor).
+    Reconnecting {
+        reason: String,
+    },
+    /// Back in the room after [`RoomEvent::Reconnecting`], `after` the loss was noticed.
+    Reconnected {
+        after: Duration,
+    },
+    /// The meeting ended for this site (the server refused it for good after a lost
+    /// connection).
     Disconnected {
         reason: String,
     },

@@ -192,7 +192,9 @@ pub struct Transports {
     pub bind_ip: std::net::IpAddr,
 }
 
-pub async fn build(transports: &Transports) -> Result<Peer, ClientError> {
+/// Builds a peer connection whose congestion controller writes its estimate into `bwe_bps`
+/// (kept by the room across reconnects).
+pub async fn build(transports: &Transports, bwe_bps: Arc<AtomicU64>) -> Result<Peer, ClientError> {
     let mut me = MediaEngine::default();
     me.register_codec(
         RTCRtpCodecParameters {
@@ -233,7 +235,6 @@ pub async fn build(transports: &Transports) -> Result<Peer, ClientError> {
         },
         RtpCodecKind::Video,
     );
-    let bwe_bps = Arc::new(AtomicU64::new(BWE_INITIAL_BPS.to_bits()));
     let estimator = ReportingEstimator {
         inner: Gcc::new(BWE_INITIAL_BPS, BWE_MIN_BPS, BWE_MAX_BPS),
         target: bwe_bps.clone(),

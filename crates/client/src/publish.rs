@@ -284,10 +284,13 @@ pub async fn write_track(
     track: Arc<TrackLocalStaticSample>,
     sender: Arc<dyn RtpSender>,
     mut state: watch::Receiver<RTCPeerConnectionState>,
-    mut input: mpsc::Receiver<Encoded>,
+    input: Arc<tokio::sync::Mutex<mpsc::Receiver<Encoded>>>,
     video: Option<Arc<CaptureControl>>,
     counters: Arc<SendCounters>,
 ) {
+    // One connection at a time reads the encoder's output; a new one after a reconnect waits
+    // here until the old one's task has ended.
+    let mut input = input.lock().await;
     if state
         .wait_for(|s| *s == RTCPeerConnectionState::Connected)
         .await

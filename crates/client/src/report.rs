@@ -61,6 +61,9 @@ pub struct Report {
     pub sites_seen: Vec<String>,
     /// Problems met on the way, in Vietnamese.
     pub errors: Vec<String>,
+    /// Times the site joined again by itself after a lost connection.
+    #[serde(default)]
+    pub reconnects: u64,
     /// The hand queue as this site last saw it.
     pub hand_queue: Vec<Hand>,
     /// The floor as this site last saw it.

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use diemcau_protocol::{
 };
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, Mutex as AsyncMutex, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 use webrtc::media_stream::track_local::TrackLocal;
@@ -35,7 +35,7 @@ use webrtc::peer_connection::{
 
 use crate::control::{self, ChairResult, Requests};
 use crate::peer::{self, Transports};
-use crate::publish::{self, CaptureControl, SendCounters};
+use crate::publish::{self, CaptureControl, Encoded, SendCounters};
 use crate::receive::{self, Remote};
 use crate::report::{Latency, Received, Report, Sent};
 use crate::signal;
@@ -130,29 +130,157 @@ impl JoinOptions {
 }
 
 /// A joined room. Call [`Room::leave`] to hang up and get the report.
+///
+/// The room outlives its connections: when the signalling or the media path is lost (the
+/// network drops, the server restarts) it joins again by itself with `resume`, keeping the
+/// devices, encoders, counters and the meeting view, and says so with
+/// [`RoomEvent::Reconnecting`] and [`RoomEvent::Reconnected`]. The server keeps the site's
+/// hand and floor for it.
 pub struct Room {
+    shared: Arc<Shared>,
+    supervisor: Option<JoinHandle<Option<Session>>>,
+    stop: Arc<Notify>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    _tasks: Tasks,
+    _speaker: Arc<Mutex<Option<Speaker>>>,
+}
+
+/// What stays the same across reconnects.
+struct Shared {
     url: String,
     options: JoinOptions,
-    pc: Arc<dyn PeerConnection>,
-    outbox: mpsc::UnboundedSender<ClientMessage>,
-    flushed: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// False once UDP was found blocked: later connections offer TCP only.
+    udp: AtomicBool,
+    events: mpsc::UnboundedSender<RoomEvent>,
     remote: Arc<Remote>,
     counters: Arc<SendCounters>,
     capture_control: Arc<CaptureControl>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    tasks: Vec<JoinHandle<()>>,
-    sites_seen: Arc<Mutex<BTreeSet<SiteId>>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    meeting: Arc<Mutex<MeetingView>>,
+    bwe_bps: Arc<AtomicU64>,
+    /// Encoded pictures and sound from the capture threads, read by the current connection.
+    video_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
+    audio_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
+    sites_seen: Mutex<BTreeSet<SiteId>>,
+    errors: Mutex<Vec<String>>,
+    meeting: Mutex<MeetingView>,
     requests: Arc<Requests>,
     started: Instant,
-    closed: Arc<AtomicBool>,
-    state: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
-    _speaker: Arc<Mutex<Option<Speaker>>>,
+    /// Set when the site leaves: from then on nothing is lost and nothing reconnects.
+    closed: AtomicBool,
+    /// The current connection (none while reconnecting).
+    current: Mutex<Option<Current>>,
+    /// A connection tells the supervisor it is lost: (its id, why).
+    lost: mpsc::UnboundedSender<(u64, String)>,
+    next_session: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Current {
+    id: u64,
+    outbox: mpsc::UnboundedSender<ClientMessage>,
+    pc: Arc<dyn PeerConnection>,
+}
+
+/// Tasks aborted when the owner is dropped.
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Tasks {
+    fn push(&mut self, t: JoinHandle<()>) {
+        self.0.push(t);
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// One connection to the server: signalling, peer connection and the tasks serving them.
+struct Session {
+    id: u64,
+    pc: Arc<dyn PeerConnection>,
+    outbox: mpsc::UnboundedSender<ClientMessage>,
+    flushed: Option<tokio::sync::oneshot::Receiver<()>>,
+    state: watch::Receiver<RTCPeerConnectionState>,
+    _tasks: Tasks,
+}
+
+impl Session {
+    /// Waits until the media path is up; false after `limit`.
+    async fn wait_media(&self, limit: Duration) -> bool {
+        let mut state = self.state.clone();
+        tokio::time::timeout(
+            limit,
+            state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Ends this connection. With `leave` the server is told first, and given the time to
+    /// act on it (it then closes the signalling) before the media path closes: a media close
+    /// first reads to the others as a lost connection.
+    async fn close(mut self, shared: &Shared, leave: bool) {
+        {
+            let mut current = shared.current.lock().expect("lock poisoned");
+            if current.as_ref().is_some_and(|c| c.id == self.id) {
+                *current = None;
+            }
+        }
+        if leave {
+            let _ = self.outbox.send(ClientMessage::Leave);
+            if let Some(f) = self.flushed.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), f).await;
+            }
+        }
+        drop(self._tasks);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.pc.close()).await;
+    }
 }
 
 /// How long a site waits for media over UDP before joining again over ICE-TCP only.
 pub const UDP_GRACE: Duration = Duration::from_secs(6);
+
+/// How long one reconnect attempt may wait for the server's TCP handshake before trying again
+/// (a SYN lost in an outage is otherwise retried by the kernel only after 1, 3, 7 s…).
+const RECONNECT_DIAL: Duration = Duration::from_millis(1500);
+
+/// The pause before reconnect attempt `n` (from 0) made `since` after the loss: short and
+/// growing to 1 s in the first minute, then every 5 s.
+pub fn reconnect_backoff(n: u32, since: Duration) -> Duration {
+    if since > Duration::from_secs(60) {
+        return Duration::from_secs(5);
+    }
+    Duration::from_millis(250u64.saturating_mul(1 << n.min(4))).min(Duration::from_secs(1))
+}
+
+/// Whether a failed reconnect attempt is worth repeating.
+fn worth_retrying(e: &ClientError) -> bool {
+    match e {
+        ClientError::Refused { code, .. } => matches!(
+            code,
+            ErrorCode::SiteTaken
+                | ErrorCode::MediaTimeout
+                | ErrorCode::Internal
+                | ErrorCode::RoomFull
+        ),
+        ClientError::Certificate { .. } | ClientError::NeedsTls { .. } | ClientError::Device(_) => {
+            false
+        }
+        _ => true,
+    }
+}
+
+/// Whether the server's connection is lost and coming back can be tried.
+fn lost(shared: &Shared, id: u64, why: &str) {
+    if !shared.closed.load(Ordering::Relaxed) {
+        let _ = shared.lost.send((id, why.to_string()));
+    }
+}
 
 /// Whether the server URL's host is a loopback address (then media binds to loopback too).
 fn bind_ip_for(url: &str) -> IpAddr {
@@ -179,7 +307,7 @@ impl Room {
     /// Joins `options.room` on the server at `url` (`ws://host:port`).
     ///
     /// With both UDP and TCP allowed, a site whose media does not come up within
-    /// [`UDP_GRACE`] (UDP blocked by a firewall) leaves and joins again over ICE-TCP only: the
+    /// [`UDP_GRACE`] (UDP blocked by a firewall) joins again over ICE-TCP only: the
     /// webrtc-rs ICE agent cannot tell the server's UDP and TCP candidates apart when they
     /// share an address, so the TCP path works only when offered alone.
     pub async fn connect(
@@ -187,110 +315,8 @@ impl Room {
         options: JoinOptions,
     ) -> Result<(Room, mpsc::UnboundedReceiver<RoomEvent>), ClientError> {
         let started = Instant::now();
-        if !(options.udp && options.tcp) {
-            return Room::connect_once(url, options, started).await;
-        }
-        let (room, events) = Room::connect_once(url, options.clone(), started).await?;
-        if room.wait_media(UDP_GRACE).await {
-            return Ok((room, events));
-        }
-        info!("no media over UDP within {UDP_GRACE:?}; joining again over ICE-TCP");
-        room.leave().await;
-        let tcp = JoinOptions {
-            udp: false,
-            ..options
-        };
-        match Room::connect_once(url, tcp.clone(), started).await {
-            // The server may not have seen the first attempt leave yet.
-            Err(ClientError::Refused {
-                code: ErrorCode::SiteTaken,
-                ..
-            }) => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                Room::connect_once(url, tcp, started).await
-            }
-            other => other,
-        }
-    }
-
-    /// Waits until the media path is up; false after `limit`.
-    async fn wait_media(&self, limit: Duration) -> bool {
-        let mut state = self.state.clone();
-        tokio::time::timeout(
-            limit,
-            state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok())
-    }
-
-    async fn connect_once(
-        url: &str,
-        options: JoinOptions,
-        started: Instant,
-    ) -> Result<(Room, mpsc::UnboundedReceiver<RoomEvent>), ClientError> {
         let (events_tx, events) = mpsc::unbounded_channel();
-        let mut sig = signal::connect(url).await?;
-        let token = match (&options.token, &options.secret) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(secret)) => {
-                Some(control::enroll(&mut sig, &options.site, &options.room, secret).await?)
-            }
-            (None, None) => None,
-        };
-        let _ = sig.outbox.send(ClientMessage::Join {
-            v: PROTOCOL_VERSION,
-            room: options.room.clone(),
-            site: options.site.clone(),
-            token,
-            control: false,
-        });
-        let mut backlog = VecDeque::new();
-        let (you, role, video_slots, audio_slots, sites) = sig
-            .expect(&mut backlog, "welcome", &[], |m| match m {
-                ServerMessage::Welcome {
-                    you,
-                    role,
-                    video_slots,
-                    audio_slots,
-                    sites,
-                    ..
-                } => Some((
-                    you.clone(),
-                    *role,
-                    *video_slots,
-                    *audio_slots,
-                    sites.clone(),
-                )),
-                _ => None,
-            })
-            .await?;
-        let sites_seen = Arc::new(Mutex::new(
-            sites.iter().map(|s| s.id.clone()).collect::<BTreeSet<_>>(),
-        ));
-        let _ = events_tx.send(RoomEvent::Joined { you, role, sites });
-
-        let transports = Transports {
-            udp: options.udp,
-            tcp: options.tcp,
-            bind_ip: bind_ip_for(url),
-        };
-        let mut peer = peer::build(&transports).await?;
-        let pc = peer.pc.clone();
-        let sendonly = || {
-            Some(RTCRtpTransceiverInit {
-                direction: RTCRtpTransceiverDirection::Sendonly,
-                ..Default::default()
-            })
-        };
-        let recvonly = || {
-            Some(RTCRtpTransceiverInit {
-                direction: RTCRtpTransceiverDirection::Recvonly,
-                ..Default::default()
-            })
-        };
-        let stream = format!("site-{}", options.site);
-        // Open the microphone before offering: a site whose microphone will not open joins
+        // Open the microphone before joining: a site whose microphone will not open joins
         // without sound (and is told) rather than not at all.
         let mut mic = None;
         let mut mic_error = None;
@@ -305,83 +331,8 @@ impl Room {
                 }
             }
         }
-        let mut local = Vec::new();
-        for (kind, id, wanted) in [
-            (
-                RtpCodecKind::Video,
-                "video",
-                options.video != VideoInput::None,
-            ),
-            (
-                RtpCodecKind::Audio,
-                "audio",
-                options.audio != AudioInput::None && mic_error.is_none(),
-            ),
-        ] {
-            if !wanted {
-                continue;
-            }
-            let t = peer::sample_track(kind, id, &stream)?;
-            let tr = pc
-                .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
-                .await
-                .map_err(ClientError::webrtc)?;
-            let sender = tr
-                .sender()
-                .await
-                .map_err(ClientError::webrtc)?
-                .ok_or_else(|| ClientError::WebRtc(format!("{id} transceiver has no sender")))?;
-            local.push((kind, t, sender));
-        }
-        for (kind, n) in [
-            (RtpCodecKind::Video, video_slots),
-            (RtpCodecKind::Audio, audio_slots),
-        ] {
-            for _ in 0..n {
-                pc.add_transceiver_from_kind(kind, recvonly())
-                    .await
-                    .map_err(ClientError::webrtc)?;
-            }
-        }
-        let offer = pc.create_offer(None).await.map_err(ClientError::webrtc)?;
-        pc.set_local_description(offer)
-            .await
-            .map_err(ClientError::webrtc)?;
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            peer.gathering
-                .wait_for(|s| *s == RTCIceGatheringState::Complete),
-        )
-        .await;
-        let sdp = pc
-            .local_description()
-            .await
-            .ok_or_else(|| ClientError::WebRtc("no local description".into()))?
-            .sdp;
-        let _ = sig.outbox.send(ClientMessage::Offer { sdp });
-        let answer = sig
-            .expect(&mut backlog, "answer", &[ErrorCode::BadSdp], |m| match m {
-                ServerMessage::Answer { sdp } => Some(sdp.clone()),
-                _ => None,
-            })
-            .await?;
-        // rtc-ice 0.21.1 looks remote candidates up by address alone, ignoring the
-        // transport; the server's UDP and TCP candidates share an address, so a TCP-only
-        // client must not see the UDP one or its TCP checks never validate.
-        let answer = if options.udp {
-            answer
-        } else {
-            without_udp_candidates(&answer)
-        };
-        pc.set_remote_description(
-            RTCSessionDescription::answer(answer.clone()).map_err(ClientError::webrtc)?,
-        )
-        .await
-        .map_err(ClientError::webrtc)?;
-        if options.tcp {
-            dial_tcp_candidates(&pc, &answer).await;
-        }
-
+        let send_video = options.video != VideoInput::None;
+        let send_audio = options.audio != AudioInput::None && mic_error.is_none();
         // A real microphone gets echo cancellation, noise suppression and gain control; the
         // speaker feeds the canceller what it plays.
         let processor = matches!(options.audio, AudioInput::Mic(_))
@@ -425,14 +376,50 @@ impl Room {
             keyframe_requests_sent: Default::default(),
             psnr_every: options.psnr_every,
         });
-        let counters = Arc::new(SendCounters::default());
-        let capture_control = Arc::new(CaptureControl::default());
-        let errors = Arc::new(Mutex::new(Vec::new()));
+        let (video_tx, video_rx) = mpsc::channel(4);
+        let (audio_tx, audio_rx) = mpsc::channel(25);
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            url: url.into(),
+            udp: AtomicBool::new(options.udp),
+            events: events_tx.clone(),
+            remote,
+            counters: Arc::new(SendCounters::default()),
+            capture_control: Arc::new(CaptureControl::default()),
+            bwe_bps: Arc::new(AtomicU64::new(peer::BWE_INITIAL_BPS.to_bits())),
+            video_in: send_video.then(|| Arc::new(AsyncMutex::new(video_rx))),
+            audio_in: send_audio.then(|| Arc::new(AsyncMutex::new(audio_rx))),
+            sites_seen: Mutex::new(BTreeSet::new()),
+            errors: Mutex::new(Vec::new()),
+            meeting: Mutex::new(MeetingView::default()),
+            requests: Arc::new(Requests::default()),
+            started,
+            closed: AtomicBool::new(false),
+            current: Mutex::new(None),
+            lost: lost_tx,
+            next_session: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            options,
+        });
+        let session = open_with_fallback(&shared, false).await?;
+
+        let options = &shared.options;
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
         let mut threads = Vec::new();
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
         for e in [speaker_error, mic_error].into_iter().flatten() {
             let _ = err_tx.send(e);
+        }
+        // Local problems (devices, codecs) are kept for the report and told as they come.
+        {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(e) = err_rx.recv().await {
+                    debug!("device: {e}");
+                    shared.errors.lock().expect("lock poisoned").push(e.clone());
+                    let _ = shared.events.send(RoomEvent::DeviceError { message: e });
+                }
+            }));
         }
         // An unplugged speaker gives way to the system default (checked twice a second).
         if let Some(mixer) = mixer.clone() {
@@ -462,197 +449,87 @@ impl Room {
             }));
         }
 
-        for (kind, track, sender) in local {
-            let (tx, rx) = mpsc::channel(if kind == RtpCodecKind::Video { 4 } else { 25 });
-            match kind {
-                RtpCodecKind::Video => {
-                    let source: Box<dyn VideoSource> = match options.video {
-                        VideoInput::Synthetic { width, height, fps } => Box::new(
-                            SyntheticCamera::new(width, height, fps, &options.site)
+        // Capture and encoding run for the whole meeting, whatever connection carries them.
+        if send_video {
+            let source: Option<Box<dyn VideoSource>> = match options.video {
+                VideoInput::Synthetic { width, height, fps } => Some(Box::new(
+                    SyntheticCamera::new(width, height, fps, &options.site)
+                        .map_err(|e| ClientError::Device(e.vi()))?,
+                )),
+                VideoInput::Camera {
+                    index,
+                    width,
+                    height,
+                    fps,
+                } => match Camera::open(index, width as u32, height as u32, fps) {
+                    Ok(c) => Some(Box::new(c)),
+                    Err(e) => {
+                        let _ = err_tx.send(format!(
+                            "Không mở được camera: {} Đang gửi hình mẫu thử thay thế.",
+                            e.vi()
+                        ));
+                        Some(Box::new(
+                            SyntheticCamera::new(640, 360, 15, &options.site)
                                 .map_err(|e| ClientError::Device(e.vi()))?,
-                        ),
-                        VideoInput::Camera {
-                            index,
-                            width,
-                            height,
-                            fps,
-                        } => match Camera::open(index, width as u32, height as u32, fps) {
-                            Ok(c) => Box::new(c),
-                            Err(e) => {
-                                let _ = err_tx.send(format!(
-                                    "Không mở được camera: {} Đang gửi hình mẫu thử thay thế.",
-                                    e.vi()
-                                ));
-                                Box::new(
-                                    SyntheticCamera::new(640, 360, 15, &options.site)
-                                        .map_err(|e| ClientError::Device(e.vi()))?,
-                                )
-                            }
-                        },
-                        VideoInput::None => continue,
-                    };
-                    info!("video: {}", source.describe());
-                    let site = options.site.clone();
-                    let fallback: publish::VideoFallback = Box::new(move || {
-                        SyntheticCamera::new(640, 360, 15, &site)
-                            .map(|c| Box::new(c) as Box<dyn VideoSource>)
-                    });
-                    threads.push(publish::spawn_video_thread(
-                        source,
-                        Some(fallback),
-                        options.max_video_bitrate_bps,
-                        peer.bwe_bps.clone(),
-                        capture_control.clone(),
-                        counters.clone(),
-                        tx,
-                        err_tx.clone(),
-                        options.deliver_video.then(|| events_tx.clone()),
-                    ));
-                    tasks.push(tokio::spawn(publish::answer_keyframe_requests(
-                        track.clone(),
-                        capture_control.clone(),
-                        counters.clone(),
-                    )));
-                    tasks.push(tokio::spawn(publish::write_track(
-                        track,
-                        sender,
-                        peer.state.clone(),
-                        rx,
-                        Some(capture_control.clone()),
-                        counters.clone(),
-                    )));
-                }
-                _ => {
-                    let source: Box<dyn AudioSource> = match &options.audio {
-                        AudioInput::Mic(_) => {
-                            let Some(mic) = mic.take() else { continue };
-                            // An unplugged microphone gives way to the system default.
-                            Box::new(AudioFailover::new(
-                                Box::new(mic),
-                                Box::new(|| {
-                                    Microphone::open(None)
-                                        .map(|m| Box::new(m) as Box<dyn AudioSource>)
-                                }),
-                            ))
-                        }
-                        _ => Box::new(SyntheticTone::new()),
-                    };
-                    info!("audio: {}", source.describe());
-                    threads.push(publish::spawn_audio_thread(
-                        source,
-                        processor.clone(),
-                        capture_control.clone(),
-                        tx,
-                        err_tx.clone(),
-                    ));
-                    tasks.push(tokio::spawn(publish::write_track(
-                        track,
-                        sender,
-                        peer.state.clone(),
-                        rx,
-                        None,
-                        counters.clone(),
-                    )));
-                }
+                        ))
+                    }
+                },
+                VideoInput::None => None,
+            };
+            if let Some(source) = source {
+                info!("video: {}", source.describe());
+                let site = options.site.clone();
+                let fallback: publish::VideoFallback = Box::new(move || {
+                    SyntheticCamera::new(640, 360, 15, &site)
+                        .map(|c| Box::new(c) as Box<dyn VideoSource>)
+                });
+                threads.push(publish::spawn_video_thread(
+                    source,
+                    Some(fallback),
+                    options.max_video_bitrate_bps,
+                    shared.bwe_bps.clone(),
+                    shared.capture_control.clone(),
+                    shared.counters.clone(),
+                    video_tx,
+                    err_tx.clone(),
+                    options.deliver_video.then(|| events_tx.clone()),
+                ));
+            }
+        }
+        if send_audio {
+            let source: Option<Box<dyn AudioSource>> = match &options.audio {
+                AudioInput::Mic(_) => mic.take().map(|mic| {
+                    // An unplugged microphone gives way to the system default.
+                    Box::new(AudioFailover::new(
+                        Box::new(mic),
+                        Box::new(|| {
+                            Microphone::open(None).map(|m| Box::new(m) as Box<dyn AudioSource>)
+                        }),
+                    )) as Box<dyn AudioSource>
+                }),
+                _ => Some(Box::new(SyntheticTone::new())),
+            };
+            if let Some(source) = source {
+                info!("audio: {}", source.describe());
+                threads.push(publish::spawn_audio_thread(
+                    source,
+                    processor.clone(),
+                    shared.capture_control.clone(),
+                    audio_tx,
+                    err_tx.clone(),
+                ));
             }
         }
 
-        // Remote tracks.
-        let track_pc = pc.clone();
-        let track_remote = remote.clone();
-        let mut tracks = std::mem::replace(&mut peer.tracks, mpsc::unbounded_channel().1);
-        tasks.push(tokio::spawn(async move {
-            while let Some(t) = tracks.recv().await {
-                tokio::spawn(receive::run_track(
-                    track_pc.clone(),
-                    t,
-                    track_remote.clone(),
-                ));
-            }
-        }));
-
-        // The room task: server messages, connection state, local errors.
-        let closed = Arc::new(AtomicBool::new(false));
-        let meeting = Arc::new(Mutex::new(MeetingView::default()));
-        let requests = Arc::new(Requests::default());
-        let room_task = {
-            let remote = remote.clone();
-            let events = events_tx.clone();
-            let sites_seen = sites_seen.clone();
-            let errors = errors.clone();
-            let closed = closed.clone();
-            let meeting = meeting.clone();
-            let requests = requests.clone();
-            let mut state = peer.state.clone();
-            let mut inbox = sig.inbox;
-            async move {
-                let ctx = Ctx {
-                    remote: &remote,
-                    events: &events,
-                    sites_seen: &sites_seen,
-                    meeting: &meeting,
-                    requests: &requests,
-                };
-                for msg in backlog {
-                    on_server_message(msg, &ctx);
-                }
-                loop {
-                    tokio::select! {
-                        msg = inbox.recv() => match msg {
-                            Some(m) => {
-                                if let ServerMessage::Error { code, message, .. } = &m {
-                                    errors.lock().expect("lock poisoned").push(format!("{} ({message})", code.vi()));
-                                }
-                                on_server_message(m, &ctx)
-                            }
-                            None => {
-                                if !closed.load(Ordering::Relaxed) {
-                                    let _ = events.send(RoomEvent::Disconnected { reason: "signalling closed".into() });
-                                }
-                                break;
-                            }
-                        },
-                        r = state.changed() => {
-                            if r.is_err() { break; }
-                            let s = *state.borrow();
-                            match s {
-                                RTCPeerConnectionState::Connected => { let _ = events.send(RoomEvent::MediaConnected); }
-                                RTCPeerConnectionState::Failed => {
-                                    let _ = events.send(RoomEvent::Disconnected { reason: "media connection failed".into() });
-                                }
-                                _ => debug!(?s, "peer connection state"),
-                            }
-                        }
-                        Some(e) = err_rx.recv() => {
-                            debug!("device: {e}");
-                            errors.lock().expect("lock poisoned").push(e.clone());
-                            let _ = events.send(RoomEvent::DeviceError { message: e });
-                        }
-                    }
-                }
-            }
-        };
-        tasks.push(tokio::spawn(room_task));
-
+        let stop = Arc::new(Notify::new());
+        let supervisor = tokio::spawn(supervise(shared.clone(), session, lost_rx, stop.clone()));
         Ok((
             Room {
-                url: url.into(),
-                options,
-                pc,
-                outbox: sig.outbox,
-                flushed: Some(sig.flushed),
-                remote,
-                counters,
-                capture_control,
+                shared,
+                supervisor: Some(supervisor),
+                stop,
                 threads,
-                tasks,
-                sites_seen,
-                errors,
-                meeting,
-                requests,
-                started,
-                closed,
-                state: peer.state.clone(),
+                _tasks: tasks,
                 _speaker: speaker,
             },
             events,
@@ -660,13 +537,33 @@ impl Room {
     }
 
     pub fn options(&self) -> &JoinOptions {
-        &self.options
+        &self.shared.options
+    }
+
+    /// How many times the room has joined again after a lost connection.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    fn current(&self) -> Option<Current> {
+        self.shared.current.lock().expect("lock poisoned").clone()
+    }
+
+    /// Sends to the server over the current connection (dropped while reconnecting).
+    fn send(&self, msg: ClientMessage) {
+        if let Some(c) = self.current() {
+            let _ = c.outbox.send(msg);
+        }
     }
 
     /// The report as of now (also what [`Room::leave`] returns).
     pub async fn report(&self) -> Report {
-        let transport = selected_transport(&self.pc).await;
-        let sites = self.remote.sites.lock().expect("lock poisoned").clone();
+        let transport = match self.current() {
+            Some(c) => selected_transport(&c.pc).await,
+            None => None,
+        };
+        let shared = &*self.shared;
+        let sites = shared.remote.sites.lock().expect("lock poisoned").clone();
         let mut all_lat = Vec::new();
         let received = sites
             .into_iter()
@@ -690,81 +587,87 @@ impl Room {
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let meeting = self.meeting();
         Report {
-            site: self.options.site.clone(),
-            room: self.options.room.clone(),
-            server: self.url.clone(),
-            duration_s: self.started.elapsed().as_secs_f64(),
+            site: shared.options.site.clone(),
+            room: shared.options.room.clone(),
+            server: shared.url.clone(),
+            duration_s: shared.started.elapsed().as_secs_f64(),
             transport,
             sent: Sent {
-                video_frames: ld(&self.counters.video_frames),
-                video_keyframes: ld(&self.counters.video_keyframes),
-                video_bytes: ld(&self.counters.video_bytes),
-                audio_frames: ld(&self.counters.audio_frames),
-                keyframe_requests: ld(&self.counters.keyframe_requests),
-                video_bitrate_bps: ld(&self.counters.video_bitrate),
+                video_frames: ld(&shared.counters.video_frames),
+                video_keyframes: ld(&shared.counters.video_keyframes),
+                video_bytes: ld(&shared.counters.video_bytes),
+                audio_frames: ld(&shared.counters.audio_frames),
+                keyframe_requests: ld(&shared.counters.keyframe_requests),
+                video_bitrate_bps: ld(&shared.counters.video_bitrate),
             },
             received,
             latency_ms: latency(&all_lat),
-            join_ms: self
+            join_ms: shared
                 .remote
                 .first_verified
                 .lock()
                 .expect("lock poisoned")
                 .map(|d| d.as_secs_f64() * 1000.0),
-            keyframe_requests_sent: ld(&self.remote.keyframe_requests_sent),
-            sites_seen: self
+            keyframe_requests_sent: ld(&shared.remote.keyframe_requests_sent),
+            sites_seen: shared
                 .sites_seen
                 .lock()
                 .expect("lock poisoned")
                 .iter()
                 .cloned()
                 .collect(),
-            errors: self.errors.lock().expect("lock poisoned").clone(),
+            errors: shared.errors.lock().expect("lock poisoned").clone(),
+            reconnects: ld(&shared.reconnects),
             hand_queue: meeting.hands,
             floor: meeting.floor,
         }
     }
 
     pub fn raise_hand(&self) {
-        let _ = self.outbox.send(ClientMessage::RaiseHand);
+        self.send(ClientMessage::RaiseHand);
     }
 
     pub fn lower_hand(&self) {
-        let _ = self.outbox.send(ClientMessage::LowerHand);
+        self.send(ClientMessage::LowerHand);
     }
 
     /// Answers the chair's request to unmute.
     pub fn reply_unmute(&self, accept: bool) {
-        let _ = self.outbox.send(ClientMessage::UnmuteReply { accept });
+        self.send(ClientMessage::UnmuteReply { accept });
     }
 
     /// Gives a chair command (refused by the server unless this site is the chair).
     pub async fn chair(&self, command: ChairCommand) -> ChairResult {
-        control::send_command(&self.outbox, &self.requests, command).await
+        let Some(c) = self.current() else {
+            return Err(ClientError::Timeout("reconnecting"));
+        };
+        control::send_command(&c.outbox, &self.shared.requests, command).await
     }
 
     /// Stops (or resumes) sending the microphone; the level meter keeps working.
     pub fn set_mic_muted(&self, muted: bool) {
-        self.capture_control
+        self.shared
+            .capture_control
             .mic_muted
             .store(muted, Ordering::Relaxed);
     }
 
     /// Stops (or resumes) reading and sending the camera.
     pub fn set_camera_off(&self, off: bool) {
-        self.capture_control
+        self.shared
+            .capture_control
             .camera_off
             .store(off, Ordering::Relaxed);
     }
 
     /// Loudness of the local microphone (dBFS), muted or not.
     pub fn mic_level_dbfs(&self) -> f32 {
-        self.capture_control.mic_level_dbfs()
+        self.shared.capture_control.mic_level_dbfs()
     }
 
     /// The remote sites heard within `window` above `threshold_dbfs` (speaking indicators).
     pub fn speaking(&self, window: Duration, threshold_dbfs: f32) -> Vec<SiteId> {
-        let sites = self.remote.sites.lock().expect("lock poisoned");
+        let sites = self.shared.remote.sites.lock().expect("lock poisoned");
         sites
             .iter()
             .filter(|(_, c)| {
@@ -777,27 +680,27 @@ impl Room {
 
     /// The hand queue and floor as last seen.
     pub fn meeting(&self) -> MeetingView {
-        self.meeting.lock().expect("lock poisoned").clone()
+        self.shared.meeting.lock().expect("lock poisoned").clone()
     }
 
     /// Leaves the room, stops capture and the peer connection, and returns the report.
     pub async fn leave(mut self) -> Report {
         let report = self.report().await;
-        if !self.closed.swap(true, Ordering::Relaxed) {
-            let _ = self.outbox.send(ClientMessage::Leave);
+        self.shared.closed.store(true, Ordering::Relaxed);
+        self.stop.notify_one();
+        let session = match self.supervisor.take() {
+            Some(s) => s.await.ok().flatten(),
+            None => None,
+        };
+        self.shared
+            .capture_control
+            .stop
+            .store(true, Ordering::Relaxed);
+        if let Some(s) = session {
+            s.close(&self.shared, true).await;
         }
-        self.capture_control.stop.store(true, Ordering::Relaxed);
-        // Let the server act on `leave` (it then closes the signalling) before the media path
-        // closes: a media close first reads to the others as a lost connection.
-        if let Some(f) = self.flushed.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), f).await;
-        }
-        let _ = self.pc.close().await;
         for t in self.threads.drain(..) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-        for t in &self.tasks {
-            t.abort();
         }
         report
     }
@@ -807,20 +710,341 @@ impl Drop for Room {
     /// A room dropped without [`Room::leave`] (a panic, an early return) still stops its
     /// capture threads, says `leave` and closes the peer connection.
     fn drop(&mut self) {
-        self.capture_control.stop.store(true, Ordering::Relaxed);
-        if !self.closed.swap(true, Ordering::Relaxed) {
-            let _ = self.outbox.send(ClientMessage::Leave);
+        self.shared
+            .capture_control
+            .stop
+            .store(true, Ordering::Relaxed);
+        self.shared.closed.store(true, Ordering::Relaxed);
+        if let Some(s) = self.supervisor.take() {
+            s.abort();
         }
-        for t in &self.tasks {
-            t.abort();
-        }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let pc = self.pc.clone();
-            handle.spawn(async move {
-                let _ = pc.close().await;
-            });
+        let current = self.shared.current.lock().expect("lock poisoned").take();
+        if let Some(c) = current {
+            let _ = c.outbox.send(ClientMessage::Leave);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = c.pc.close().await;
+                });
+            }
         }
     }
+}
+
+/// Opens a connection; when UDP and TCP are both allowed and media does not come up over
+/// UDP within [`UDP_GRACE`], opens it again over TCP only (and stays on TCP).
+async fn open_with_fallback(shared: &Arc<Shared>, resume: bool) -> Result<Session, ClientError> {
+    let session = open_session(shared, resume).await?;
+    if !(shared.udp.load(Ordering::Relaxed) && shared.options.tcp)
+        || session.wait_media(UDP_GRACE).await
+    {
+        return Ok(session);
+    }
+    info!("no media over UDP within {UDP_GRACE:?}; joining again over ICE-TCP");
+    session.close(shared, false).await;
+    shared.udp.store(false, Ordering::Relaxed);
+    // `resume`: the server may not have seen the first connection go yet.
+    open_session(shared, true).await
+}
+
+/// Keeps the room connected: on a lost connection, says so, and joins again (with
+/// `resume`) until it works, the site leaves, or the server refuses for good. Returns the
+/// connection in use when the site leaves.
+async fn supervise(
+    shared: Arc<Shared>,
+    mut session: Session,
+    mut lost_rx: mpsc::UnboundedReceiver<(u64, String)>,
+    stop: Arc<Notify>,
+) -> Option<Session> {
+    loop {
+        let why = tokio::select! {
+            _ = stop.notified() => return Some(session),
+            m = lost_rx.recv() => match m {
+                Some((id, why)) if id == session.id => why,
+                Some(_) => continue,
+                None => return Some(session),
+            },
+        };
+        info!("connection lost ({why}); reconnecting");
+        let _ = shared.events.send(RoomEvent::Reconnecting {
+            reason: why.clone(),
+        });
+        let since = Instant::now();
+        session.close(&shared, false).await;
+        let mut attempt = 0u32;
+        session = loop {
+            let opened = tokio::select! {
+                _ = stop.notified() => return None,
+                r = open_with_fallback(&shared, true) => r,
+            };
+            match opened {
+                Ok(s) => break s,
+                Err(e) if worth_retrying(&e) => {
+                    debug!("reconnect attempt {attempt} failed: {e}");
+                    let pause = reconnect_backoff(attempt, since.elapsed());
+                    attempt += 1;
+                    tokio::select! {
+                        _ = stop.notified() => return None,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+                Err(e) => {
+                    info!("reconnect refused for good: {e}");
+                    shared.closed.store(true, Ordering::Relaxed);
+                    let _ = shared
+                        .events
+                        .send(RoomEvent::Disconnected { reason: e.vi() });
+                    return None;
+                }
+            }
+        };
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        info!(after = ?since.elapsed(), attempts = attempt + 1, "reconnected");
+        let _ = shared.events.send(RoomEvent::Reconnected {
+            after: since.elapsed(),
+        });
+    }
+}
+
+/// One connection: signalling `join` → `welcome` → peer connection with the send tracks and
+/// the receive slots → `offer` → `answer`; then the tasks that write our media, read the
+/// slots and follow the server.
+async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, ClientError> {
+    let options = &shared.options;
+    let url = shared.url.as_str();
+    let mut sig = if resume {
+        tokio::time::timeout(RECONNECT_DIAL, signal::connect(url))
+            .await
+            .map_err(|_| ClientError::Timeout("connect"))??
+    } else {
+        signal::connect(url).await?
+    };
+    let token = match (&options.token, &options.secret) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(secret)) => {
+            Some(control::enroll(&mut sig, &options.site, &options.room, secret).await?)
+        }
+        (None, None) => None,
+    };
+    let _ = sig.outbox.send(ClientMessage::Join {
+        v: PROTOCOL_VERSION,
+        room: options.room.clone(),
+        site: options.site.clone(),
+        token,
+        control: false,
+        resume,
+    });
+    let mut backlog = VecDeque::new();
+    let (you, role, video_slots, audio_slots, sites) = sig
+        .expect(&mut backlog, "welcome", &[], |m| match m {
+            ServerMessage::Welcome {
+                you,
+                role,
+                video_slots,
+                audio_slots,
+                sites,
+                ..
+            } => Some((
+                you.clone(),
+                *role,
+                *video_slots,
+                *audio_slots,
+                sites.clone(),
+            )),
+            _ => None,
+        })
+        .await?;
+    shared
+        .sites_seen
+        .lock()
+        .expect("lock poisoned")
+        .extend(sites.iter().map(|s| s.id.clone()));
+    let _ = shared.events.send(RoomEvent::Joined { you, role, sites });
+
+    let transports = Transports {
+        udp: shared.udp.load(Ordering::Relaxed),
+        tcp: options.tcp,
+        bind_ip: bind_ip_for(url),
+    };
+    let mut peer = peer::build(&transports, shared.bwe_bps.clone()).await?;
+    let pc = peer.pc.clone();
+    let sendonly = || {
+        Some(RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            ..Default::default()
+        })
+    };
+    let recvonly = || {
+        Some(RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Recvonly,
+            ..Default::default()
+        })
+    };
+    let stream = format!("site-{}", options.site);
+    let mut local = Vec::new();
+    for (kind, id, input) in [
+        (RtpCodecKind::Video, "video", &shared.video_in),
+        (RtpCodecKind::Audio, "audio", &shared.audio_in),
+    ] {
+        let Some(input) = input else { continue };
+        let t = peer::sample_track(kind, id, &stream)?;
+        let tr = pc
+            .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
+            .await
+            .map_err(ClientError::webrtc)?;
+        let sender = tr
+            .sender()
+            .await
+            .map_err(ClientError::webrtc)?
+            .ok_or_else(|| ClientError::WebRtc(format!("{id} transceiver has no sender")))?;
+        local.push((kind, t, sender, input.clone()));
+    }
+    for (kind, n) in [
+        (RtpCodecKind::Video, video_slots),
+        (RtpCodecKind::Audio, audio_slots),
+    ] {
+        for _ in 0..n {
+            pc.add_transceiver_from_kind(kind, recvonly())
+                .await
+                .map_err(ClientError::webrtc)?;
+        }
+    }
+    let offer = pc.create_offer(None).await.map_err(ClientError::webrtc)?;
+    pc.set_local_description(offer)
+        .await
+        .map_err(ClientError::webrtc)?;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        peer.gathering
+            .wait_for(|s| *s == RTCIceGatheringState::Complete),
+    )
+    .await;
+    let sdp = pc
+        .local_description()
+        .await
+        .ok_or_else(|| ClientError::WebRtc("no local description".into()))?
+        .sdp;
+    let _ = sig.outbox.send(ClientMessage::Offer { sdp });
+    let answer = sig
+        .expect(&mut backlog, "answer", &[ErrorCode::BadSdp], |m| match m {
+            ServerMessage::Answer { sdp } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await?;
+    // rtc-ice 0.21.1 looks remote candidates up by address alone, ignoring the
+    // transport; the server's UDP and TCP candidates share an address, so a TCP-only
+    // client must not see the UDP one or its TCP checks never validate.
+    let answer = if transports.udp {
+        answer
+    } else {
+        without_udp_candidates(&answer)
+    };
+    pc.set_remote_description(
+        RTCSessionDescription::answer(answer.clone()).map_err(ClientError::webrtc)?,
+    )
+    .await
+    .map_err(ClientError::webrtc)?;
+    if transports.tcp {
+        dial_tcp_candidates(&pc, &answer).await;
+    }
+
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let mut tasks = Tasks::default();
+    for (kind, track, sender, input) in local {
+        let video = kind == RtpCodecKind::Video;
+        if video {
+            tasks.push(tokio::spawn(publish::answer_keyframe_requests(
+                track.clone(),
+                shared.capture_control.clone(),
+                shared.counters.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(publish::write_track(
+            track,
+            sender,
+            peer.state.clone(),
+            input,
+            video.then(|| shared.capture_control.clone()),
+            shared.counters.clone(),
+        )));
+    }
+
+    // Remote tracks: which site a slot carries comes with this connection's `slots`.
+    shared.remote.slots.lock().expect("lock poisoned").clear();
+    let track_pc = pc.clone();
+    let track_remote = shared.remote.clone();
+    let mut tracks = std::mem::replace(&mut peer.tracks, mpsc::unbounded_channel().1);
+    tasks.push(tokio::spawn(async move {
+        while let Some(t) = tracks.recv().await {
+            tokio::spawn(receive::run_track(
+                track_pc.clone(),
+                t,
+                track_remote.clone(),
+            ));
+        }
+    }));
+
+    // The room task: server messages and the media path's state.
+    let room_task = {
+        let shared = shared.clone();
+        let mut state = peer.state.clone();
+        let mut inbox = sig.inbox;
+        async move {
+            for msg in backlog {
+                on_server_message(msg, &shared);
+            }
+            loop {
+                tokio::select! {
+                    msg = inbox.recv() => match msg {
+                        Some(m) => {
+                            if let ServerMessage::Error { code, message, fatal, .. } = &m {
+                                shared.errors.lock().expect("lock poisoned").push(format!("{} ({message})", code.vi()));
+                                // The server dropped us for lost media: come back.
+                                if *fatal && *code == ErrorCode::MediaTimeout {
+                                    lost(&shared, id, "media_timeout");
+                                    break;
+                                }
+                                if *fatal {
+                                    // Removed, or refused for good: the meeting ends here.
+                                    shared.closed.store(true, Ordering::Relaxed);
+                                }
+                            }
+                            on_server_message(m, &shared)
+                        }
+                        None => {
+                            lost(&shared, id, "signalling closed");
+                            break;
+                        }
+                    },
+                    r = state.changed() => {
+                        if r.is_err() { break; }
+                        let s = *state.borrow();
+                        match s {
+                            RTCPeerConnectionState::Connected => { let _ = shared.events.send(RoomEvent::MediaConnected); }
+                            RTCPeerConnectionState::Disconnected | RTCPeerConnectionState::Failed => {
+                                lost(&shared, id, "media path lost");
+                                break;
+                            }
+                            _ => debug!(?s, "peer connection state"),
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tasks.push(tokio::spawn(room_task));
+    *shared.current.lock().expect("lock poisoned") = Some(Current {
+        id,
+        outbox: sig.outbox.clone(),
+        pc: pc.clone(),
+    });
+    Ok(Session {
+        id,
+        pc,
+        outbox: sig.outbox,
+        flushed: Some(sig.flushed),
+        state: peer.state.clone(),
+        _tasks: tasks,
+    })
 }
 
 fn latency(us: &[u32]) -> Latency {
@@ -828,15 +1052,6 @@ fn latency(us: &[u32]) -> Latency {
         p50: percentile(us, 50.0).map(|v| f64::from(v) / 1000.0),
         p95: percentile(us, 95.0).map(|v| f64::from(v) / 1000.0),
     }
-}
-
-/// What the room task needs to act on a server message.
-struct Ctx<'a> {
-    remote: &'a Remote,
-    events: &'a mpsc::UnboundedSender<RoomEvent>,
-    sites_seen: &'a Mutex<BTreeSet<SiteId>>,
-    meeting: &'a Mutex<MeetingView>,
-    requests: &'a Requests,
 }
 
 /// The meeting as this site last saw it.
@@ -847,9 +1062,9 @@ pub struct MeetingView {
     pub floor: Option<FloorState>,
 }
 
-fn on_server_message(msg: ServerMessage, ctx: &Ctx<'_>) {
-    let (remote, events, sites_seen) = (ctx.remote, ctx.events, ctx.sites_seen);
-    if ctx.requests.resolve(&msg) {
+fn on_server_message(msg: ServerMessage, shared: &Shared) {
+    let (remote, events, sites_seen) = (&shared.remote, &shared.events, &shared.sites_seen);
+    if shared.requests.resolve(&msg) {
         return;
     }
     match msg {
@@ -904,14 +1119,14 @@ fn on_server_message(msg: ServerMessage, ctx: &Ctx<'_>) {
         }
         ServerMessage::Hands { queue, total } => {
             {
-                let mut m = ctx.meeting.lock().expect("lock poisoned");
+                let mut m = shared.meeting.lock().expect("lock poisoned");
                 m.hands = queue.clone();
                 m.hands_total = total;
             }
             let _ = events.send(RoomEvent::Hands { queue, total });
         }
         ServerMessage::Floor { state } => {
-            ctx.meeting.lock().expect("lock poisoned").floor = Some(state.clone());
+            shared.meeting.lock().expect("lock poisoned").floor = Some(state.clone());
             let _ = events.send(RoomEvent::Floor { state });
         }
         ServerMessage::AskUnmute { by } => {

@@ -94,6 +94,12 @@ pub enum ClientMessage {
         /// may give the commands its token's role allows.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         control: bool,
+        /// Coming back after a lost connection: if the room still holds this site (the
+        /// server has not yet noticed the old connection is gone), the old connection is
+        /// dropped as `disconnected` instead of refusing with `site_taken`. Hand and floor
+        /// are kept either way; a room locked since is entered again.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resume: bool,
     },
     /// Trade the site's enrollment secret (from the installer) for a short-lived token.
     /// Answered with `enrolled` or an error; may come instead of `join` as first message.
@@ -453,6 +459,7 @@ mod tests {
             site: "tp-vinh".into(),
             token: None,
             control: false,
+            resume: false,
         };
         let text = m.encode();
         assert_eq!(

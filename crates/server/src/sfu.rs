@@ -43,10 +43,7 @@ pub type ConnId = u64;
 pub enum Command {
     Join {
         conn: ConnId,
-        room: String,
-        site: String,
-        token: Option<String>,
-        control: bool,
+        ask: JoinAsk,
         from: SocketAddr,
         to_client: mpsc::UnboundedSender<ServerMessage>,
     },
@@ -188,7 +185,23 @@ pub struct Engine {
     stats: Arc<Stats>,
     next_seq: u64,
     last_loudness_tick: Instant,
+    /// Sites whose connection dropped (not left), by room: they may resume into a room
+    /// locked since, within [`RESUME_WINDOW`].
+    dropped: HashMap<(String, SiteId), Instant>,
 }
+
+/// What a `join` asks for.
+#[derive(Debug)]
+pub struct JoinAsk {
+    pub room: String,
+    pub site: String,
+    pub token: Option<String>,
+    pub control: bool,
+    pub resume: bool,
+}
+
+/// How long after a dropped connection a site may still resume into a locked room.
+const RESUME_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(300);
 const LOUDNESS_TICK: Duration = Duration::from_millis(500);
@@ -220,6 +233,7 @@ impl Engine {
             stats,
             next_seq: 0,
             last_loudness_tick: Instant::now(),
+            dropped: HashMap::new(),
         }
     }
 
@@ -394,13 +408,10 @@ impl Engine {
         match cmd {
             Command::Join {
                 conn,
-                room,
-                site,
-                token,
-                control,
+                ask,
                 from,
                 to_client,
-            } => self.join(conn, room, site, token, control, from, to_client),
+            } => self.join(conn, ask, from, to_client),
             Command::Enroll {
                 room,
                 site,
@@ -450,13 +461,17 @@ impl Engine {
     fn join(
         &mut self,
         conn: ConnId,
-        room: String,
-        site: String,
-        token: Option<String>,
-        control: bool,
+        ask: JoinAsk,
         from: SocketAddr,
         to_client: mpsc::UnboundedSender<ServerMessage>,
     ) {
+        let JoinAsk {
+            room,
+            site,
+            token,
+            control,
+            resume,
+        } = ask;
         if self.peers.contains_key(&conn) {
             let _ = to_client.send(ServerMessage::error(
                 ErrorCode::AlreadyJoined,
@@ -496,7 +511,22 @@ impl Engine {
                 )
             }
         };
-        if self.meeting(&room).locked() && role != Role::Chair {
+        let present = |p: &Peer| !p.control && p.site.id == site && p.room == room;
+        let old = self
+            .peers
+            .iter()
+            .find(|(_, p)| present(p))
+            .map(|(id, _)| *id);
+        // A site coming back after a lost connection may enter a room locked while it was
+        // away, if it was in the room (still held, or dropped within RESUME_WINDOW).
+        let returning = resume
+            && !control
+            && (old.is_some()
+                || self
+                    .dropped
+                    .get(&(room.clone(), site.clone()))
+                    .is_some_and(|t| t.elapsed() < RESUME_WINDOW));
+        if self.meeting(&room).locked() && role != Role::Chair && !returning {
             return refuse(
                 self,
                 ErrorCode::RoomLocked,
@@ -504,20 +534,21 @@ impl Engine {
                 Some(role),
             );
         }
-        let members = self.rooms.entry(room.clone()).or_default();
-        let present = |p: &Peer| !p.control && p.site.id == site;
-        if !control
-            && members
-                .iter()
-                .any(|m| self.peers.get(m).is_some_and(present))
-        {
-            return refuse(
-                self,
-                ErrorCode::SiteTaken,
-                format!("site {site} is already in room {room}"),
-                Some(role),
-            );
+        if let (Some(old), false) = (old, control) {
+            if !resume {
+                return refuse(
+                    self,
+                    ErrorCode::SiteTaken,
+                    format!("site {site} is already in room {room}"),
+                    Some(role),
+                );
+            }
+            // The site is back on a new connection before the old one was noticed gone.
+            info!(%site, %room, "site resumed on a new connection; dropping the old one");
+            self.remove(old, LeaveReason::Disconnected);
         }
+        self.dropped.remove(&(room.clone(), site.clone()));
+        let members = self.rooms.entry(room.clone()).or_default();
         let info = self.cfg.directory.site_info(&site).unwrap_or(SiteInfo {
             id: site.clone(),
             name: site.clone(),
@@ -1393,6 +1424,12 @@ impl Engine {
         // dropped keeps them for when it comes back.
         if !p.control && matches!(reason, LeaveReason::Left | LeaveReason::Removed) {
             self.meeting(&room).forget(&p.site.id);
+        }
+        if !p.control && reason == LeaveReason::Disconnected {
+            let now = Instant::now();
+            self.dropped
+                .retain(|_, t| now.duration_since(*t) < RESUME_WINDOW);
+            self.dropped.insert((room.clone(), p.site.id.clone()), now);
         }
         if let Some(members) = self.rooms.get_mut(&room) {
             members.retain(|m| *m != id);

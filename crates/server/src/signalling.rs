@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 
-use crate::sfu::{Command, ConnId};
+use crate::sfu::{Command, ConnId, JoinAsk};
 
 /// How long a connection may take to say what it is, and a WebSocket to send `join`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -296,6 +296,7 @@ where
                 site,
                 token,
                 control,
+                resume,
                 ..
             } => {
                 if joined {
@@ -306,10 +307,13 @@ where
                 info!(%from, %site, %room, control, "join");
                 let _ = engine.send(Command::Join {
                     conn,
-                    room,
-                    site,
-                    token,
-                    control,
+                    ask: JoinAsk {
+                        room,
+                        site,
+                        token,
+                        control,
+                        resume,
+                    },
                     from,
                     to_client: to_client.clone(),
                 });

@@ -648,6 +648,11 @@ async fn join(args: JoinArgs) -> ExitCode {
                         eprintln!("[{}] Chủ tọa ({by}) đề nghị bạn bật micro", target.site);
                         room.reply_unmute(args.accept_unmute);
                     }
+                    RoomEvent::Reconnecting { reason } => {
+                        eprintln!("[{}] Mất kết nối ({reason}); đang kết nối lại…", target.site)
+                    }
+                    RoomEvent::Reconnected { after } => eprintln!(
+                        "[{}] Đã kết nối lại sau {} ms", target.site, after.as_millis()),
                     RoomEvent::Disconnected { reason } => {
                         eprintln!("[{}] Mất kết nối với máy chủ ({reason})", target.site);
                         lost = true;
