@@ -280,6 +280,7 @@ impl Call {
                 }
                 RoomEvent::TrackAdded { .. }
                 | RoomEvent::TrackRemoved { .. }
+                | RoomEvent::VideoLayer { .. }
                 | RoomEvent::FirstVerifiedFrame { .. } => {}
             }
         }

@@ -24,6 +24,8 @@ pub struct NetNs {
     pub ns_ip: String,
     /// Rules this link put in the machine's own INPUT chain (taken out on drop).
     host_rules: std::sync::Mutex<Vec<Vec<String>>>,
+    /// The random loss in effect (iptables' probability), if any.
+    loss: std::sync::Mutex<Option<String>>,
 }
 
 fn run(program: &str, args: &[&str]) {
@@ -54,6 +56,7 @@ impl NetNs {
             host_if,
             ns_if,
             host_rules: Default::default(),
+            loss: Default::default(),
         };
         // A namespace left by a killed run of the same process id goes first.
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
@@ -150,20 +153,32 @@ impl NetNs {
         }
     }
 
-    /// Drops `percent` of the packets at random, each way (`0` takes the loss away).
-    pub fn loss(&self, percent: f64) {
-        let p = format!("{:.4}", percent / 100.0);
-        let rule = [
-            "-m",
-            "statistic",
-            "--mode",
-            "random",
-            "--probability",
-            &p,
-            "-j",
-            "DROP",
-        ];
-        self.incoming(true, &rule);
+    /// Drops `percent` of the packets at random, each way; `None` takes the loss away.
+    pub fn loss(&self, percent: Option<f64>) {
+        let mut current = self.loss.lock().expect("lock poisoned");
+        let rule = |p: &str| {
+            [
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                p,
+                "-j",
+                "DROP",
+            ]
+            .map(String::from)
+        };
+        if let Some(p) = current.take() {
+            let r = rule(&p);
+            self.incoming(false, &r.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        if let Some(percent) = percent {
+            let p = format!("{:.4}", percent / 100.0);
+            let r = rule(&p);
+            self.incoming(true, &r.iter().map(String::as_str).collect::<Vec<_>>());
+            *current = Some(p);
+        }
     }
 
     /// Limits what leaves the namespace (the site's uplink) to `kbit` kbit/s with a token

@@ -122,6 +122,12 @@ pub enum RoomEvent {
         site: SiteId,
         since_join: Duration,
     },
+    /// Pictures from `site` now arrive at this size (its sender changed layer for its link).
+    VideoLayer {
+        site: SiteId,
+        width: usize,
+        height: usize,
+    },
     /// A decoded remote picture (only with [`JoinOptions::deliver_video`]).
     VideoFrame {
         site: SiteId,

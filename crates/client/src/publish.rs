@@ -15,7 +15,7 @@ use diemcau_media::processing::AudioProcessor;
 use diemcau_media::{AudioEncoder, AudioSource, SourceError, VideoEncoder, VideoSource};
 use rtc::media::Sample;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::Track;
@@ -40,6 +40,8 @@ pub struct SendCounters {
     pub keyframe_requests: AtomicU64,
     /// Current encoder bitrate (bps).
     pub video_bitrate: AtomicU64,
+    /// The spatial layer being sent: the divisor of the source's size (0 before the first).
+    pub video_layer: AtomicU64,
 }
 
 /// Shared controls between the room, the capture threads (video and audio) and the writer
@@ -88,6 +90,30 @@ pub fn video_share(estimate_bps: f64, max_video_bps: u32) -> u32 {
     (share as u32).min(max_video_bps)
 }
 
+/// Bits per pixel a layer needs to look acceptable in H.264 baseline at conference motion.
+const LAYER_BITS_PER_PIXEL: f64 = 0.07;
+
+/// The spatial layer to send — the divisor of the camera's size: 1 (full), 2 or 4 — for
+/// the encoder's target bitrate. A layer is used when the target covers what it needs;
+/// going up needs 25 % more than that, so a target near a boundary does not flap. Layers stay
+/// at least 320x180.
+pub fn layer_for(target_bps: u32, (w, h): (usize, usize), fps: u32, current: usize) -> usize {
+    let need = |d: usize| (w / d * (h / d)) as f64 * f64::from(fps) * LAYER_BITS_PER_PIXEL;
+    let layers = [1usize, 2, 4]
+        .into_iter()
+        .filter(|&d| d == 1 || (w / d >= 320 && h / d >= 180));
+    let mut best = None;
+    for d in layers {
+        let margin = if d < current { 1.25 } else { 1.0 };
+        if f64::from(target_bps) >= need(d) * margin {
+            best = Some(d);
+            break;
+        }
+        best = Some(d);
+    }
+    best.unwrap_or(1)
+}
+
 /// Runs the video capture/encode loop until `control.stop`.
 /// Opens the source used when the camera goes away (the labelled test pattern).
 pub type VideoFallback = Box<dyn FnOnce() -> Result<Box<dyn VideoSource>, SourceError> + Send>;
@@ -122,8 +148,12 @@ pub fn spawn_video_thread(
             counters
                 .video_bitrate
                 .store(u64::from(start_bps), Ordering::Relaxed);
+            counters.video_layer.store(1, Ordering::Relaxed);
             let duration = Duration::from_secs_f64(1.0 / f64::from(fps.max(1)));
             let mut was_off = false;
+            // The layer being sent, and whether the source draws it itself.
+            let mut divisor = 1;
+            let mut native = true;
             while !control.stop.load(Ordering::Relaxed) {
                 if control.camera_off.load(Ordering::Relaxed) {
                     was_off = true;
@@ -148,6 +178,7 @@ pub fn spawn_video_thread(
                                     s.describe()
                                 ));
                                 source = s;
+                                native = source.scale_down(divisor);
                                 continue;
                             }
                             Err(e2) => {
@@ -165,6 +196,35 @@ pub fn spawn_video_thread(
                     f64::from_bits(bwe_bps.load(Ordering::Relaxed)),
                     max_bitrate_bps,
                 );
+                let layer = layer_for(target, source.size(), fps, divisor);
+                if layer != divisor {
+                    // A new size: a fresh encoder, whose first picture is a keyframe.
+                    match VideoEncoder::new(target, fps as f32) {
+                        Ok(e) => {
+                            let (w, h) = source.size();
+                            info!(
+                                from = divisor,
+                                to = layer,
+                                target,
+                                "video layer {}x{}",
+                                w / layer,
+                                h / layer
+                            );
+                            enc = e;
+                            divisor = layer;
+                            native = source.scale_down(divisor);
+                            counters
+                                .video_layer
+                                .store(divisor as u64, Ordering::Relaxed);
+                            counters
+                                .video_bitrate
+                                .store(u64::from(target), Ordering::Relaxed);
+                            // This picture was read at the old size.
+                            continue;
+                        }
+                        Err(e) => warn!("encoder for a new layer: {e}"),
+                    }
+                }
                 let cur = enc.bitrate_bps();
                 if target.abs_diff(cur) * 100 > cur * 15 {
                     match enc.set_bitrate(target) {
@@ -180,6 +240,14 @@ pub fn spawn_video_thread(
                 if control.force_keyframe.swap(false, Ordering::Relaxed) {
                     enc.force_keyframe();
                 }
+                let frame = if divisor > 1 && !native {
+                    diemcau_media::VideoFrame {
+                        picture: frame.picture.downscaled(divisor),
+                        captured_us: frame.captured_us,
+                    }
+                } else {
+                    frame
+                };
                 match enc.encode(&frame.picture) {
                     Ok(Some(au)) => {
                         let e = Encoded {

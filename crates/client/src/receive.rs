@@ -35,6 +35,13 @@ pub struct SiteCounters {
     pub audio_frames: u64,
     /// Decoded audio frames that carried the synthetic tone marks.
     pub audio_verified: u64,
+    /// Lost sound frames rebuilt from the next packet's in-band FEC.
+    pub audio_repaired: u64,
+    /// Lost sound frames that could not be rebuilt (concealed by the decoder).
+    pub audio_concealed: u64,
+    /// Decoded pictures by size ("layer").
+    pub layers: BTreeMap<(usize, usize), u64>,
+    pub last_size: Option<(usize, usize)>,
     /// Time from the start of the join to this site's first verified picture.
     pub first_verified: Option<Duration>,
     /// Loudness of the loudest recent sound frame (dBFS), and when it was heard.
@@ -148,6 +155,8 @@ pub async fn run_track(
                     return;
                 }
             };
+            // The last packet's sequence number, per site on this slot: a gap is loss.
+            let mut last: Option<(SiteId, u16)> = None;
             while let Some(ev) = track.poll().await {
                 match ev {
                     TrackRemoteEvent::OnOpen(init) => {
@@ -161,6 +170,27 @@ pub async fn run_track(
                         if pkt.payload.is_empty() {
                             continue;
                         }
+                        let seq = pkt.header.sequence_number;
+                        let gap = match &last {
+                            Some((s, prev)) if *s == site => {
+                                seq.wrapping_sub(*prev).wrapping_sub(1)
+                            }
+                            _ => 0,
+                        };
+                        if gap >= 0x8000 {
+                            // Late or repeated: already counted as lost, or already had.
+                            continue;
+                        }
+                        last = Some((site.clone(), seq));
+                        // The frame just before this packet is in its FEC; older ones are gone
+                        // (the decoder conceals them). Gaps of a second or more are outages,
+                        // not loss to repair.
+                        let (repaired, concealed) = if (1..50).contains(&gap) {
+                            let r = u64::from(dec.recover(&pkt.payload).is_ok());
+                            (r, u64::from(gap) - r)
+                        } else {
+                            (0, 0)
+                        };
                         // Playout is per slot: a slot's RTP sequence numbers are continuous
                         // even when the site it carries changes (the room resets it then).
                         if let Some(mx) = &remote.mixer {
@@ -184,6 +214,8 @@ pub async fn run_track(
                             c.audio_loud_at = Some(Instant::now());
                         }
                         c.audio_frames += 1;
+                        c.audio_repaired += repaired;
+                        c.audio_concealed += concealed;
                         if tone {
                             c.audio_verified += 1;
                         }
@@ -240,6 +272,17 @@ fn decode_video(
                 .is_some();
             if ok && c.first_verified.is_none() {
                 c.first_verified = Some(remote.started.elapsed());
+            }
+            let size = (picture.width, picture.height);
+            let layer_changed = c.last_size != Some(size);
+            c.last_size = Some(size);
+            *c.layers.entry(size).or_default() += 1;
+            if layer_changed {
+                let _ = remote.events.send(RoomEvent::VideoLayer {
+                    site: site.clone(),
+                    width: size.0,
+                    height: size.1,
+                });
             }
             ok
         };

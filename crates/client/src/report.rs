@@ -21,6 +21,9 @@ pub struct Sent {
     pub keyframe_requests: u64,
     /// Encoder bitrate when leaving (bps).
     pub video_bitrate_bps: u64,
+    /// The spatial layer sent when leaving: the divisor of the source's size (1 = full).
+    #[serde(default)]
+    pub video_layer: u64,
 }
 
 /// What arrived from one remote site.
@@ -36,6 +39,15 @@ pub struct Received {
     pub video_decode_errors: u64,
     pub audio_frames: u64,
     pub audio_frames_verified: u64,
+    /// Lost sound frames rebuilt from in-band FEC.
+    #[serde(default)]
+    pub audio_frames_repaired: u64,
+    /// Lost sound frames not rebuilt (the decoder concealed them).
+    #[serde(default)]
+    pub audio_frames_concealed: u64,
+    /// Decoded pictures by size, e.g. {"640x360": 300, "320x180": 120}.
+    #[serde(default)]
+    pub layers: std::collections::BTreeMap<String, u64>,
     pub latency_ms: Latency,
     pub psnr_db: Option<f64>,
     /// From the start of the join to this site's first verified picture.
@@ -61,6 +73,12 @@ pub struct Report {
     pub sites_seen: Vec<String>,
     /// Problems met on the way, in Vietnamese.
     pub errors: Vec<String>,
+    /// Picture sizes received, by site (largest first).
+    #[serde(default)]
+    pub layers_received: std::collections::BTreeMap<String, Vec<String>>,
+    /// Lost sound frames concealed, all sites together.
+    #[serde(default)]
+    pub audio_frames_concealed: u64,
     /// Times the site joined again by itself after a lost connection.
     #[serde(default)]
     pub reconnects: u64,

@@ -565,7 +565,17 @@ impl Room {
         let shared = &*self.shared;
         let sites = shared.remote.sites.lock().expect("lock poisoned").clone();
         let mut all_lat = Vec::new();
-        let received = sites
+        // Sizes received per site, the largest first.
+        let layers_received: std::collections::BTreeMap<String, Vec<String>> = sites
+            .iter()
+            .map(|(site, c)| {
+                let mut sizes: Vec<(usize, usize)> = c.layers.keys().copied().collect();
+                sizes.sort_by_key(|&(w, h)| std::cmp::Reverse(w * h));
+                let sizes = sizes.iter().map(|(w, h)| format!("{w}x{h}")).collect();
+                (site.clone(), sizes)
+            })
+            .collect();
+        let received: Vec<Received> = sites
             .into_iter()
             .map(|(site, c)| {
                 all_lat.extend_from_slice(&c.video.latencies_us);
@@ -578,12 +588,20 @@ impl Room {
                     video_decode_errors: c.video_decode_errors,
                     audio_frames: c.audio_frames,
                     audio_frames_verified: c.audio_verified,
+                    audio_frames_repaired: c.audio_repaired,
+                    audio_frames_concealed: c.audio_concealed,
+                    layers: c
+                        .layers
+                        .iter()
+                        .map(|((w, h), n)| (format!("{w}x{h}"), *n))
+                        .collect(),
                     latency_ms: latency(&c.video.latencies_us),
                     psnr_db: c.video.mean_psnr(),
                     first_verified_ms: c.first_verified.map(|d| d.as_secs_f64() * 1000.0),
                 }
             })
             .collect();
+        let audio_frames_concealed = received.iter().map(|r| r.audio_frames_concealed).sum();
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let meeting = self.meeting();
         Report {
@@ -599,6 +617,7 @@ impl Room {
                 audio_frames: ld(&shared.counters.audio_frames),
                 keyframe_requests: ld(&shared.counters.keyframe_requests),
                 video_bitrate_bps: ld(&shared.counters.video_bitrate),
+                video_layer: ld(&shared.counters.video_layer),
             },
             received,
             latency_ms: latency(&all_lat),
@@ -617,6 +636,8 @@ impl Room {
                 .cloned()
                 .collect(),
             errors: shared.errors.lock().expect("lock poisoned").clone(),
+            layers_received,
+            audio_frames_concealed,
             reconnects: ld(&shared.reconnects),
             hand_queue: meeting.hands,
             floor: meeting.floor,

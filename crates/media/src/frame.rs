@@ -41,6 +41,36 @@ impl I420Frame {
         (width.div_ceil(2), height.div_ceil(2))
     }
 
+    /// The picture `divisor` times smaller each way (a box filter; sizes rounded down to
+    /// even), for a lower spatial layer.
+    pub fn downscaled(&self, divisor: usize) -> I420Frame {
+        let d = divisor.max(1);
+        let (w, h) = ((self.width / d) & !1, (self.height / d) & !1);
+        let (cw, ch) = Self::chroma_size(w, h);
+        let (scw, _) = Self::chroma_size(self.width, self.height);
+        let plane = |src: &[u8], stride: usize, ow: usize, oh: usize| {
+            let mut out = Vec::with_capacity(ow * oh);
+            for y in 0..oh {
+                for x in 0..ow {
+                    let mut sum = 0usize;
+                    for dy in 0..d {
+                        let row = &src[(y * d + dy) * stride + x * d..][..d];
+                        sum += row.iter().map(|&v| usize::from(v)).sum::<usize>();
+                    }
+                    out.push((sum / (d * d)) as u8);
+                }
+            }
+            out
+        };
+        I420Frame {
+            width: w,
+            height: h,
+            y: plane(&self.y, self.width, w, h),
+            u: plane(&self.u, scw, cw, ch),
+            v: plane(&self.v, scw, cw, ch),
+        }
+    }
+
     /// Copies planes given with arbitrary strides (as decoders hand them out).
     pub fn from_strided(
         width: usize,

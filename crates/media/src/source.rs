@@ -47,6 +47,12 @@ pub trait VideoSource: Send {
     fn fps(&self) -> u32;
     /// Blocks until the next frame is captured.
     fn read(&mut self) -> Result<VideoFrame, SourceError>;
+    /// Asks for pictures `divisor` times smaller each way (a lower spatial layer for a thin
+    /// link; 1 = full size). A source that makes them itself says true; for the others the
+    /// encoder scales what they deliver.
+    fn scale_down(&mut self, _divisor: usize) -> bool {
+        false
+    }
 }
 
 /// An audio source delivering 20 ms frames of 48 kHz mono.

@@ -75,6 +75,8 @@ pub struct SyntheticCamera {
     tag: u16,
     next: u32,
     start: Option<Instant>,
+    /// Draw at 1/scale of the size (a lower layer), stamp and all.
+    scale: usize,
 }
 
 impl SyntheticCamera {
@@ -95,6 +97,7 @@ impl SyntheticCamera {
             tag: stamp::site_tag(site),
             next: 0,
             start: None,
+            scale: 1,
         })
     }
 
@@ -108,7 +111,11 @@ impl SyntheticCamera {
         };
         self.next = self.next.wrapping_add(1);
         VideoFrame {
-            picture: test_picture(self.width, self.height, s),
+            picture: test_picture(
+                (self.width / self.scale) & !1,
+                (self.height / self.scale) & !1,
+                s,
+            ),
             captured_us,
         }
     }
@@ -143,6 +150,16 @@ impl VideoSource for SyntheticCamera {
             self.start = now.checked_sub(since_start(self.next));
         }
         Ok(self.frame_now())
+    }
+
+    fn scale_down(&mut self, divisor: usize) -> bool {
+        let d = divisor.max(1);
+        let (w, h) = ((self.width / d) & !1, (self.height / d) & !1);
+        if !stamp::fits(w, h) {
+            return false;
+        }
+        self.scale = d;
+        true
     }
 }
 

@@ -30,14 +30,17 @@ fn site(mut cmd: Command, url: &str, site: &str, duration: u32, extra: &[&str]) 
         site,
         "--room",
         ROOM,
-        "--video",
-        "synthetic:320x180@15",
         "--speaker",
         "none",
         "--duration",
         &duration.to_string(),
     ])
     .args(extra)
+    .args(if extra.contains(&"--video") {
+        &[][..]
+    } else {
+        &["--video", "synthetic:320x180@15"][..]
+    })
     .env("RUST_LOG", "info")
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
@@ -183,4 +186,67 @@ fn progress_lines_are_read_per_site() {
     assert_eq!(verified_in(l, "xa-a"), Some(68));
     assert_eq!(verified_in(l, "xa-b"), Some(4));
     assert_eq!(verified_in(l, "xa-c"), None);
+}
+
+#[test]
+fn at_256_kbit_with_5_percent_loss_speech_gets_through_and_video_drops_a_layer_then_returns() {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = NetNs::create();
+    let (_server, url) = spawn_server(&["--dev", "--listen", &format!("{}:0", ns.host_ip)]);
+    // The province (on the machine) sends nothing back: what is measured here is the
+    // commune's thin uplink; its downlink carries only the server's feedback.
+    let mut province = site(
+        here(),
+        &url,
+        "nghe-an",
+        62,
+        &["--video", "none", "--audio", "none"],
+    );
+    ns.uplink_rate(Some(256));
+    ns.loss(Some(5.0));
+    let mut commune = site(
+        ns.command(&workspace_bin("diemcau-cli")),
+        &url,
+        "xa-chau-tien",
+        58,
+        &["--video", "synthetic:640x360@15"],
+    );
+    let mut ep = StderrLines::of(&mut province.0);
+    // Squeezed, the commune drops to the 320x180 layer and keeps sending it.
+    ep.wait(Duration::from_secs(30), "the low layer", |l| {
+        l.contains("Hình từ xa-chau-tien: 320x180")
+    });
+    let low_since = Instant::now();
+    let before = ep.wait(Duration::from_secs(12), "a progress line", |l| {
+        verified_in(l, "xa-chau-tien").is_some()
+    });
+    let before = verified_in(&before, "xa-chau-tien").unwrap();
+    ep.wait(Duration::from_secs(12), "pictures at the low layer", |l| {
+        verified_in(l, "xa-chau-tien").is_some_and(|n| n > before + 30)
+    });
+    std::thread::sleep(Duration::from_secs(20).saturating_sub(low_since.elapsed()));
+    // The link recovers: the top layer is back within 10 s.
+    ns.uplink_rate(None);
+    ns.loss(None);
+    let lifted = Instant::now();
+    ep.wait(Duration::from_secs(20), "the top layer back", |l| {
+        l.contains("Hình từ xa-chau-tien: 640x360")
+    });
+    let back = lifted.elapsed();
+    let (rc, rp) = (report(&mut commune), report(&mut province));
+    let got = from(&rp, "xa-chau-tien");
+    let sent = rc["sent"]["audio_frames"].as_u64().unwrap() as f64;
+    let heard = got["audio_frames"].as_u64().unwrap() as f64;
+    let repaired = got["audio_frames_repaired"].as_u64().unwrap() as f64;
+    eprintln!(
+        "audio: {sent} sent, {heard} received, {repaired} repaired ({:.1} % delivered or repaired); top layer back {back:?} after the limit lifted; layers {}",
+        100.0 * (heard + repaired) / sent,
+        rp["layers_received"]
+    );
+    assert!((heard + repaired) / sent >= 0.95, "audio {got} of {sent}");
+    assert!(
+        back <= Duration::from_secs(10),
+        "top layer back after {back:?}"
+    );
+    assert_eq!(rp["layers_received"]["xa-chau-tien"][1], "320x180", "{rp}");
 }

@@ -648,6 +648,8 @@ async fn join(args: JoinArgs) -> ExitCode {
                         eprintln!("[{}] Chủ tọa ({by}) đề nghị bạn bật micro", target.site);
                         room.reply_unmute(args.accept_unmute);
                     }
+                    RoomEvent::VideoLayer { site, width, height } => eprintln!(
+                        "[{}] Hình từ {site}: {width}x{height}", target.site),
                     RoomEvent::Reconnecting { reason } => {
                         eprintln!("[{}] Mất kết nối ({reason}); đang kết nối lại…", target.site)
                     }
