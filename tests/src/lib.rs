@@ -102,6 +102,7 @@ pub async fn until_verified(room: &Room, from: &[&str], timeout: Duration) {
 }
 
 pub mod desktop;
+pub mod link;
 pub mod netns;
 
 pub use desktop::Proc;
@@ -121,8 +122,13 @@ impl StderrLines {
         let err = child.stderr.take().expect("piped stderr");
         // Drains the pipe to the end even when nobody listens any more, so the child never
         // blocks on a full stderr.
+        // DIEMCAU_TEST_ECHO=1 copies every line to the test's stderr (for debugging a test).
+        let echo = std::env::var_os("DIEMCAU_TEST_ECHO").is_some();
         std::thread::spawn(move || {
             for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("{l}");
+                }
                 let _ = tx.send(l);
             }
         });

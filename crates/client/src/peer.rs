@@ -40,8 +40,10 @@ use webrtc::peer_connection::{
 
 use crate::ClientError;
 
+/// Where the send-side bandwidth estimate starts (bits per second): low enough not to flood a rural uplink's buffer for the first
+/// seconds (GCC climbs from here within seconds on a good link).
+pub const BWE_INITIAL_BPS: f64 = 600_000.0;
 /// Send-side bandwidth estimator bounds (bits per second).
-pub const BWE_INITIAL_BPS: f64 = 1_200_000.0;
 pub const BWE_MIN_BPS: f64 = 80_000.0;
 pub const BWE_MAX_BPS: f64 = 4_000_000.0;
 

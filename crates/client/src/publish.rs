@@ -90,28 +90,53 @@ pub fn video_share(estimate_bps: f64, max_video_bps: u32) -> u32 {
     (share as u32).min(max_video_bps)
 }
 
-/// Bits per pixel a layer needs to look acceptable in H.264 baseline at conference motion.
-const LAYER_BITS_PER_PIXEL: f64 = 0.07;
+/// Bits per pixel a 640x360 layer needs to look acceptable in H.264 baseline at conference
+/// motion; larger pictures need fewer per pixel, smaller ones more (by the fourth root of the
+/// pixel count).
+const LAYER_BITS_PER_PIXEL: f64 = 0.08;
+
+/// Going up a layer needs this much more than the layer needs, so a target near a boundary
+/// does not flap.
+const LAYER_UP_MARGIN: f64 = 1.1;
+
+/// The bitrate a picture of `pixels` at `fps` needs.
+pub fn layer_need_bps(pixels: usize, fps: u32) -> f64 {
+    let p = pixels as f64;
+    p * f64::from(fps) * LAYER_BITS_PER_PIXEL * (p / 230_400.0).powf(-0.25)
+}
 
 /// The spatial layer to send — the divisor of the camera's size: 1 (full), 2 or 4 — for
-/// the encoder's target bitrate. A layer is used when the target covers what it needs;
-/// going up needs 25 % more than that, so a target near a boundary does not flap. Layers stay
-/// at least 320x180.
-pub fn layer_for(target_bps: u32, (w, h): (usize, usize), fps: u32, current: usize) -> usize {
-    let need = |d: usize| (w / d * (h / d)) as f64 * f64::from(fps) * LAYER_BITS_PER_PIXEL;
-    let layers = [1usize, 2, 4]
+/// the encoder's `target_bps`. A layer is used when the target covers what it needs (the
+/// full size never needs more than 80 % of `max_bps`, so a configured cap below a camera's
+/// need still sends it); going up needs [`LAYER_UP_MARGIN`] more. Layers stay at least
+/// 320x180.
+pub fn layer_for(
+    target_bps: u32,
+    (w, h): (usize, usize),
+    fps: u32,
+    current: usize,
+    max_bps: u32,
+) -> usize {
+    let need = |d: usize| {
+        let n = layer_need_bps(w / d * (h / d), fps);
+        if d == 1 {
+            n.min(f64::from(max_bps) * 0.8)
+        } else {
+            n
+        }
+    };
+    let mut best = 1;
+    for d in [1usize, 2, 4]
         .into_iter()
-        .filter(|&d| d == 1 || (w / d >= 320 && h / d >= 180));
-    let mut best = None;
-    for d in layers {
-        let margin = if d < current { 1.25 } else { 1.0 };
+        .filter(|&d| d == 1 || (w / d >= 320 && h / d >= 180))
+    {
+        best = d;
+        let margin = if d < current { LAYER_UP_MARGIN } else { 1.0 };
         if f64::from(target_bps) >= need(d) * margin {
-            best = Some(d);
             break;
         }
-        best = Some(d);
     }
-    best.unwrap_or(1)
+    best
 }
 
 /// Runs the video capture/encode loop until `control.stop`.
@@ -196,7 +221,7 @@ pub fn spawn_video_thread(
                     f64::from_bits(bwe_bps.load(Ordering::Relaxed)),
                     max_bitrate_bps,
                 );
-                let layer = layer_for(target, source.size(), fps, divisor);
+                let layer = layer_for(target, source.size(), fps, divisor, max_bitrate_bps);
                 if layer != divisor {
                     // A new size: a fresh encoder, whose first picture is a keyframe.
                     match VideoEncoder::new(target, fps as f32) {
@@ -483,6 +508,25 @@ mod tests {
             "{notice}"
         );
         assert!(erx.try_recv().is_err(), "told once");
+    }
+
+    #[test]
+    fn layers_follow_the_target_with_a_margin_going_up() {
+        let vga = (640, 360);
+        // 640x360@15 needs ~276 kbit/s; 320x180 is the floor for it.
+        assert_eq!(layer_for(400_000, vga, 15, 1, 1_500_000), 1);
+        assert_eq!(layer_for(250_000, vga, 15, 1, 1_500_000), 2);
+        assert_eq!(layer_for(60_000, vga, 15, 1, 1_500_000), 2);
+        // Coming back up needs 10 % more than the layer needs.
+        assert_eq!(layer_for(290_000, vga, 15, 2, 1_500_000), 2);
+        assert_eq!(layer_for(310_000, vga, 15, 2, 1_500_000), 1);
+        // 1280x720@30 needs more than 80 % of a 1.5 Mbit/s cap: the cap is what it needs.
+        let hd = (1280, 720);
+        assert_eq!(layer_for(1_250_000, hd, 30, 1, 1_500_000), 1);
+        assert_eq!(layer_for(1_000_000, hd, 30, 1, 1_500_000), 2);
+        assert_eq!(layer_for(200_000, hd, 30, 1, 1_500_000), 4);
+        // A 320x180 camera has no lower layer.
+        assert_eq!(layer_for(10_000, (320, 180), 15, 1, 1_500_000), 1);
     }
 
     #[test]

@@ -25,6 +25,9 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::PeerConnection;
 
 use crate::assemble::H264Assembler;
+
+/// RTP ticks in one 20 ms Opus frame (48 kHz clock).
+const AUDIO_FRAME_TICKS: u32 = 960;
 use crate::RoomEvent;
 
 /// What was received from one remote site.
@@ -155,8 +158,10 @@ pub async fn run_track(
                     return;
                 }
             };
-            // The last packet's sequence number, per site on this slot: a gap is loss.
-            let mut last: Option<(SiteId, u16)> = None;
+            // The last packet's RTP timestamp per site on this slot, and whether it was a DTX
+            // (silence) packet. The server renumbers what it forwards, so loss before it shows
+            // only in the timestamps: one 20 ms frame is 960 ticks.
+            let mut last: Option<(SiteId, u32, bool)> = None;
             while let Some(ev) = track.poll().await {
                 match ev {
                     TrackRemoteEvent::OnOpen(init) => {
@@ -170,18 +175,20 @@ pub async fn run_track(
                         if pkt.payload.is_empty() {
                             continue;
                         }
-                        let seq = pkt.header.sequence_number;
+                        let ts = pkt.header.timestamp;
                         let gap = match &last {
-                            Some((s, prev)) if *s == site => {
-                                seq.wrapping_sub(*prev).wrapping_sub(1)
+                            // After silence (DTX) the sender skips frames on purpose.
+                            Some((s, prev, dtx)) if *s == site && !dtx => {
+                                ts.wrapping_sub(*prev) / AUDIO_FRAME_TICKS
                             }
-                            _ => 0,
-                        };
-                        if gap >= 0x8000 {
+                            _ => 1,
+                        }
+                        .wrapping_sub(1);
+                        if gap >= 0x8000_0000 {
                             // Late or repeated: already counted as lost, or already had.
                             continue;
                         }
-                        last = Some((site.clone(), seq));
+                        last = Some((site.clone(), ts, pkt.payload.len() <= 2));
                         // The frame just before this packet is in its FEC; older ones are gone
                         // (the decoder conceals them). Gaps of a second or more are outages,
                         // not loss to repair.

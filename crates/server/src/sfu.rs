@@ -203,7 +203,10 @@ pub struct JoinAsk {
 /// How long after a dropped connection a site may still resume into a locked room.
 const RESUME_WINDOW: Duration = Duration::from_secs(15 * 60);
 
-const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(300);
+/// At most one keyframe request a second reaches a publisher: on a thin, lossy uplink each
+/// keyframe costs several frames of its budget, and requests any closer make the encoder skip
+/// frames until the picture stalls.
+const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(1000);
 const LOUDNESS_TICK: Duration = Duration::from_millis(500);
 
 fn rtc_config() -> RtcConfig {
