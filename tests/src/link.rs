@@ -56,6 +56,8 @@ pub struct Counts {
     pub bytes: u64,
     pub lost: u64,
     pub queue_drops: u64,
+    /// Bytes that made it across (not lost, not dropped from the queue).
+    pub delivered_bytes: u64,
 }
 
 struct Direction {
@@ -184,6 +186,7 @@ fn carry(
                     }
                     None => now,
                 };
+                c.delivered_bytes += n as u64;
                 drop(c);
                 let jitter = s.jitter.mul_f64(rand::random::<f64>());
                 let out = (sent + s.delay + jitter).max(last_out);

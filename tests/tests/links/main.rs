@@ -224,6 +224,7 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
         ..Shape::default()
     };
     link.shape_both(thin);
+    let shaped = Instant::now();
     let (mut commune, _ec) = site(
         link.command(&workspace_bin("diemcau-cli")),
         &url,
@@ -247,6 +248,7 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     std::thread::sleep(Duration::from_secs(20).saturating_sub(low_since.elapsed()));
     // The link really was that bad while it was thin.
     let (thin_up, _) = link.counts();
+    let thin_for = shaped.elapsed().as_secs_f64();
     assert!(
         thin_up.lost * 100 >= thin_up.packets * 3,
         "uplink loss {thin_up:?}"
@@ -269,9 +271,10 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     let heard = got["audio_frames"].as_u64().unwrap() as f64;
     let repaired = got["audio_frames_repaired"].as_u64().unwrap() as f64;
     eprintln!(
-        "audio: {sent} sent, {heard} received, {repaired} repaired ({:.1} % delivered or repaired); top layer back {back:?} after the limit lifted; layers {}; uplink while thin {thin_up:?}, in all {up:?}; downlink {down:?}",
+        "audio: {sent} sent, {heard} received, {repaired} repaired ({:.1} % delivered or repaired); top layer back {back:?} after the limit lifted; layers {}; the thin uplink carried {:.0} kbit/s of 256 over {thin_for:.0} s ({thin_up:?}); in all {up:?}; downlink {down:?}",
         100.0 * (heard + repaired) / sent,
-        rp["layers_received"]
+        rp["layers_received"],
+        thin_up.delivered_bytes as f64 * 8.0 / thin_for / 1000.0,
     );
     assert!((heard + repaired) / sent >= 0.95, "audio {got} of {sent}");
     assert!(
