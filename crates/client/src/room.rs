@@ -103,6 +103,9 @@ pub struct JoinOptions {
     pub deliver_video: bool,
     /// Measure PSNR of every n-th verified picture (0 = never).
     pub psnr_every: u64,
+    /// Receive the others' pictures. False (an audio-only site, for a link too thin for
+    /// video) offers no video receive slots, so the server sends it none.
+    pub receive_video: bool,
 }
 
 impl JoinOptions {
@@ -125,6 +128,7 @@ impl JoinOptions {
             speaker: SpeakerOutput::None,
             deliver_video: false,
             psnr_every: 10,
+            receive_video: true,
         }
     }
 }
@@ -920,7 +924,14 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         local.push((kind, t, sender, input.clone()));
     }
     for (kind, n) in [
-        (RtpCodecKind::Video, video_slots),
+        (
+            RtpCodecKind::Video,
+            if options.receive_video {
+                video_slots
+            } else {
+                0
+            },
+        ),
         (RtpCodecKind::Audio, audio_slots),
     ] {
         for _ in 0..n {

@@ -107,6 +107,40 @@ async fn cli_sites_report_each_other_in_the_contracted_json() {
     assert_eq!(ra["floor"]["you_may_speak"], true);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audio_only_site_hears_and_is_heard_and_receives_no_pictures() {
+    let _guard = MEDIA.lock().await;
+    let (_server, url) = start_server();
+    let thin = cli_join(&url, "chau-tien", "6", &["--audio-only"]);
+    let full = cli_join(&url, "quy-chau", "5", &[]);
+    let ((rt, _), (rf, _)) = tokio::task::spawn_blocking(move || (report(thin), report(full)))
+        .await
+        .unwrap();
+    assert_eq!(rt["sent"]["video_frames"], 0, "{rt}");
+    let heard = rt["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["site"] == "quy-chau")
+        .unwrap_or_else(|| panic!("the audio-only site hears quy-chau: {rt}"));
+    assert!(heard["audio_frames"].as_u64().unwrap() > 100, "{heard}");
+    assert_eq!(heard["video_frames"], 0, "no pictures offered: {heard}");
+    assert!(
+        rf["sent"]["video_frames"].as_u64().unwrap() > 30,
+        "the other site did send pictures: {rf}"
+    );
+    let from_thin = rf["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["site"] == "chau-tien")
+        .unwrap_or_else(|| panic!("quy-chau hears the audio-only site: {rf}"));
+    assert!(
+        from_thin["audio_frames"].as_u64().unwrap() > 100,
+        "{from_thin}"
+    );
+}
+
 /// `diemcau-cli join` against loopback port 9 (discard), where nothing listens.
 fn join_nowhere(extra: &[&str]) -> std::process::Output {
     Command::new(workspace_bin("diemcau-cli"))

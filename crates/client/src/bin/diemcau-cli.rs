@@ -133,6 +133,10 @@ struct JoinArgs {
     /// Offer only TCP candidates (as if UDP were blocked).
     #[arg(long)]
     tcp_only: bool,
+    /// Sound only, both ways (for a link too thin for pictures): no picture is sent
+    /// (overrides --video) and none is received.
+    #[arg(long)]
+    audio_only: bool,
     /// Enrollment secret (SITE_KEY from the installer), traded for a token when no
     /// --token is given.
     #[arg(long)]
@@ -553,6 +557,10 @@ async fn join(args: JoinArgs) -> ExitCode {
     opts.audio = audio;
     opts.max_video_bitrate_bps = args.max_video_kbps.saturating_mul(1000);
     opts.udp = !args.tcp_only;
+    if args.audio_only {
+        opts.video = VideoInput::None;
+        opts.receive_video = false;
+    }
     opts.speaker = match args.speaker.as_str() {
         "none" => SpeakerOutput::None,
         "default" => SpeakerOutput::Default,
