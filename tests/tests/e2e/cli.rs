@@ -141,6 +141,58 @@ async fn an_audio_only_site_hears_and_is_heard_and_receives_no_pictures() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_rejoin_by_themselves_when_the_server_restarts() {
+    use diemcau_e2e::{spawn_server, StderrLines};
+    let _guard = MEDIA.lock().await;
+    // The same address before and after the restart, as a real server keeps its port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let listen = format!("127.0.0.1:{port}");
+    let (server, url) = spawn_server(&["--dev", "--listen", &listen]);
+    let mut a = cli_join(&url, "quynh-luu", "22", &[]);
+    let mut b = cli_join(&url, "yen-thanh", "22", &[]);
+    let (mut ea, mut eb) = (StderrLines::of(&mut a), StderrLines::of(&mut b));
+    ea.wait_for("Hình đầu tiên từ yen-thanh");
+    eb.wait_for("Hình đầu tiên từ quynh-luu");
+    drop(server);
+    for e in [&mut ea, &mut eb] {
+        e.wait(
+            std::time::Duration::from_secs(10),
+            "the loss noticed",
+            |l| l.contains("đang kết nối lại"),
+        );
+    }
+    let (_server, _) = spawn_server(&["--dev", "--listen", &listen]);
+    for e in [&mut ea, &mut eb] {
+        e.wait(
+            std::time::Duration::from_secs(15),
+            "back in the room",
+            |l| l.contains("Đã kết nối lại"),
+        );
+    }
+    let ((ra, _), (rb, _)) = tokio::task::spawn_blocking(move || (report(a), report(b)))
+        .await
+        .unwrap();
+    for (r, other) in [(&ra, "yen-thanh"), (&rb, "quynh-luu")] {
+        assert_eq!(r["reconnects"], 1, "{r}");
+        let got = r["received"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["site"] == other)
+            .unwrap_or_else(|| panic!("{other} in {r}"));
+        // Pictures before the restart and after it: well over what the first connection had
+        // when the server went (a few seconds at 15 fps).
+        assert!(
+            got["video_frames_verified"].as_u64().unwrap() > 150,
+            "{got}"
+        );
+    }
+}
+
 /// `diemcau-cli join` against loopback port 9 (discard), where nothing listens.
 fn join_nowhere(extra: &[&str]) -> std::process::Output {
     Command::new(workspace_bin("diemcau-cli"))
