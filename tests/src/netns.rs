@@ -1,9 +1,7 @@
 //! Test hosts in network namespaces: a veth pair from the machine into a namespace of its
-//! own, and what a rural link does to it — a rate limit (tbf), random loss and blackouts
-//! (iptables' `statistic` match and DROP rules), UDP blocked by a firewall.
-//!
-//! This machine's kernel has no `sch_netem`, so added delay cannot be emulated here; the
-//! rest are the kernel's own queues and filters. Only namespaces made here are touched.
+//! own, cut silently (iptables DROP where packets arrive) or stripped of UDP as a firewall
+//! would. Rate, delay and loss are the user-space emulator's (`crate::link`): this
+//! machine's kernel has no `sch_netem`. Only namespaces and interfaces made here are touched.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,8 +22,6 @@ pub struct NetNs {
     pub ns_ip: String,
     /// Rules this link put in the machine's own INPUT chain (taken out on drop).
     host_rules: std::sync::Mutex<Vec<Vec<String>>>,
-    /// The random loss in effect (iptables' probability), if any.
-    loss: std::sync::Mutex<Option<String>>,
 }
 
 fn run(program: &str, args: &[&str]) {
@@ -56,10 +52,25 @@ impl NetNs {
             host_if,
             ns_if,
             host_rules: Default::default(),
-            loss: Default::default(),
         };
-        // A namespace left by a killed run of the same process id goes first.
+        // A namespace, link or INPUT rule left by a killed run with the same name goes first.
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &ns.host_if])
+            .output();
+        if let Ok(out) = Command::new("iptables").args(["-S", "INPUT"]).output() {
+            let marker = format!("-i {} ", ns.host_if);
+            for rule in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(spec) = rule.strip_prefix("-A INPUT ") {
+                    if format!("{spec} ").contains(&marker) {
+                        let _ = Command::new("iptables")
+                            .args(["-D", "INPUT"])
+                            .args(spec.split_whitespace())
+                            .output();
+                    }
+                }
+            }
+        }
         run("ip", &["netns", "add", &ns.name]);
         run(
             "ip",
@@ -150,81 +161,6 @@ impl NetNs {
     pub fn block_udp(&self) {
         for chain in ["INPUT", "OUTPUT"] {
             self.inside(&["iptables", "-A", chain, "-p", "udp", "-j", "DROP"]);
-        }
-    }
-
-    /// Drops `percent` of the packets at random, each way; `None` takes the loss away.
-    pub fn loss(&self, percent: Option<f64>) {
-        let mut current = self.loss.lock().expect("lock poisoned");
-        let rule = |p: &str| {
-            [
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                p,
-                "-j",
-                "DROP",
-            ]
-            .map(String::from)
-        };
-        if let Some(p) = current.take() {
-            let r = rule(&p);
-            self.incoming(false, &r.iter().map(String::as_str).collect::<Vec<_>>());
-        }
-        if let Some(percent) = percent {
-            let p = format!("{:.4}", percent / 100.0);
-            let r = rule(&p);
-            self.incoming(true, &r.iter().map(String::as_str).collect::<Vec<_>>());
-            *current = Some(p);
-        }
-    }
-
-    /// Limits what leaves the namespace (the site's uplink) to `kbit` kbit/s with a token
-    /// bucket and a queue of at most 200 ms; `None` lifts the limit.
-    pub fn uplink_rate(&self, kbit: Option<u32>) {
-        match kbit {
-            Some(k) => self.inside(&[
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                &self.ns_if,
-                "root",
-                "tbf",
-                "rate",
-                &format!("{k}kbit"),
-                "burst",
-                "8kb",
-                "latency",
-                "200ms",
-            ]),
-            None => self.inside(&["tc", "qdisc", "del", "dev", &self.ns_if, "root"]),
-        }
-    }
-
-    /// The same on the machine's side: what reaches the site (its downlink).
-    pub fn downlink_rate(&self, kbit: Option<u32>) {
-        match kbit {
-            Some(k) => run(
-                "tc",
-                &[
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    &self.host_if,
-                    "root",
-                    "tbf",
-                    "rate",
-                    &format!("{k}kbit"),
-                    "burst",
-                    "8kb",
-                    "latency",
-                    "200ms",
-                ],
-            ),
-            None => run("tc", &["qdisc", "del", "dev", &self.host_if, "root"]),
         }
     }
 }

@@ -117,8 +117,14 @@ function show(screen: "settings" | "prejoin" | "call"): void {
   for (const s of ["settings", "prejoin", "call"]) $(`screen-${s}`).hidden = s !== screen;
 }
 
-function progress(text: string): void {
+let progressTimer: ReturnType<typeof setTimeout> | undefined;
+
+/// Shows a progress line; with `clearAfterMs`, takes it away then unless another came first.
+function progress(text: string, clearAfterMs?: number): void {
+  clearTimeout(progressTimer);
+  progressTimer = undefined;
   $("progress").textContent = text;
+  if (clearAfterMs !== undefined) progressTimer = setTimeout(() => progress(""), clearAfterMs);
 }
 
 function fail(message: string): void {
@@ -576,8 +582,7 @@ function onCall(e: CallEvent): void {
       break;
     case "media_connected":
       mediaUp = true;
-      progress(t("join.connected"));
-      setTimeout(() => progress(""), 3000);
+      progress(t("join.connected"), 3000);
       break;
     case "hands":
       hands = e.queue;
@@ -611,8 +616,7 @@ function onCall(e: CallEvent): void {
       progress(t("join.reconnecting"));
       return;
     case "reconnected":
-      progress(t("join.reconnected"));
-      setTimeout(() => progress(""), 3000);
+      progress(t("join.reconnected"), 3000);
       return;
     case "notice":
       notice(e.message);

@@ -42,7 +42,7 @@ use crate::ClientError;
 
 /// Where the send-side bandwidth estimate starts (bits per second): low enough not to flood a rural uplink's buffer for the first
 /// seconds (GCC climbs from here within seconds on a good link).
-pub const BWE_INITIAL_BPS: f64 = 600_000.0;
+pub const BWE_INITIAL_BPS: f64 = 300_000.0;
 /// Send-side bandwidth estimator bounds (bits per second).
 pub const BWE_MIN_BPS: f64 = 80_000.0;
 pub const BWE_MAX_BPS: f64 = 4_000_000.0;
@@ -238,7 +238,12 @@ pub async fn build(transports: &Transports, bwe_bps: Arc<AtomicU64>) -> Result<P
         RtpCodecKind::Video,
     );
     let estimator = ReportingEstimator {
-        inner: Gcc::new(BWE_INITIAL_BPS, BWE_MIN_BPS, BWE_MAX_BPS),
+        // A reconnect starts from the estimate the last connection had reached.
+        inner: Gcc::new(
+            f64::from_bits(bwe_bps.load(Ordering::Relaxed)).clamp(BWE_MIN_BPS, BWE_MAX_BPS),
+            BWE_MIN_BPS,
+            BWE_MAX_BPS,
+        ),
         target: bwe_bps.clone(),
     };
     let registry = configure_congestion_control(

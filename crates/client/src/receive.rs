@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use diemcau_media::playout::Mixer;
 use diemcau_media::stamp::site_tag;
-use diemcau_media::synthetic::{detect_tone, VideoCheck};
+use diemcau_media::synthetic::{detect_tone, VideoCheck, TONE_STEPS};
 use diemcau_media::{now_us, AudioDecoder, VideoDecoder};
 use diemcau_protocol::{MediaKind, SiteId};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -176,27 +176,28 @@ pub async fn run_track(
                             continue;
                         }
                         let ts = pkt.header.timestamp;
+                        // Frames missing before this one (0 when none).
                         let gap = match &last {
                             // After silence (DTX) the sender skips frames on purpose.
                             Some((s, prev, dtx)) if *s == site && !dtx => {
-                                ts.wrapping_sub(*prev) / AUDIO_FRAME_TICKS
+                                let d = ts.wrapping_sub(*prev) as i32;
+                                if d <= 0 {
+                                    // Late or repeated: already counted as lost, or already
+                                    // had.
+                                    continue;
+                                }
+                                (d as u32 / AUDIO_FRAME_TICKS).saturating_sub(1)
                             }
-                            _ => 1,
-                        }
-                        .wrapping_sub(1);
-                        if gap >= 0x8000_0000 {
-                            // Late or repeated: already counted as lost, or already had.
-                            continue;
-                        }
+                            _ => 0,
+                        };
                         last = Some((site.clone(), ts, pkt.payload.len() <= 2));
-                        // The frame just before this packet is in its FEC; older ones are gone
-                        // (the decoder conceals them). Gaps of a second or more are outages,
-                        // not loss to repair.
-                        let (repaired, concealed) = if (1..50).contains(&gap) {
-                            let r = u64::from(dec.recover(&pkt.payload).is_ok());
-                            (r, u64::from(gap) - r)
+                        // The frame just before this packet is in its in-band FEC (when the
+                        // sender put it there); older ones are gone. Gaps of a second or more
+                        // are outages, not loss to repair.
+                        let rebuilt = if (1..50).contains(&gap) {
+                            dec.recover(&pkt.payload).ok()
                         } else {
-                            (0, 0)
+                            None
                         };
                         // Playout is per slot: a slot's RTP sequence numbers are continuous
                         // even when the site it carries changes (the room resets it then).
@@ -208,7 +209,22 @@ pub async fn run_track(
                         let Ok(pcm) = dec.decode(&pkt.payload) else {
                             continue;
                         };
-                        let tone = detect_tone(&pcm).is_some();
+                        let step = detect_tone(&pcm);
+                        let tone = step.is_some();
+                        // A rebuilt frame counts as repaired when it is provably the lost one:
+                        // the test tone changes pitch every frame, so FEC gives the lost
+                        // frame's pitch where concealment would stretch the one before.
+                        // (Speech cannot be checked this way; its losses count as concealed.)
+                        let repaired = u64::from(rebuilt.as_deref().is_some_and(|r| {
+                            step.is_some_and(|s| {
+                                detect_tone(r) == Some((s + TONE_STEPS - 1) % TONE_STEPS)
+                            })
+                        }));
+                        let concealed = if (1..50).contains(&gap) {
+                            u64::from(gap) - repaired
+                        } else {
+                            0
+                        };
                         let level = crate::publish::level_dbfs(&pcm);
                         let mut sites = remote.sites.lock().expect("site counters lock poisoned");
                         let c = sites.entry(site).or_default();

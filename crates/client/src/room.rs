@@ -241,8 +241,23 @@ impl Session {
                 let _ = tokio::time::timeout(Duration::from_secs(2), f).await;
             }
         }
-        drop(self._tasks);
+        drop(std::mem::take(&mut self._tasks));
         let _ = tokio::time::timeout(Duration::from_secs(2), self.pc.close()).await;
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::close`] (the site left while a reconnect was
+    /// under way) still stops its tasks and closes its peer connection. After `close` this
+    /// closes an already closed connection, which does nothing.
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self._tasks));
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let pc = self.pc.clone();
+            handle.spawn(async move {
+                let _ = pc.close().await;
+            });
+        }
     }
 }
 

@@ -123,10 +123,12 @@ pub async fn connect(url: &str) -> Result<Signal, ClientError> {
                 break;
             }
             if leave {
-                let _ = sink.close().await;
                 break;
             }
         }
+        // After `leave`, or when the room drops this connection (a reconnect): close it, so
+        // the server sees it go at once instead of waiting for its timeouts.
+        let _ = sink.close().await;
     });
     tokio::spawn(async move {
         while let Some(m) = stream.next().await {

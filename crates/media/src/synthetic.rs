@@ -156,6 +156,8 @@ impl VideoSource for SyntheticCamera {
         let d = divisor.max(1);
         let (w, h) = ((self.width / d) & !1, (self.height / d) & !1);
         if !stamp::fits(w, h) {
+            // Too small for a stamp: draw full size and let the encoder scale it.
+            self.scale = 1;
             return false;
         }
         self.scale = d;

@@ -546,8 +546,18 @@ impl Engine {
                     Some(role),
                 );
             }
-            // The site is back on a new connection before the old one was noticed gone.
+            // The site is back on a new connection before the old one was noticed gone. The
+            // old one is told (fatal, so a second machine with the same identity stops there
+            // rather than taking the site back), and the takeover is audited.
             info!(%site, %room, "site resumed on a new connection; dropping the old one");
+            if let Some(p) = self.peers.get(&old) {
+                p.send(ServerMessage::error(
+                    ErrorCode::SiteTaken,
+                    "replaced by a newer connection of this site",
+                    true,
+                ));
+            }
+            self.audit_entry(&room, &site, Some(role), from, "resume", None, Ok(()));
             self.remove(old, LeaveReason::Disconnected);
         }
         self.dropped.remove(&(room.clone(), site.clone()));
@@ -1428,7 +1438,7 @@ impl Engine {
         if !p.control && matches!(reason, LeaveReason::Left | LeaveReason::Removed) {
             self.meeting(&room).forget(&p.site.id);
         }
-        if !p.control && reason == LeaveReason::Disconnected {
+        if !p.control && matches!(reason, LeaveReason::Disconnected | LeaveReason::Dropped) {
             let now = Instant::now();
             self.dropped
                 .retain(|_, t| now.duration_since(*t) < RESUME_WINDOW);
