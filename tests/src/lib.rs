@@ -271,13 +271,25 @@ pub mod raw {
             token: Option<&str>,
             control: bool,
         ) -> ServerMessage {
+            self.join_as(site, room, token, control, false).await
+        }
+
+        /// [`Raw::join`] with the `resume` flag of a site coming back.
+        pub async fn join_as(
+            &mut self,
+            site: &str,
+            room: &str,
+            token: Option<&str>,
+            control: bool,
+            resume: bool,
+        ) -> ServerMessage {
             self.send(&ClientMessage::Join {
                 v: PROTOCOL_VERSION,
                 room: room.into(),
                 site: site.into(),
                 token: token.map(str::to_string),
                 control,
-                resume: false,
+                resume,
             })
             .await;
             self.wait("welcome or error", |m| {

@@ -12,8 +12,8 @@ use diemcau_e2e::raw::Raw;
 use diemcau_e2e::{dev_token, until_verified, wait_for, MEDIA};
 use diemcau_protocol::token::{Claims, Key};
 use diemcau_protocol::{
-    ChairCommand, ClientMessage, Directory, ErrorCode, FloorMode, Role, ServerMessage, SiteEntry,
-    PROTOCOL_VERSION,
+    ChairCommand, ClientMessage, Directory, ErrorCode, FloorMode, LeaveReason, Role, ServerMessage,
+    SiteEntry, PROTOCOL_VERSION,
 };
 use diemcau_server::{audit, RunningServer, ServerConfig};
 
@@ -776,4 +776,91 @@ async fn mute_and_camera_off_stop_what_the_others_receive_until_turned_back_on()
     a.leave().await;
     b.leave().await;
     server.stop();
+}
+
+/// Waits for the next `site_left` of tp-vinh and returns its reason.
+async fn tp_vinh_left(watcher: &mut Raw) -> LeaveReason {
+    watcher
+        .wait("tp-vinh gone", |m| match m {
+            ServerMessage::SiteLeft { site, reason } if site == "tp-vinh" => Some(*reason),
+            _ => None,
+        })
+        .await
+}
+
+#[tokio::test]
+async fn resume_replaces_a_held_connection_and_re_enters_a_locked_room_only_for_its_own_site() {
+    let server = diemcau_e2e::dev_server().await;
+    let room = "resume";
+    let token = |site: &str| dev_token(site, Role::Commune, room);
+    let welcome = |m: &ServerMessage| matches!(m, ServerMessage::Welcome { .. });
+    let refused = |m: &ServerMessage, want: ErrorCode| matches!(m, ServerMessage::Error { code, fatal: true, .. } if *code == want);
+    // Another site, to see who leaves.
+    let mut watcher = Raw::connect(&server.url()).await;
+    assert!(welcome(
+        &watcher
+            .join("quynh-luu", room, Some(&token("quynh-luu")), false)
+            .await
+    ));
+    // A site in the room, and the same site again: refused without resume...
+    let mut first = Raw::connect(&server.url()).await;
+    let t = token("tp-vinh");
+    assert!(welcome(&first.join("tp-vinh", room, Some(&t), false).await));
+    let mut again = Raw::connect(&server.url()).await;
+    let m = again.join("tp-vinh", room, Some(&t), false).await;
+    assert!(refused(&m, ErrorCode::SiteTaken), "{m:?}");
+    // ...but resume (with the site's own token) replaces the held connection, which is told.
+    let mut back = Raw::connect(&server.url()).await;
+    assert!(welcome(
+        &back.join_as("tp-vinh", room, Some(&t), false, true).await
+    ));
+    let told = first
+        .wait("the old connection told", |m| match m {
+            ServerMessage::Error { code, fatal, .. } => Some((*code, *fatal)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(told, (ErrorCode::SiteTaken, true));
+    // The others saw the old connection go as a drop (hand and floor kept).
+    assert_eq!(tp_vinh_left(&mut watcher).await, LeaveReason::Disconnected);
+    // Resume is no way around a token: another site's token does not resume tp-vinh.
+    let mut thief = Raw::connect(&server.url()).await;
+    let m = thief
+        .join_as("tp-vinh", room, Some(&token("do-luong")), false, true)
+        .await;
+    assert!(
+        matches!(m, ServerMessage::Error { fatal: true, .. }) && !welcome(&m),
+        "{m:?}"
+    );
+    // The chair locks the room; tp-vinh's connection drops (not a leave).
+    let mut chair = ControlSession::connect(
+        &server.url(),
+        "nghe-an",
+        room,
+        &dev_token("nghe-an", Role::Chair, room),
+    )
+    .await
+    .unwrap();
+    chair
+        .command(ChairCommand::Lock { locked: true })
+        .await
+        .expect("the chair may lock");
+    drop(back);
+    // Once the server has seen it go (the others are told), tp-vinh is no longer held: what
+    // lets it back in is the record of its drop.
+    assert_eq!(tp_vinh_left(&mut watcher).await, LeaveReason::Disconnected);
+    let mut returning = Raw::connect(&server.url()).await;
+    let m = returning
+        .join_as("tp-vinh", room, Some(&t), false, true)
+        .await;
+    assert!(
+        welcome(&m),
+        "a dropped site comes back into the locked room: {m:?}"
+    );
+    // A site that was never in the room stays out, resume or not.
+    let mut newcomer = Raw::connect(&server.url()).await;
+    let m = newcomer
+        .join_as("do-luong", room, Some(&token("do-luong")), false, true)
+        .await;
+    assert!(refused(&m, ErrorCode::RoomLocked), "{m:?}");
 }
