@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, watch};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
-    RTCPeerConnectionState, SettingEngineBuilder,
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceConnectionState,
+    RTCIceGatheringState, RTCPeerConnectionState, SettingEngineBuilder,
 };
 
 use crate::ClientError;
@@ -158,6 +158,7 @@ impl Interceptor for KeyframeRequests {
 /// connection's driver task and must not block).
 struct Handler {
     gathering: watch::Sender<RTCIceGatheringState>,
+    ice: watch::Sender<RTCIceConnectionState>,
     state: watch::Sender<RTCPeerConnectionState>,
     tracks: mpsc::UnboundedSender<Arc<dyn TrackRemote>>,
 }
@@ -166,6 +167,9 @@ struct Handler {
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_gathering_state_change(&self, s: RTCIceGatheringState) {
         self.gathering.send_replace(s);
+    }
+    async fn on_ice_connection_state_change(&self, s: RTCIceConnectionState) {
+        self.ice.send_replace(s);
     }
     async fn on_connection_state_change(&self, s: RTCPeerConnectionState) {
         self.state.send_replace(s);
@@ -179,6 +183,8 @@ impl PeerConnectionEventHandler for Handler {
 pub struct Peer {
     pub pc: Arc<dyn PeerConnection>,
     pub gathering: watch::Receiver<RTCIceGatheringState>,
+    /// ICE alone (a path found), before DTLS.
+    pub ice: watch::Receiver<RTCIceConnectionState>,
     pub state: watch::Receiver<RTCPeerConnectionState>,
     pub tracks: mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
     /// GCC target bitrate as `f64::to_bits`.
@@ -260,10 +266,12 @@ pub async fn build(transports: &Transports, bwe_bps: Arc<AtomicU64>) -> Result<P
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
     let (gather_tx, gathering) = watch::channel(RTCIceGatheringState::New);
+    let (ice_tx, ice) = watch::channel(RTCIceConnectionState::New);
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
     let (tracks_tx, tracks) = mpsc::unbounded_channel();
     let handler = Arc::new(Handler {
         gathering: gather_tx,
+        ice: ice_tx,
         state: state_tx,
         tracks: tracks_tx,
     });
@@ -292,6 +300,7 @@ pub async fn build(transports: &Transports, bwe_bps: Arc<AtomicU64>) -> Result<P
     Ok(Peer {
         pc: Arc::new(pc),
         gathering,
+        ice,
         state,
         tracks,
         bwe_bps,

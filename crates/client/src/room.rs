@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::peer_connection::{
-    PeerConnection, RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionState,
-    RTCSessionDescription, RTCStatsReportEntry, StatsSelector,
+    PeerConnection, RTCIceCandidateInit, RTCIceConnectionState, RTCIceGatheringState,
+    RTCPeerConnectionState, RTCSessionDescription, RTCStatsReportEntry, StatsSelector,
 };
 
 use crate::control::{self, ChairResult, Requests};
@@ -209,20 +209,35 @@ struct Session {
     pc: Arc<dyn PeerConnection>,
     outbox: mpsc::UnboundedSender<ClientMessage>,
     flushed: Option<tokio::sync::oneshot::Receiver<()>>,
+    ice: watch::Receiver<RTCIceConnectionState>,
     state: watch::Receiver<RTCPeerConnectionState>,
     _tasks: Tasks,
 }
 
 impl Session {
-    /// Waits until the media path is up; false after `limit`.
-    async fn wait_media(&self, limit: Duration) -> bool {
-        let mut state = self.state.clone();
-        tokio::time::timeout(
-            limit,
-            state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+    /// Whether a media path comes up: ICE must find one within `ice_limit` (else the
+    /// transport is blocked), and DTLS then has until [`MEDIA_LIMIT`] (on a lossy, slow link
+    /// its retransmissions take seconds).
+    async fn wait_media(&self, ice_limit: Duration) -> bool {
+        let (mut ice, mut state) = (self.ice.clone(), self.state.clone());
+        let found = tokio::time::timeout(
+            ice_limit,
+            ice.wait_for(|s| {
+                matches!(
+                    s,
+                    RTCIceConnectionState::Connected | RTCIceConnectionState::Completed
+                )
+            }),
         )
         .await
-        .is_ok_and(|r| r.is_ok())
+        .is_ok_and(|r| r.is_ok());
+        found
+            && tokio::time::timeout(
+                MEDIA_LIMIT.saturating_sub(ice_limit),
+                state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Ends this connection. With `leave` the server is told first, and given the time to
@@ -261,8 +276,12 @@ impl Drop for Session {
     }
 }
 
-/// How long a site waits for media over UDP before joining again over ICE-TCP only.
+/// How long a site waits for ICE to find a path over UDP before joining again over ICE-TCP
+/// only.
 pub const UDP_GRACE: Duration = Duration::from_secs(6);
+
+/// How long the media path (ICE and DTLS) may take in all, as the server allows.
+const MEDIA_LIMIT: Duration = Duration::from_secs(18);
 
 /// How long one reconnect attempt may wait for the server's TCP handshake before trying again
 /// (a SYN lost in an outage is otherwise retried by the kernel only after 1, 3, 7 s…).
@@ -1089,6 +1108,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         pc,
         outbox: sig.outbox,
         flushed: Some(sig.flushed),
+        ice: peer.ice.clone(),
         state: peer.state.clone(),
         _tasks: tasks,
     })
