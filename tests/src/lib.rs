@@ -167,6 +167,39 @@ impl StderrLines {
     }
 }
 
+/// Adds `join` and what every test site passes to `diemcau-cli`: the server, the site, the
+/// room, no speaker, and how many seconds to stay.
+pub fn cli_join_args<'c>(
+    cmd: &'c mut std::process::Command,
+    url: &str,
+    site: &str,
+    room: &str,
+    duration: &str,
+) -> &'c mut std::process::Command {
+    cmd.args([
+        "join",
+        "--server",
+        url,
+        "--site",
+        site,
+        "--room",
+        room,
+        "--speaker",
+        "none",
+        "--duration",
+        duration,
+    ])
+}
+
+/// The entry for `site` in a `diemcau-cli join --report json` report's `received` list;
+/// panics, showing the report, when there is none.
+pub fn received_from<'a>(report: &'a serde_json::Value, site: &str) -> &'a serde_json::Value {
+    report["received"]
+        .as_array()
+        .and_then(|r| r.iter().find(|x| x["site"] == site))
+        .unwrap_or_else(|| panic!("nothing received from {site}: {report}"))
+}
+
 /// The real `diemcau-server --dev` binary on a free loopback port, and its `ws://` address.
 pub fn spawn_dev_server() -> (Proc, String) {
     spawn_server(&["--dev", "--listen", "127.0.0.1:0"])

@@ -5,7 +5,7 @@
 //! milliseconds), and is delayed by a fixed one-way delay plus jitter (without reordering).
 //! The shape of each direction can be changed while the link runs.
 //!
-//! Topology: the namespace has `10.S.0.2` on `dcNa`, the machine `10.S.0.1` on `dcNb`;
+//! Topology: the namespace has `10.S.0.2` on `dlNa`, the machine `10.S.0.1` on `dlNb`;
 //! a server listening on `10.S.0.1` is reached from inside only through the emulator.
 
 use std::collections::VecDeque;
@@ -14,10 +14,12 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use crate::netns::{run, Namespace};
 
 /// How one direction of the link behaves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,7 +69,7 @@ struct Direction {
 
 /// A namespace behind an emulated link. Dropped: threads stopped, namespace deleted.
 pub struct EmulatedLink {
-    pub name: String,
+    ns: Namespace,
     /// The machine's address (listen here).
     pub host_ip: String,
     pub ns_ip: String,
@@ -75,22 +77,6 @@ pub struct EmulatedLink {
     down: Arc<Direction>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    host_if: String,
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} does not start ({e})"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Opens a TUN device named `name` (no packet information header), non-blocking.
@@ -222,25 +208,17 @@ fn carry(
 impl EmulatedLink {
     /// Makes the namespace, the two TUN devices and the threads (needs root).
     pub fn create() -> EmulatedLink {
-        let k = (std::process::id() % 150) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
-        let name = format!("dl{k}");
-        let (ns_if, host_if) = (format!("dl{k}a"), format!("dl{k}b"));
+        let ns = Namespace::create("dl", "b");
+        let k = ns.index;
+        let (ns_if, host_if) = (format!("dl{k}a"), ns.host_if.clone());
         let subnet = format!("10.{}.{}", 200 + k / 256 % 50, k % 256);
         let (host_ip, ns_ip) = (format!("{subnet}.1"), format!("{subnet}.2"));
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
         let a = Arc::new(open_tun(&ns_if));
         let b = Arc::new(open_tun(&host_if));
-        run("ip", &["netns", "add", &name]);
-        run("ip", &["link", "set", &ns_if, "netns", &name]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &name];
-            all.extend_from_slice(args);
-            run("ip", &all);
-        };
-        inside(&["ip", "addr", "add", &ns_ip, "peer", &host_ip, "dev", &ns_if]);
-        inside(&["ip", "link", "set", &ns_if, "up"]);
-        inside(&["ip", "link", "set", "lo", "up"]);
+        run("ip", &["link", "set", &ns_if, "netns", &ns.name]);
+        ns.inside(&["ip", "addr", "add", &ns_ip, "peer", &host_ip, "dev", &ns_if]);
+        ns.inside(&["ip", "link", "set", &ns_if, "up"]);
+        ns.inside(&["ip", "link", "set", "lo", "up"]);
         run(
             "ip",
             &["addr", "add", &host_ip, "peer", &ns_ip, "dev", &host_if],
@@ -258,14 +236,13 @@ impl EmulatedLink {
         threads.extend(carry(a.clone(), b.clone(), up.clone(), stop.clone()));
         threads.extend(carry(b, a, down.clone(), stop.clone()));
         EmulatedLink {
-            name,
+            ns,
             host_ip,
             ns_ip,
             up,
             down,
             stop,
             threads,
-            host_if,
         }
     }
 
@@ -290,9 +267,7 @@ impl EmulatedLink {
 
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+        self.ns.command(program)
     }
 }
 
@@ -302,11 +277,6 @@ impl Drop for EmulatedLink {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
+        // The namespace and the machine-side TUN device go with `Namespace`.
     }
 }

@@ -9,22 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A namespace `dcN` joined to the machine by veth `dcNh` (machine side, `host_ip`) and
-/// `dcNn` (inside, `ns_ip`). Deleted on drop, with its link and rules.
-#[derive(Debug)]
-pub struct NetNs {
-    pub name: String,
-    host_if: String,
-    ns_if: String,
-    /// The machine's address on the link (a server listening here is reached through it).
-    pub host_ip: String,
-    /// The namespace's address.
-    pub ns_ip: String,
-    /// Rules this link put in the machine's own INPUT chain (taken out on drop).
-    host_rules: std::sync::Mutex<Vec<Vec<String>>>,
-}
-
-fn run(program: &str, args: &[&str]) {
+/// Runs a command and checks it worked.
+pub(crate) fn run(program: &str, args: &[&str]) {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -37,76 +23,32 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-impl NetNs {
-    /// Makes the namespace and its link (needs root, as the tests run here and in CI).
-    pub fn create() -> NetNs {
+/// A network namespace made for a test, `{prefix}N` with `N` unique per process and call,
+/// and the name of the interface on the machine's side that leads into it (`{prefix}N` and
+/// a suffix; the caller makes that interface). Both are deleted on drop; what a killed run
+/// left under the same names is deleted first.
+#[derive(Debug)]
+pub struct Namespace {
+    pub name: String,
+    /// `N`, for addresses and the other interface names.
+    pub index: u32,
+    pub host_if: String,
+}
+
+impl Namespace {
+    pub fn create(prefix: &str, host_if_suffix: &str) -> Namespace {
         // Unique per process and per call, so parallel test binaries never collide.
         let k = (std::process::id() % 150) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
-        let name = format!("dc{k}");
-        let (host_if, ns_if) = (format!("dc{k}h"), format!("dc{k}n"));
-        let subnet = format!("10.{}.{}", 100 + k / 256, k % 256);
-        let ns = NetNs {
-            host_ip: format!("{subnet}.1"),
-            ns_ip: format!("{subnet}.2"),
-            name,
-            host_if,
-            ns_if,
-            host_rules: Default::default(),
+        let ns = Namespace {
+            name: format!("{prefix}{k}"),
+            index: k,
+            host_if: format!("{prefix}{k}{host_if_suffix}"),
         };
-        // A namespace, link or INPUT rule left by a killed run with the same name goes first.
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         let _ = Command::new("ip")
             .args(["link", "del", &ns.host_if])
             .output();
-        if let Ok(out) = Command::new("iptables").args(["-S", "INPUT"]).output() {
-            let marker = format!("-i {} ", ns.host_if);
-            for rule in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some(spec) = rule.strip_prefix("-A INPUT ") {
-                    if format!("{spec} ").contains(&marker) {
-                        let _ = Command::new("iptables")
-                            .args(["-D", "INPUT"])
-                            .args(spec.split_whitespace())
-                            .output();
-                    }
-                }
-            }
-        }
         run("ip", &["netns", "add", &ns.name]);
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &ns.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &ns.ns_if,
-            ],
-        );
-        run("ip", &["link", "set", &ns.ns_if, "netns", &ns.name]);
-        run(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", ns.host_ip),
-                "dev",
-                &ns.host_if,
-            ],
-        );
-        run("ip", &["link", "set", &ns.host_if, "up"]);
-        ns.inside(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/24", ns.ns_ip),
-            "dev",
-            &ns.ns_if,
-        ]);
-        ns.inside(&["ip", "link", "set", &ns.ns_if, "up"]);
-        ns.inside(&["ip", "link", "set", "lo", "up"]);
         ns
     }
 
@@ -123,6 +65,102 @@ impl NetNs {
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the interfaces in it (for a veth pair, both ends).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// A namespace `dcN` joined to the machine by veth `dcNh` (machine side, `host_ip`) and
+/// `dcNn` (inside, `ns_ip`). Deleted on drop, with its link and rules.
+#[derive(Debug)]
+pub struct NetNs {
+    ns: Namespace,
+    ns_if: String,
+    /// The machine's address on the link (a server listening here is reached through it).
+    pub host_ip: String,
+    /// The namespace's address.
+    pub ns_ip: String,
+    /// Rules this link put in the machine's own INPUT chain (taken out on drop).
+    host_rules: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+impl NetNs {
+    /// Makes the namespace and its link (needs root, as the tests run here and in CI).
+    pub fn create() -> NetNs {
+        let ns = Namespace::create("dc", "h");
+        let k = ns.index;
+        let subnet = format!("10.{}.{}", 100 + k / 256, k % 256);
+        let (host_if, ns_if) = (ns.host_if.clone(), format!("dc{k}n"));
+        // An INPUT rule left by a killed run for this link goes first.
+        if let Ok(out) = Command::new("iptables").args(["-S", "INPUT"]).output() {
+            let marker = format!("-i {host_if} ");
+            for rule in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(spec) = rule.strip_prefix("-A INPUT ") {
+                    if format!("{spec} ").contains(&marker) {
+                        let _ = Command::new("iptables")
+                            .args(["-D", "INPUT"])
+                            .args(spec.split_whitespace())
+                            .output();
+                    }
+                }
+            }
+        }
+        let ns = NetNs {
+            host_ip: format!("{subnet}.1"),
+            ns_ip: format!("{subnet}.2"),
+            ns,
+            ns_if,
+            host_rules: Default::default(),
+        };
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &ns.ns_if,
+            ],
+        );
+        run("ip", &["link", "set", &ns.ns_if, "netns", &ns.ns.name]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", ns.host_ip),
+                "dev",
+                &host_if,
+            ],
+        );
+        run("ip", &["link", "set", &host_if, "up"]);
+        ns.inside(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", ns.ns_ip),
+            "dev",
+            &ns.ns_if,
+        ]);
+        ns.inside(&["ip", "link", "set", &ns.ns_if, "up"]);
+        ns.inside(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace and checks it worked.
+    pub fn inside(&self, args: &[&str]) {
+        self.ns.inside(args);
+    }
+
+    /// A command that will run `program` inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        self.ns.command(program)
+    }
 
     /// Adds (`true`) or removes an iptables rule for packets coming in: inside the namespace
     /// (the site's downlink) and in the machine's INPUT chain for packets from this link
@@ -133,7 +171,7 @@ impl NetNs {
         let mut inside = vec!["iptables", op, "INPUT"];
         inside.extend_from_slice(rule);
         self.inside(&inside);
-        let mut host: Vec<String> = ["INPUT", "-i", &self.host_if]
+        let mut host: Vec<String> = ["INPUT", "-i", &self.ns.host_if]
             .iter()
             .chain(rule)
             .map(|s| s.to_string())
@@ -166,17 +204,12 @@ impl NetNs {
 }
 
 impl Drop for NetNs {
+    /// Takes this link's rules out of the machine's INPUT chain; the namespace and the veth
+    /// pair go with `Namespace`.
     fn drop(&mut self) {
         let rules = std::mem::take(&mut *self.host_rules.lock().unwrap_or_else(|e| e.into_inner()));
         for r in rules {
             let _ = Command::new("iptables").arg("-D").args(r).output();
         }
-        // Deleting the namespace deletes its end of the veth pair, and with it the other.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
     }
 }

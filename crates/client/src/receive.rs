@@ -15,7 +15,7 @@ use bytes::Bytes;
 use diemcau_media::playout::Mixer;
 use diemcau_media::stamp::site_tag;
 use diemcau_media::synthetic::{detect_tone, VideoCheck, TONE_STEPS};
-use diemcau_media::{now_us, AudioDecoder, VideoDecoder};
+use diemcau_media::{now_us, AudioDecoder, VideoDecoder, AUDIO_FRAME_SAMPLES};
 use diemcau_protocol::{MediaKind, SiteId};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
@@ -25,9 +25,6 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::PeerConnection;
 
 use crate::assemble::H264Assembler;
-
-/// RTP ticks in one 20 ms Opus frame (48 kHz clock).
-const AUDIO_FRAME_TICKS: u32 = 960;
 use crate::RoomEvent;
 
 /// What was received from one remote site.
@@ -44,6 +41,7 @@ pub struct SiteCounters {
     pub audio_concealed: u64,
     /// Decoded pictures by size ("layer").
     pub layers: BTreeMap<(usize, usize), u64>,
+    /// The size of the last picture (a change is a `VideoLayer` event).
     pub last_size: Option<(usize, usize)>,
     /// Time from the start of the join to this site's first verified picture.
     pub first_verified: Option<Duration>,
@@ -160,7 +158,8 @@ pub async fn run_track(
             };
             // The last packet's RTP timestamp per site on this slot, and whether it was a DTX
             // (silence) packet. The server renumbers what it forwards, so loss before it shows
-            // only in the timestamps: one 20 ms frame is 960 ticks.
+            // only in the timestamps: Opus's RTP clock is its 48 kHz sample rate, so a frame
+            // is AUDIO_FRAME_SAMPLES ticks.
             let mut last: Option<(SiteId, u32, bool)> = None;
             while let Some(ev) = track.poll().await {
                 match ev {
@@ -186,7 +185,7 @@ pub async fn run_track(
                                     // had.
                                     continue;
                                 }
-                                (d as u32 / AUDIO_FRAME_TICKS).saturating_sub(1)
+                                (d as u32 / AUDIO_FRAME_SAMPLES as u32).saturating_sub(1)
                             }
                             _ => 0,
                         };
@@ -194,7 +193,8 @@ pub async fn run_track(
                         // The frame just before this packet is in its in-band FEC (when the
                         // sender put it there); older ones are gone. Gaps of a second or more
                         // are outages, not loss to repair.
-                        let rebuilt = if (1..50).contains(&gap) {
+                        let loss = (1..50).contains(&gap);
+                        let rebuilt = if loss {
                             dec.recover(&pkt.payload).ok()
                         } else {
                             None
@@ -220,11 +220,7 @@ pub async fn run_track(
                                 detect_tone(r) == Some((s + TONE_STEPS - 1) % TONE_STEPS)
                             })
                         }));
-                        let concealed = if (1..50).contains(&gap) {
-                            u64::from(gap) - repaired
-                        } else {
-                            0
-                        };
+                        let concealed = if loss { u64::from(gap) - repaired } else { 0 };
                         let level = crate::publish::level_dbfs(&pcm);
                         let mut sites = remote.sites.lock().expect("site counters lock poisoned");
                         let c = sites.entry(site).or_default();

@@ -313,7 +313,7 @@ fn worth_retrying(e: &ClientError) -> bool {
     }
 }
 
-/// Whether the server's connection is lost and coming back can be tried.
+/// Tells the supervisor that connection `id` is lost (unless the site has left).
 fn lost(shared: &Shared, id: u64, why: &str) {
     if !shared.closed.load(Ordering::Relaxed) {
         let _ = shared.lost.send((id, why.to_string()));
@@ -488,51 +488,49 @@ impl Room {
         }
 
         // Capture and encoding run for the whole meeting, whatever connection carries them.
-        if send_video {
-            let source: Option<Box<dyn VideoSource>> = match options.video {
-                VideoInput::Synthetic { width, height, fps } => Some(Box::new(
-                    SyntheticCamera::new(width, height, fps, &options.site)
-                        .map_err(|e| ClientError::Device(e.vi()))?,
-                )),
-                VideoInput::Camera {
-                    index,
-                    width,
-                    height,
-                    fps,
-                } => match Camera::open(index, width as u32, height as u32, fps) {
-                    Ok(c) => Some(Box::new(c)),
-                    Err(e) => {
-                        let _ = err_tx.send(format!(
-                            "Không mở được camera: {} Đang gửi hình mẫu thử thay thế.",
-                            e.vi()
-                        ));
-                        Some(Box::new(
-                            SyntheticCamera::new(640, 360, 15, &options.site)
-                                .map_err(|e| ClientError::Device(e.vi()))?,
-                        ))
-                    }
-                },
-                VideoInput::None => None,
-            };
-            if let Some(source) = source {
-                info!("video: {}", source.describe());
-                let site = options.site.clone();
-                let fallback: publish::VideoFallback = Box::new(move || {
-                    SyntheticCamera::new(640, 360, 15, &site)
-                        .map(|c| Box::new(c) as Box<dyn VideoSource>)
-                });
-                threads.push(publish::spawn_video_thread(
-                    source,
-                    Some(fallback),
-                    options.max_video_bitrate_bps,
-                    shared.bwe_bps.clone(),
-                    shared.capture_control.clone(),
-                    shared.counters.clone(),
-                    video_tx,
-                    err_tx.clone(),
-                    options.deliver_video.then(|| events_tx.clone()),
-                ));
-            }
+        let source: Option<Box<dyn VideoSource>> = match options.video {
+            VideoInput::Synthetic { width, height, fps } => Some(Box::new(
+                SyntheticCamera::new(width, height, fps, &options.site)
+                    .map_err(|e| ClientError::Device(e.vi()))?,
+            )),
+            VideoInput::Camera {
+                index,
+                width,
+                height,
+                fps,
+            } => match Camera::open(index, width as u32, height as u32, fps) {
+                Ok(c) => Some(Box::new(c)),
+                Err(e) => {
+                    let _ = err_tx.send(format!(
+                        "Không mở được camera: {} Đang gửi hình mẫu thử thay thế.",
+                        e.vi()
+                    ));
+                    Some(Box::new(
+                        SyntheticCamera::new(640, 360, 15, &options.site)
+                            .map_err(|e| ClientError::Device(e.vi()))?,
+                    ))
+                }
+            },
+            VideoInput::None => None,
+        };
+        if let Some(source) = source {
+            info!("video: {}", source.describe());
+            let site = options.site.clone();
+            let fallback: publish::VideoFallback = Box::new(move || {
+                SyntheticCamera::new(640, 360, 15, &site)
+                    .map(|c| Box::new(c) as Box<dyn VideoSource>)
+            });
+            threads.push(publish::spawn_video_thread(
+                source,
+                Some(fallback),
+                options.max_video_bitrate_bps,
+                shared.bwe_bps.clone(),
+                shared.capture_control.clone(),
+                shared.counters.clone(),
+                video_tx,
+                err_tx.clone(),
+                options.deliver_video.then(|| events_tx.clone()),
+            ));
         }
         if send_audio {
             let source: Option<Box<dyn AudioSource>> = match &options.audio {
@@ -774,17 +772,14 @@ impl Drop for Room {
             .stop
             .store(true, Ordering::Relaxed);
         self.shared.closed.store(true, Ordering::Relaxed);
-        if let Some(s) = self.supervisor.take() {
-            s.abort();
-        }
         let current = self.shared.current.lock().expect("lock poisoned").take();
         if let Some(c) = current {
             let _ = c.outbox.send(ClientMessage::Leave);
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = c.pc.close().await;
-                });
-            }
+        }
+        // The supervisor owns the session: cancelling it drops the session, which closes its
+        // peer connection (`Session`'s `Drop`).
+        if let Some(s) = self.supervisor.take() {
+            s.abort();
         }
     }
 }

@@ -3,37 +3,32 @@
 
 use std::process::{Child, Command, Stdio};
 
-use diemcau_e2e::{workspace_bin, MEDIA};
+use diemcau_e2e::{cli_join_args, received_from, workspace_bin, MEDIA};
 use serde_json::Value;
 
 use diemcau_e2e::spawn_dev_server as start_server;
 
 fn cli_join(url: &str, site: &str, duration: &str, extra: &[&str]) -> Child {
-    Command::new(workspace_bin("diemcau-cli"))
-        .args([
-            "join",
-            "--server",
-            url,
-            "--site",
-            site,
-            "--room",
-            "cli",
-            "--video",
-            "synthetic:320x180@15",
-            "--audio",
-            "synthetic",
-            "--speaker",
-            "none",
-            "--duration",
-            duration,
-            "--report",
-            "json",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("diemcau-cli starts")
+    cli_join_args(
+        &mut Command::new(workspace_bin("diemcau-cli")),
+        url,
+        site,
+        "cli",
+        duration,
+    )
+    .args([
+        "--video",
+        "synthetic:320x180@15",
+        "--audio",
+        "synthetic",
+        "--report",
+        "json",
+    ])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("diemcau-cli starts")
 }
 
 fn report(child: Child) -> (Value, String) {
@@ -69,11 +64,8 @@ async fn cli_sites_report_each_other_in_the_contracted_json() {
         assert_eq!(r["site"], me);
         assert!(r["sent"]["video_frames"].as_u64().unwrap() > 30, "{r}");
         assert!(r["sent"]["audio_frames"].as_u64().unwrap() > 100, "{r}");
-        let received = r["received"].as_array().expect("received is a list");
-        let o = received
-            .iter()
-            .find(|x| x["site"] == other)
-            .unwrap_or_else(|| panic!("{me} lists {other}: {r}"));
+        assert!(r["received"].is_array(), "received is a list: {r}");
+        let o = received_from(r, other);
         for field in ["video_frames", "video_frames_verified", "audio_frames"] {
             assert!(o[field].as_u64().unwrap() > 0, "{field} in {o}");
         }
@@ -117,24 +109,16 @@ async fn an_audio_only_site_hears_and_is_heard_and_receives_no_pictures() {
         .await
         .unwrap();
     assert_eq!(rt["sent"]["video_frames"], 0, "{rt}");
-    let heard = rt["received"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["site"] == "quy-chau")
-        .unwrap_or_else(|| panic!("the audio-only site hears quy-chau: {rt}"));
+    // The audio-only site hears quy-chau.
+    let heard = received_from(&rt, "quy-chau");
     assert!(heard["audio_frames"].as_u64().unwrap() > 100, "{heard}");
     assert_eq!(heard["video_frames"], 0, "no pictures offered: {heard}");
     assert!(
         rf["sent"]["video_frames"].as_u64().unwrap() > 30,
         "the other site did send pictures: {rf}"
     );
-    let from_thin = rf["received"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["site"] == "chau-tien")
-        .unwrap_or_else(|| panic!("quy-chau hears the audio-only site: {rf}"));
+    // quy-chau hears the audio-only site.
+    let from_thin = received_from(&rf, "chau-tien");
     assert!(
         from_thin["audio_frames"].as_u64().unwrap() > 100,
         "{from_thin}"
@@ -178,12 +162,7 @@ async fn sites_rejoin_by_themselves_when_the_server_restarts() {
         .unwrap();
     for (r, other) in [(&ra, "yen-thanh"), (&rb, "quynh-luu")] {
         assert_eq!(r["reconnects"], 1, "{r}");
-        let got = r["received"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["site"] == other)
-            .unwrap_or_else(|| panic!("{other} in {r}"));
+        let got = received_from(r, other);
         // Pictures before the restart and after it: well over what the first connection had
         // when the server went (a few seconds at 15 fps).
         assert!(
@@ -523,10 +502,7 @@ async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
         .await
         .unwrap();
     for (r, other) in [(&ra, "xa-ma-hoa"), (&rb, "xa-bao-mat")] {
-        let o = r["received"]
-            .as_array()
-            .and_then(|v| v.iter().find(|x| x["site"] == other))
-            .unwrap_or_else(|| panic!("nothing from {other}: {r}"));
+        let o = received_from(r, other);
         assert!(o["video_frames_verified"].as_u64().unwrap() > 10, "{o}");
     }
 

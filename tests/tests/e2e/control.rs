@@ -94,18 +94,7 @@ async fn every_chair_command_is_refused_for_other_roles_and_logged() {
         s.leave();
     }
     // The chair may.
-    let mut chair = ControlSession::connect(
-        &server.url(),
-        "nghe-an",
-        room,
-        &dev_token("nghe-an", Role::Chair, room),
-    )
-    .await
-    .unwrap();
-    chair
-        .command(ChairCommand::Lock { locked: true })
-        .await
-        .expect("the chair may lock");
+    let _chair = chair_locks(&server.url(), room).await;
     let entries = audit::read(&log).unwrap();
     for (site, role) in [
         ("tp-vinh-le-loi", "commune"),
@@ -778,6 +767,23 @@ async fn mute_and_camera_off_stop_what_the_others_receive_until_turned_back_on()
     server.stop();
 }
 
+/// The province chair (nghe-an) locks `room` from a control session, kept open.
+async fn chair_locks(url: &str, room: &str) -> ControlSession {
+    let mut chair = ControlSession::connect(
+        url,
+        "nghe-an",
+        room,
+        &dev_token("nghe-an", Role::Chair, room),
+    )
+    .await
+    .unwrap();
+    chair
+        .command(ChairCommand::Lock { locked: true })
+        .await
+        .expect("the chair may lock");
+    chair
+}
+
 /// Waits for the next `site_left` of tp-vinh and returns its reason.
 async fn tp_vinh_left(watcher: &mut Raw) -> LeaveReason {
     watcher
@@ -833,18 +839,7 @@ async fn resume_replaces_a_held_connection_and_re_enters_a_locked_room_only_for_
         "{m:?}"
     );
     // The chair locks the room; tp-vinh's connection drops (not a leave).
-    let mut chair = ControlSession::connect(
-        &server.url(),
-        "nghe-an",
-        room,
-        &dev_token("nghe-an", Role::Chair, room),
-    )
-    .await
-    .unwrap();
-    chair
-        .command(ChairCommand::Lock { locked: true })
-        .await
-        .expect("the chair may lock");
+    let _chair = chair_locks(&server.url(), room).await;
     drop(back);
     // Once the server has seen it go (the others are told), tp-vinh is no longer held: what
     // lets it back in is the record of its drop.

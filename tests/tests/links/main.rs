@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use diemcau_e2e::link::{EmulatedLink, Shape};
 use diemcau_e2e::netns::NetNs;
-use diemcau_e2e::{dev_token, spawn_server, workspace_bin, Proc, StderrLines};
+use diemcau_e2e::{
+    cli_join_args, dev_token, received_from, spawn_server, workspace_bin, Proc, StderrLines,
+};
 use diemcau_protocol::Role;
 use serde_json::Value;
 
@@ -30,31 +32,19 @@ fn site(
     duration: u32,
     extra: &[&str],
 ) -> (Proc, StderrLines) {
-    cmd.args([
-        "join",
-        "--server",
-        url,
-        "--site",
-        site,
-        "--room",
-        ROOM,
-        "--speaker",
-        "none",
-        "--duration",
-        &duration.to_string(),
-    ])
-    .args(extra)
-    .args(if extra.contains(&"--video") {
-        &[][..]
-    } else {
-        &["--video", "synthetic:320x180@15"][..]
-    })
-    .env(
-        "RUST_LOG",
-        std::env::var("SITE_LOG").unwrap_or_else(|_| "info".into()),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cli_join_args(&mut cmd, url, site, ROOM, &duration.to_string())
+        .args(extra)
+        .args(if extra.contains(&"--video") {
+            &[][..]
+        } else {
+            &["--video", "synthetic:320x180@15"][..]
+        })
+        .env(
+            "RUST_LOG",
+            std::env::var("SITE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut p = Proc(cmd.spawn().expect("diemcau-cli starts"));
     let lines = StderrLines::of(&mut p.0);
     (p, lines)
@@ -84,14 +74,6 @@ fn report(p: &mut Proc) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
 }
 
-/// What `report` received from `site`.
-fn from<'a>(report: &'a Value, site: &str) -> &'a Value {
-    report["received"]
-        .as_array()
-        .and_then(|r| r.iter().find(|x| x["site"] == site))
-        .unwrap_or_else(|| panic!("{site} in {report}"))
-}
-
 /// The verified picture count for `site` in one of the CLI's five-second progress lines
 /// ("… nhận xa-a: 70 hình (70 đã kiểm), 250 tiếng").
 fn verified_in(line: &str, site: &str) -> Option<u64> {
@@ -119,7 +101,10 @@ fn with_udp_dropped_by_a_firewall_the_site_joins_over_tcp() {
     assert_eq!(rc["transport"], "tcp", "{rc}");
     assert_eq!(rp["transport"], "udp", "the other site keeps UDP: {rp}");
     // Both ways, after the 6 s spent finding UDP blocked: most of 10+ s at 15 fps verified.
-    let (to_province, to_commune) = (from(&rp, "xa-chau-tien"), from(&rc, "nghe-an"));
+    let (to_province, to_commune) = (
+        received_from(&rp, "xa-chau-tien"),
+        received_from(&rc, "nghe-an"),
+    );
     for r in [to_province, to_commune] {
         assert!(r["video_frames_verified"].as_u64().unwrap() > 120, "{r}");
         assert!(r["audio_frames"].as_u64().unwrap() > 400, "{r}");
@@ -194,7 +179,7 @@ fn a_ten_second_blackout_ends_with_the_site_back_within_3_s_and_its_hand_still_r
         "hand still raised at the end: {rc}"
     );
     assert!(
-        from(&rc, "nghe-an")["video_frames_verified"]
+        received_from(&rc, "nghe-an")["video_frames_verified"]
             .as_u64()
             .unwrap()
             > 200
@@ -280,7 +265,7 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     stop(&province);
     let rp = report(&mut province);
     let (up, down) = link.counts();
-    let got = from(&rp, "xa-chau-tien");
+    let got = received_from(&rp, "xa-chau-tien");
     let sent = rc["sent"]["audio_frames"].as_u64().unwrap() as f64;
     let heard = got["audio_frames"].as_u64().unwrap() as f64;
     let repaired = got["audio_frames_repaired"].as_u64().unwrap() as f64;
