@@ -12,6 +12,7 @@ const COMMANDS: &[&str] = &[
     "leave",
     "set_mic_muted",
     "set_camera_off",
+    "set_sound_only",
     "raise_hand",
     "lower_hand",
     "reply_unmute",

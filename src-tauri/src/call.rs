@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diemcau_client::quality::Quality;
 use diemcau_client::{AudioInput, JoinOptions, Room, RoomEvent, SpeakerOutput, VideoInput};
 use diemcau_protocol::{FloorState, Hand, Role, RollEntry, SiteInfo};
 use serde::Serialize;
@@ -14,33 +15,6 @@ use tracing::{info, warn};
 
 use crate::frames::{self, Pacer};
 use crate::settings::Settings;
-
-/// How the link is doing, for the indicator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Quality {
-    Good,
-    Fair,
-    Poor,
-    /// Nothing to judge yet (no media, or alone in the room).
-    Unknown,
-}
-
-/// Judges the link from what was received since the last look: lost pictures and delay.
-pub fn judge(frames: u64, lost: u64, latency_p95_ms: Option<f64>, tcp: bool) -> Quality {
-    if frames + lost == 0 {
-        return Quality::Unknown;
-    }
-    let loss = lost as f64 / (frames + lost) as f64;
-    let delay = latency_p95_ms.unwrap_or(0.0);
-    if loss > 0.10 || delay > 400.0 {
-        Quality::Poor
-    } else if loss > 0.02 || delay > 150.0 || tcp {
-        Quality::Fair
-    } else {
-        Quality::Good
-    }
-}
 
 /// What the window hears about the meeting (event name `call`).
 #[derive(Debug, Clone, Serialize)]
@@ -73,13 +47,20 @@ pub enum CallEvent {
     RollCall {
         entries: Vec<RollEntry>,
     },
-    /// Twice a second: who is speaking, the mic level, the link.
+    /// Twice a second: who is speaking, the mic level, the transport of the media path.
     Status {
         speaking: Vec<String>,
         mic_dbfs: f32,
-        quality: Quality,
         transport: Option<String>,
-        bitrate_kbps: u64,
+    },
+    /// Every two seconds: this site's link and what arrives from each other site.
+    Quality {
+        #[serde(flatten)]
+        quality: Quality,
+    },
+    /// The link is too thin for pictures: only sound is sent (`paused`), or pictures again.
+    VideoPausedForLink {
+        paused: bool,
     },
     /// Something a person should read (device gone, fallback picture…), in Vietnamese.
     Notice {
@@ -278,6 +259,10 @@ impl Call {
                     ended = reason;
                     break;
                 }
+                RoomEvent::Quality(quality) => emit(CallEvent::Quality { quality }),
+                RoomEvent::VideoPausedForLink { paused } => {
+                    emit(CallEvent::VideoPausedForLink { paused })
+                }
                 RoomEvent::TrackAdded { .. }
                 | RoomEvent::TrackRemoved { .. }
                 | RoomEvent::VideoLayer { .. }
@@ -298,36 +283,20 @@ impl Call {
 
     async fn status(self: Arc<Self>, app: AppHandle, room: std::sync::Weak<Room>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let mut last_seen = (0u64, 0u64);
-        let mut quality = Quality::Unknown;
         let mut transport = None;
-        let mut bitrate_kbps = 0;
         for n in 0u64.. {
             tick.tick().await;
             let Some(room) = room.upgrade() else { break };
             if n % 4 == 0 {
                 let report = room.report().await;
-                let frames: u64 = report.received.iter().map(|r| r.video_frames).sum();
-                let lost: u64 = report.received.iter().map(|r| r.video_frames_lost).sum();
-                let tcp = report.transport.as_deref() == Some("tcp");
-                quality = judge(
-                    frames - last_seen.0.min(frames),
-                    lost - last_seen.1.min(lost),
-                    report.latency_ms.p95,
-                    tcp,
-                );
-                last_seen = (frames, lost);
                 transport = report.transport.clone();
-                bitrate_kbps = report.sent.video_bitrate_bps / 1000;
                 *self.last_report.lock().expect("lock poisoned") =
                     serde_json::to_value(&report).ok();
             }
             let e = CallEvent::Status {
                 speaking: room.speaking(Duration::from_millis(400), -45.0),
                 mic_dbfs: room.mic_level_dbfs(),
-                quality,
                 transport: transport.clone(),
-                bitrate_kbps,
             };
             if app.emit("call", e).is_err() {
                 break;
@@ -339,16 +308,6 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quality_follows_loss_delay_and_tcp() {
-        assert_eq!(judge(0, 0, None, false), Quality::Unknown);
-        assert_eq!(judge(300, 0, Some(40.0), false), Quality::Good);
-        assert_eq!(judge(300, 0, Some(40.0), true), Quality::Fair);
-        assert_eq!(judge(95, 5, Some(40.0), false), Quality::Fair);
-        assert_eq!(judge(80, 20, Some(40.0), false), Quality::Poor);
-        assert_eq!(judge(300, 0, Some(500.0), false), Quality::Poor);
-    }
 
     #[test]
     fn the_settings_become_join_options() {

@@ -248,6 +248,17 @@ async fn set_camera_off(app: State<'_, App>, off: bool) -> Result<(), String> {
     with_room(&app, |r| r.set_camera_off(off)).await
 }
 
+/// Sound only both ways, for a link too thin for pictures: the camera stops and the server
+/// stops sending the others' pictures (`on`), or both come back.
+#[tauri::command]
+async fn set_sound_only(app: State<'_, App>, on: bool) -> Result<(), String> {
+    with_room(&app, |r| {
+        r.set_camera_off(on);
+        r.set_receive_video(!on);
+    })
+    .await
+}
+
 #[tauri::command]
 async fn raise_hand(app: State<'_, App>) -> Result<(), String> {
     with_room(&app, |r| r.raise_hand()).await
@@ -465,6 +476,7 @@ fn main() {
             leave,
             set_mic_muted,
             set_camera_off,
+            set_sound_only,
             raise_hand,
             lower_hand,
             reply_unmute,

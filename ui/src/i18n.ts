@@ -10,7 +10,7 @@ let lang: Lang = "vi";
 
 export function setLang(l: string | undefined): void {
   lang = l === "en" ? "en" : "vi";
-  document.documentElement.lang = lang;
+  if (typeof document !== "undefined") document.documentElement.lang = lang;
 }
 
 export function currentLang(): Lang {

@@ -4,6 +4,7 @@ import { listen } from "@tauri-apps/api/event";
 import { setLang, t, translate } from "./i18n";
 import { buildTree, type Node, type Site } from "./roster";
 import { parseFrame, TileRenderer } from "./video";
+import { linkDetails, siteDetails, type Quality } from "./quality";
 
 interface Settings {
   server?: string | null;
@@ -66,14 +67,9 @@ type CallEvent =
   | { type: "floor"; state: FloorState }
   | { type: "ask_unmute"; by: string }
   | { type: "roll_call"; entries: RollEntry[] }
-  | {
-      type: "status";
-      speaking: string[];
-      mic_dbfs: number;
-      quality: "good" | "fair" | "poor" | "unknown";
-      transport: string | null;
-      bitrate_kbps: number;
-    }
+  | { type: "status"; speaking: string[]; mic_dbfs: number; transport: string | null }
+  | ({ type: "quality" } & Quality)
+  | { type: "video_paused_for_link"; paused: boolean }
   | { type: "notice"; message: string }
   | { type: "error"; message: string; fatal: boolean }
   | { type: "reconnecting"; reason: string }
@@ -103,6 +99,10 @@ let speaking = new Set<string>();
 let floor: FloorState | null = null;
 let muted = false;
 let cameraOff = false;
+/** Sound only both ways (the person chose it for a thin link). */
+let soundOnly = false;
+/** The transport of the media path, from the last status. */
+let transport: string | null = null;
 let handUp = false;
 let layout: "gallery" | "speaker" = "gallery";
 let inCall = false;
@@ -477,6 +477,9 @@ function renderControls(): void {
   $("mute").classList.toggle("off", muted);
   $("camera").textContent = cameraOff ? t("call.cameraOn") : t("call.cameraOff");
   $("camera").classList.toggle("off", cameraOff);
+  $("camera").toggleAttribute("disabled", soundOnly);
+  $("sound-only").textContent = soundOnly ? t("call.soundAndVideo") : t("call.soundOnly");
+  $("sound-only").classList.toggle("active", soundOnly);
   $("raise").textContent = handUp ? t("call.lower") : t("call.raise");
   // The chair gives the floor; it does not ask for it.
   $("raise").hidden = role === "chair";
@@ -523,6 +526,16 @@ $("mute").onclick = async () => {
 $("camera").onclick = async () => {
   const want = !cameraOff;
   if (await act("set_camera_off", { off: want })) cameraOff = want;
+  $("self-tile").classList.toggle("off", cameraOff);
+  renderControls();
+};
+$("sound-only").onclick = async () => {
+  const want = !soundOnly;
+  if (await act("set_sound_only", { on: want })) {
+    soundOnly = want;
+    cameraOff = want;
+    if (want) notice(t("call.soundOnlyOn"));
+  }
   $("self-tile").classList.toggle("off", cameraOff);
   renderControls();
 };
@@ -604,13 +617,26 @@ function onCall(e: CallEvent): void {
       const now = new Set(e.speaking);
       const changed = now.size !== speaking.size || [...now].some((s) => !speaking.has(s));
       speaking = now;
-      const q = $("quality");
-      q.dataset.q = e.quality;
-      q.textContent = t(`quality.${e.quality}` as "quality.good");
-      q.title = `${e.transport ?? ""} ${e.bitrate_kbps} kbit/s`;
+      transport = e.transport;
       if (!changed) return;
       break;
     }
+    case "quality": {
+      const q = $("quality");
+      q.dataset.q = e.grade;
+      q.textContent = t(`quality.${e.grade}`);
+      q.title = linkDetails(e, transport);
+      for (const s of e.sites) {
+        const x = tiles.get(s.site);
+        if (!x) continue;
+        x.el.dataset.q = s.grade;
+        x.el.title = siteDetails(s);
+      }
+      return;
+    }
+    case "video_paused_for_link":
+      notice(t(e.paused ? "call.videoPausedForLink" : "call.videoBackForLink"));
+      return;
     case "reconnecting":
       // The engine joins again by itself; the pictures resume when it is back.
       progress(t("join.reconnecting"));
@@ -646,7 +672,7 @@ async function join(): Promise<void> {
   try {
     await invoke("join", { frames: frameChannel() });
     inCall = true;
-    muted = cameraOff = handUp = false;
+    muted = cameraOff = handUp = soundOnly = false;
     speaking = new Set();
     $("self-tile").classList.remove("off");
     show("call");
@@ -675,6 +701,7 @@ function endCall(): void {
   roll = [];
   renderChair();
   $("where").textContent = "";
+  $("quality").textContent = "";
   progress(t("call.ended"));
   show("prejoin");
   void startPreview();

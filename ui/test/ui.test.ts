@@ -3,6 +3,8 @@ import vi from "../src/locales/vi.json";
 import en from "../src/locales/en.json";
 import { buildTree, readable } from "../src/roster";
 import { i420ToRgba, parseFrame } from "../src/video";
+import { linkDetails, siteDetails, type Quality } from "../src/quality";
+import { setLang } from "../src/i18n";
 
 function frame(w: number, h: number, site: string, kind = 1): ArrayBuffer {
   const id = new TextEncoder().encode(site);
@@ -91,5 +93,36 @@ describe("locales", () => {
   it("keep Vietnamese diacritics", () => {
     expect(vi["prejoin.join"]).toBe("Tham gia");
     expect(vi["call.raise"]).toContain("Giơ tay");
+  });
+});
+
+describe("quality indicator", () => {
+  const q: Quality = {
+    rtt_ms: 152.4,
+    uplink_loss_pct: 4.96,
+    estimate_bps: 240000,
+    send_bps: 231400,
+    send_size: [320, 180],
+    reduced: true,
+    video_paused: false,
+    grade: "fair",
+    sites: [{ site: "xa-a", recv_bps: 48000, audio_loss_pct: 12.5, size: null, grade: "poor" }],
+  };
+
+  it("says the link's figures in Vietnamese", () => {
+    setLang("vi");
+    expect(linkDetails(q, "udp")).toBe("trễ 152 ms · mất 5.0% gói · gửi 231 kbit/s · 320x180 · UDP");
+    expect(linkDetails({ ...q, video_paused: true, rtt_ms: null, uplink_loss_pct: null }, null)).toBe(
+      "gửi 231 kbit/s · chỉ gửi tiếng",
+    );
+    expect(siteDetails(q.sites[0])).toBe("Kết nối kém — nhận 48 kbit/s · mất 13% tiếng");
+  });
+
+  it("and in English", () => {
+    setLang("en");
+    expect(siteDetails({ ...q.sites[0], audio_loss_pct: null, size: [640, 360], grade: "good" })).toMatch(
+      /receiving 48 kbit\/s · 640x360$/,
+    );
+    setLang("vi");
   });
 });

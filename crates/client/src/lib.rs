@@ -23,6 +23,7 @@ pub mod assemble;
 pub mod control;
 pub mod peer;
 pub mod publish;
+pub mod quality;
 pub mod receive;
 pub mod report;
 pub mod room;
@@ -178,4 +179,12 @@ pub enum RoomEvent {
     Disconnected {
         reason: String,
     },
+    /// The link became too thin for pictures: sound only is sent (`paused`), or it has
+    /// recovered and pictures are sent again.
+    VideoPausedForLink {
+        paused: bool,
+    },
+    /// This site's link and what arrives from each other site, every
+    /// [`quality::QUALITY_EVERY`].
+    Quality(quality::Quality),
 }

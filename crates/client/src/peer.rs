@@ -68,10 +68,37 @@ pub fn opus_codec() -> RTCRtpCodec {
     }
 }
 
-/// Wraps the GCC estimator so its target is readable outside the interceptor chain.
+/// Loss from the congestion controller's feedback, for the quality figures (the round trip
+/// comes from ICE's checks on the selected pair: this GCC does not measure it).
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Of what was sent, the share lost, in parts per million, plus one (0 until known).
+    loss_ppm: AtomicU64,
+}
+
+impl LinkStats {
+    /// Percent.
+    pub fn loss_pct(&self) -> Option<f64> {
+        match self.loss_ppm.load(Ordering::Relaxed) {
+            0 => None,
+            p => Some((p - 1) as f64 / 10_000.0),
+        }
+    }
+
+    fn record(&self, stats: &EstimatorStats) {
+        if let Some(loss) = stats.packet_loss {
+            let ppm = (loss.clamp(0.0, 1.0) * 1e6) as u64;
+            self.loss_ppm.store(ppm + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Wraps the GCC estimator so its target and loss are readable outside the
+/// interceptor chain.
 struct ReportingEstimator<E: BandwidthEstimator> {
     inner: E,
     target: Arc<AtomicU64>,
+    link: Arc<LinkStats>,
 }
 
 impl<E: BandwidthEstimator> ReportingEstimator<E> {
@@ -85,6 +112,7 @@ impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
         self.inner.on_reports(now, reports);
         self.publish();
+        self.link.record(&self.inner.stats());
     }
     fn target_bitrate(&self) -> f64 {
         self.inner.target_bitrate()
@@ -201,8 +229,12 @@ pub struct Transports {
 }
 
 /// Builds a peer connection whose congestion controller writes its estimate into `bwe_bps`
-/// (kept by the room across reconnects).
-pub async fn build(transports: &Transports, bwe_bps: Arc<AtomicU64>) -> Result<Peer, ClientError> {
+/// and the loss it sees into `link` (both kept by the room across reconnects).
+pub async fn build(
+    transports: &Transports,
+    bwe_bps: Arc<AtomicU64>,
+    link: Arc<LinkStats>,
+) -> Result<Peer, ClientError> {
     let mut me = MediaEngine::default();
     me.register_codec(
         RTCRtpCodecParameters {
@@ -251,6 +283,7 @@ pub async fn build(transports: &Transports, bwe_bps: Arc<AtomicU64>) -> Result<P
             BWE_MAX_BPS,
         ),
         target: bwe_bps.clone(),
+        link,
     };
     let registry = configure_congestion_control(
         Registry::new(),

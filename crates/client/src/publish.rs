@@ -37,11 +37,30 @@ pub struct SendCounters {
     pub video_keyframes: AtomicU64,
     pub video_bytes: AtomicU64,
     pub audio_frames: AtomicU64,
+    pub audio_bytes: AtomicU64,
     pub keyframe_requests: AtomicU64,
     /// Current encoder bitrate (bps).
     pub video_bitrate: AtomicU64,
     /// The spatial layer being sent: the divisor of the source's size (0 before the first).
     pub video_layer: AtomicU64,
+    /// The size of the pictures being sent, `width << 32 | height` (0 before the first).
+    pub video_size: AtomicU64,
+    /// Times video was paused because the link was too thin for it.
+    pub video_pauses: AtomicU64,
+    /// Milliseconds spent paused for the link, pauses that ended.
+    pub video_paused_ms: AtomicU64,
+    /// Video is paused for the link right now.
+    pub video_paused: AtomicBool,
+}
+
+impl SendCounters {
+    /// The size of the pictures being sent, if any were.
+    pub fn video_size(&self) -> Option<(usize, usize)> {
+        match self.video_size.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(((v >> 32) as usize, (v & 0xffff_ffff) as usize)),
+        }
+    }
 }
 
 /// Shared controls between the room, the capture threads (video and audio) and the writer
@@ -139,6 +158,100 @@ pub fn layer_for(
     best
 }
 
+fn pack_size(w: usize, h: usize) -> u64 {
+    (w as u64) << 32 | h as u64
+}
+
+/// Below this estimate video is paused (after [`PAUSE_AFTER`]): the link carries sound only.
+pub const PAUSE_BELOW_BPS: f64 = 100_000.0;
+/// Video comes back when the estimate has stayed at or above this for the resume hold.
+pub const RESUME_ABOVE_BPS: f64 = 170_000.0;
+/// How long the estimate must stay low before video is paused.
+pub const PAUSE_AFTER: Duration = Duration::from_secs(3);
+/// The first resume hold; it doubles (to [`RESUME_HOLD_MAX`]) each time video had to be
+/// paused again soon after coming back, and is reset by a minute without a pause.
+pub const RESUME_HOLD: Duration = Duration::from_secs(3);
+pub const RESUME_HOLD_MAX: Duration = Duration::from_secs(48);
+/// A pause this soon after a resume means the resume was premature.
+const RELAPSE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Audio first: decides from the send-side estimate when video is paused so sound keeps the
+/// whole of a link too thin for both, and when it comes back.
+///
+/// While paused only sound is sent, and GCC keeps raising its estimate as long as the sound
+/// gets through undelayed; a resume that overloads the link again is a relapse, and each one
+/// doubles how long the estimate must hold before the next try, so a link that stays thin is
+/// probed ever more rarely instead of stalling the sound every few seconds.
+#[derive(Debug, Clone)]
+pub struct VideoGate {
+    paused: bool,
+    /// Since when the estimate has been on the other side of the threshold.
+    since: Option<Instant>,
+    hold: Duration,
+    resumed_at: Option<Instant>,
+}
+
+impl Default for VideoGate {
+    fn default() -> Self {
+        VideoGate {
+            paused: false,
+            since: None,
+            hold: RESUME_HOLD,
+            resumed_at: None,
+        }
+    }
+}
+
+impl VideoGate {
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// How long the estimate must now hold above [`RESUME_ABOVE_BPS`] for video to resume.
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    /// Folds in the estimate at `now`; returns the new state when it changes.
+    pub fn update(&mut self, now: Instant, estimate_bps: f64) -> Option<bool> {
+        let crossing = if self.paused {
+            estimate_bps >= RESUME_ABOVE_BPS
+        } else {
+            estimate_bps < PAUSE_BELOW_BPS
+        };
+        if !crossing {
+            self.since = None;
+            if !self.paused
+                && self
+                    .resumed_at
+                    .is_some_and(|t| now.saturating_duration_since(t) > 2 * RELAPSE_WITHIN)
+            {
+                self.hold = RESUME_HOLD;
+                self.resumed_at = None;
+            }
+            return None;
+        }
+        let since = *self.since.get_or_insert(now);
+        let wait = if self.paused { self.hold } else { PAUSE_AFTER };
+        if now.saturating_duration_since(since) < wait {
+            return None;
+        }
+        self.since = None;
+        self.paused = !self.paused;
+        if self.paused {
+            if self
+                .resumed_at
+                .is_some_and(|t| now.saturating_duration_since(t) <= RELAPSE_WITHIN)
+            {
+                self.hold = (self.hold * 2).min(RESUME_HOLD_MAX);
+            }
+        } else {
+            self.resumed_at = Some(now);
+        }
+        Some(self.paused)
+    }
+}
+
 /// Runs the video capture/encode loop until `control.stop`.
 /// Opens the source used when the camera goes away (the labelled test pattern).
 pub type VideoFallback = Box<dyn FnOnce() -> Result<Box<dyn VideoSource>, SourceError> + Send>;
@@ -153,7 +266,8 @@ pub fn spawn_video_thread(
     counters: Arc<SendCounters>,
     out: mpsc::Sender<Encoded>,
     errors: mpsc::UnboundedSender<String>,
-    self_view: Option<mpsc::UnboundedSender<crate::RoomEvent>>,
+    events: mpsc::UnboundedSender<crate::RoomEvent>,
+    self_view: bool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("video-capture".into())
@@ -174,11 +288,20 @@ pub fn spawn_video_thread(
                 .video_bitrate
                 .store(u64::from(start_bps), Ordering::Relaxed);
             counters.video_layer.store(1, Ordering::Relaxed);
+            {
+                let (w, h) = source.size();
+                counters
+                    .video_size
+                    .store(pack_size(w, h), Ordering::Relaxed);
+            }
             let duration = Duration::from_secs_f64(1.0 / f64::from(fps.max(1)));
             let mut was_off = false;
             // The layer being sent, and whether the source draws it itself.
             let mut divisor = 1;
             let mut native = true;
+            let mut gate = VideoGate::default();
+            // When the current pause began, and the paused time before it (ms).
+            let mut paused_at: Option<(Instant, u64)> = None;
             while !control.stop.load(Ordering::Relaxed) {
                 if control.camera_off.load(Ordering::Relaxed) {
                     was_off = true;
@@ -204,6 +327,10 @@ pub fn spawn_video_thread(
                                 ));
                                 source = s;
                                 native = source.scale_down(divisor);
+                                let (w, h) = source.size();
+                                counters
+                                    .video_size
+                                    .store(pack_size(w / divisor, h / divisor), Ordering::Relaxed);
                                 continue;
                             }
                             Err(e2) => {
@@ -217,10 +344,35 @@ pub fn spawn_video_thread(
                         return;
                     }
                 };
-                let target = video_share(
-                    f64::from_bits(bwe_bps.load(Ordering::Relaxed)),
-                    max_bitrate_bps,
-                );
+                let estimate = f64::from_bits(bwe_bps.load(Ordering::Relaxed));
+                if let Some(paused) = gate.update(Instant::now(), estimate) {
+                    info!(estimate, hold = ?gate.hold(), paused, "video paused for the link");
+                    counters.video_paused.store(paused, Ordering::Relaxed);
+                    if paused {
+                        counters.video_pauses.fetch_add(1, Ordering::Relaxed);
+                        paused_at = Some((
+                            Instant::now(),
+                            counters.video_paused_ms.load(Ordering::Relaxed),
+                        ));
+                    } else {
+                        paused_at = None;
+                        control.force_keyframe.store(true, Ordering::Relaxed);
+                    }
+                    let _ = events.send(crate::RoomEvent::VideoPausedForLink { paused });
+                }
+                if let Some((at, before)) = paused_at {
+                    counters
+                        .video_paused_ms
+                        .store(before + at.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    // Sound only: the picture still shows in the self view.
+                    if self_view {
+                        let _ = events.send(crate::RoomEvent::LocalFrame {
+                            picture: Arc::new(frame.picture),
+                        });
+                    }
+                    continue;
+                }
+                let target = video_share(estimate, max_bitrate_bps);
                 let layer = layer_for(target, source.size(), fps, divisor, max_bitrate_bps);
                 if layer != divisor {
                     // A new size: a fresh encoder, whose first picture is a keyframe.
@@ -241,6 +393,9 @@ pub fn spawn_video_thread(
                             counters
                                 .video_layer
                                 .store(divisor as u64, Ordering::Relaxed);
+                            counters
+                                .video_size
+                                .store(pack_size(w / layer, h / layer), Ordering::Relaxed);
                             counters
                                 .video_bitrate
                                 .store(u64::from(target), Ordering::Relaxed);
@@ -293,8 +448,8 @@ pub fn spawn_video_thread(
                     }
                 }
                 // The picture is done with once encoded: the self view takes it, no copy.
-                if let Some(view) = &self_view {
-                    let _ = view.send(crate::RoomEvent::LocalFrame {
+                if self_view {
+                    let _ = events.send(crate::RoomEvent::LocalFrame {
                         picture: Arc::new(frame.picture),
                     });
                 }
@@ -428,6 +583,7 @@ pub async fn write_track(
             }
         } else {
             counters.audio_frames.fetch_add(1, Ordering::Relaxed);
+            counters.audio_bytes.fetch_add(len, Ordering::Relaxed);
         }
     }
 }
@@ -492,7 +648,8 @@ mod tests {
             Arc::new(SendCounters::default()),
             tx,
             etx,
-            None,
+            mpsc::unbounded_channel().0,
+            false,
         );
         let mut frames = 0;
         while frames < 10 {
@@ -527,6 +684,46 @@ mod tests {
         assert_eq!(layer_for(200_000, hd, 30, 1, 1_500_000), 4);
         // A 320x180 camera has no lower layer.
         assert_eq!(layer_for(10_000, (320, 180), 15, 1, 1_500_000), 1);
+    }
+
+    #[test]
+    fn video_pauses_on_a_thin_link_and_resumes_with_a_growing_hold() {
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut g = VideoGate::default();
+        // A dip shorter than PAUSE_AFTER does nothing.
+        assert_eq!(g.update(at(0.0), 90_000.0), None);
+        assert_eq!(g.update(at(2.0), 90_000.0), None);
+        assert_eq!(g.update(at(2.5), 150_000.0), None);
+        assert_eq!(g.update(at(3.0), 90_000.0), None);
+        assert_eq!(g.update(at(5.9), 90_000.0), None);
+        assert_eq!(g.update(at(6.0), 90_000.0), Some(true), "3 s below");
+        assert!(g.paused());
+        // Between the thresholds: stays paused.
+        assert_eq!(g.update(at(20.0), 150_000.0), None);
+        assert_eq!(g.update(at(21.0), 180_000.0), None);
+        assert_eq!(g.update(at(24.0), 180_000.0), Some(false), "held 3 s");
+        // Paused again within 30 s: a premature resume; the next hold is 6 s.
+        assert_eq!(g.update(at(30.0), 80_000.0), None);
+        assert_eq!(g.update(at(33.0), 80_000.0), Some(true));
+        assert_eq!(g.hold(), Duration::from_secs(6));
+        assert_eq!(g.update(at(34.0), 200_000.0), None);
+        assert_eq!(g.update(at(39.0), 200_000.0), None);
+        assert_eq!(g.update(at(40.0), 200_000.0), Some(false));
+        // Holds double up to the cap.
+        let mut t = 40.0;
+        for _ in 0..8 {
+            g.update(at(t + 1.0), 80_000.0);
+            assert_eq!(g.update(at(t + 4.0), 80_000.0), Some(true));
+            t += 4.0;
+            g.update(at(t + 0.5), 200_000.0);
+            t += 0.5 + g.hold().as_secs_f64();
+            assert_eq!(g.update(at(t), 200_000.0), Some(false));
+        }
+        assert_eq!(g.hold(), RESUME_HOLD_MAX);
+        // A minute without a pause resets the hold.
+        assert_eq!(g.update(at(t + 61.0), 500_000.0), None);
+        assert_eq!(g.hold(), RESUME_HOLD);
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct SiteCounters {
     pub audio_repaired: u64,
     /// Lost sound frames that could not be rebuilt (concealed by the decoder).
     pub audio_concealed: u64,
+    /// Media payload received (bytes), sound and pictures.
+    pub bytes: u64,
     /// Decoded pictures by size ("layer").
     pub layers: BTreeMap<(usize, usize), u64>,
     /// The size of the last picture (a change is a `VideoLayer` event).
@@ -175,6 +177,7 @@ pub async fn run_track(
                             continue;
                         }
                         let ts = pkt.header.timestamp;
+                        let bytes = pkt.payload.len() as u64;
                         // Frames missing before this one (0 when none).
                         let gap = match &last {
                             // After silence (DTX) the sender skips frames on purpose.
@@ -233,6 +236,7 @@ pub async fn run_track(
                             c.audio_loud_at = Some(Instant::now());
                         }
                         c.audio_frames += 1;
+                        c.bytes += bytes;
                         c.audio_repaired += repaired;
                         c.audio_concealed += concealed;
                         if tone {
@@ -266,6 +270,7 @@ fn decode_video(
         let Some(site) = remote.site_of(&mid) else {
             continue;
         };
+        let bytes = data.len() as u64;
         let picture = match dec.decode(&data) {
             Ok(Some(p)) => p,
             Ok(None) => continue,
@@ -285,6 +290,7 @@ fn decode_video(
         let verified = {
             let mut sites = remote.sites.lock().expect("site counters lock poisoned");
             let c = sites.entry(site.clone()).or_default();
+            c.bytes += bytes;
             let ok = c
                 .video
                 .check(&picture, now, Some(site_tag(&site)), remote.psnr_every)

@@ -24,6 +24,12 @@ pub struct Sent {
     /// The spatial layer sent when leaving: the divisor of the source's size (1 = full).
     #[serde(default)]
     pub video_layer: u64,
+    /// Times pictures were paused because the link was too thin (sound only meanwhile).
+    #[serde(default)]
+    pub video_pauses: u64,
+    /// Time spent so paused (ms).
+    #[serde(default)]
+    pub video_paused_ms: u64,
 }
 
 /// What arrived from one remote site.
@@ -52,6 +58,9 @@ pub struct Received {
     pub psnr_db: Option<f64>,
     /// From the start of the join to this site's first verified picture.
     pub first_verified_ms: Option<f64>,
+    /// Media payload received from the site over the stay, on average (bps).
+    #[serde(default)]
+    pub bitrate_bps: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -82,6 +91,12 @@ pub struct Report {
     /// Times the site joined again by itself after a lost connection.
     #[serde(default)]
     pub reconnects: u64,
+    /// Round trip to the server last measured (ICE checks on the media path).
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    /// Of what this site sent, the share the server reported lost (smoothed, percent).
+    #[serde(default)]
+    pub uplink_loss_pct: Option<f64>,
     /// The hand queue as this site last saw it.
     pub hand_queue: Vec<Hand>,
     /// The floor as this site last saw it.

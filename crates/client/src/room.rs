@@ -5,7 +5,7 @@
 //! `offer` → `answer` → media. After that a room task turns server messages into
 //! [`RoomEvent`]s and keeps the slot map the receive tasks read.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,7 @@ use webrtc::peer_connection::{
 use crate::control::{self, ChairResult, Requests};
 use crate::peer::{self, Transports};
 use crate::publish::{self, CaptureControl, Encoded, SendCounters};
+use crate::quality::{self, Grade, Quality, SiteSample, QUALITY_EVERY};
 use crate::receive::{self, Remote};
 use crate::report::{Latency, Received, Report, Sent};
 use crate::signal;
@@ -160,6 +161,13 @@ struct Shared {
     counters: Arc<SendCounters>,
     capture_control: Arc<CaptureControl>,
     bwe_bps: Arc<AtomicU64>,
+    /// Loss the congestion controller sees on the uplink.
+    link: Arc<peer::LinkStats>,
+    /// The person wants the others' pictures (false: sound only, see
+    /// [`Room::set_receive_video`]); told to every new connection.
+    receive_video: AtomicBool,
+    /// The round trip last measured (µs, 0 before the first).
+    last_rtt_us: AtomicU64,
     /// Encoded pictures and sound from the capture threads, read by the current connection.
     video_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
     audio_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
@@ -425,6 +433,9 @@ impl Room {
             counters: Arc::new(SendCounters::default()),
             capture_control: Arc::new(CaptureControl::default()),
             bwe_bps: Arc::new(AtomicU64::new(peer::BWE_INITIAL_BPS.to_bits())),
+            link: Arc::new(peer::LinkStats::default()),
+            receive_video: AtomicBool::new(options.receive_video),
+            last_rtt_us: AtomicU64::new(0),
             video_in: send_video.then(|| Arc::new(AsyncMutex::new(video_rx))),
             audio_in: send_audio.then(|| Arc::new(AsyncMutex::new(audio_rx))),
             sites_seen: Mutex::new(BTreeSet::new()),
@@ -529,7 +540,8 @@ impl Room {
                 shared.counters.clone(),
                 video_tx,
                 err_tx.clone(),
-                options.deliver_video.then(|| events_tx.clone()),
+                events_tx.clone(),
+                options.deliver_video,
             ));
         }
         if send_audio {
@@ -557,6 +569,7 @@ impl Room {
             }
         }
 
+        tasks.push(tokio::spawn(report_quality(shared.clone())));
         let stop = Arc::new(Notify::new());
         let supervisor = tokio::spawn(supervise(shared.clone(), session, lost_rx, stop.clone()));
         Ok((
@@ -611,6 +624,7 @@ impl Room {
                 (site.clone(), sizes)
             })
             .collect();
+        let duration_s = shared.started.elapsed().as_secs_f64();
         let received: Vec<Received> = sites
             .into_iter()
             .map(|(site, c)| {
@@ -634,6 +648,7 @@ impl Room {
                     latency_ms: latency(&c.video.latencies_us),
                     psnr_db: c.video.mean_psnr(),
                     first_verified_ms: c.first_verified.map(|d| d.as_secs_f64() * 1000.0),
+                    bitrate_bps: (c.bytes as f64 * 8.0 / duration_s.max(1e-3)) as u64,
                 }
             })
             .collect();
@@ -644,7 +659,7 @@ impl Room {
             site: shared.options.site.clone(),
             room: shared.options.room.clone(),
             server: shared.url.clone(),
-            duration_s: shared.started.elapsed().as_secs_f64(),
+            duration_s,
             transport,
             sent: Sent {
                 video_frames: ld(&shared.counters.video_frames),
@@ -654,6 +669,8 @@ impl Room {
                 keyframe_requests: ld(&shared.counters.keyframe_requests),
                 video_bitrate_bps: ld(&shared.counters.video_bitrate),
                 video_layer: ld(&shared.counters.video_layer),
+                video_pauses: ld(&shared.counters.video_pauses),
+                video_paused_ms: ld(&shared.counters.video_paused_ms),
             },
             received,
             latency_ms: latency(&all_lat),
@@ -675,6 +692,11 @@ impl Room {
             layers_received,
             audio_frames_concealed,
             reconnects: ld(&shared.reconnects),
+            rtt_ms: match ld(&shared.last_rtt_us) {
+                0 => None,
+                us => Some(us as f64 / 1000.0),
+            },
+            uplink_loss_pct: shared.link.loss_pct(),
             hand_queue: meeting.hands,
             floor: meeting.floor,
         }
@@ -707,6 +729,18 @@ impl Room {
             .capture_control
             .mic_muted
             .store(muted, Ordering::Relaxed);
+    }
+
+    /// Sound only from the others (`false`) or their pictures too. The server stops sending
+    /// this site pictures, which frees a thin downlink; kept across reconnects. (Sending is
+    /// [`Room::set_camera_off`].)
+    pub fn set_receive_video(&self, on: bool) {
+        if !self.shared.options.receive_video {
+            // Joined audio-only: there are no picture slots to turn on.
+            return;
+        }
+        self.shared.receive_video.store(on, Ordering::Relaxed);
+        self.send(ClientMessage::ReceiveVideo { on });
     }
 
     /// Stops (or resumes) reading and sending the camera.
@@ -913,13 +947,16 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         .expect("lock poisoned")
         .extend(sites.iter().map(|s| s.id.clone()));
     let _ = shared.events.send(RoomEvent::Joined { you, role, sites });
+    if options.receive_video && !shared.receive_video.load(Ordering::Relaxed) {
+        let _ = sig.outbox.send(ClientMessage::ReceiveVideo { on: false });
+    }
 
     let transports = Transports {
         udp: shared.udp.load(Ordering::Relaxed),
         tcp: options.tcp,
         bind_ip: bind_ip_for(url),
     };
-    let mut peer = peer::build(&transports, shared.bwe_bps.clone()).await?;
+    let mut peer = peer::build(&transports, shared.bwe_bps.clone(), shared.link.clone()).await?;
     let pc = peer.pc.clone();
     let sendonly = || {
         Some(RTCRtpTransceiverInit {
@@ -1241,21 +1278,104 @@ fn without_udp_candidates(sdp: &str) -> String {
 
 /// "udp" or "tcp" for the nominated candidate pair.
 async fn selected_transport(pc: &Arc<dyn PeerConnection>) -> Option<String> {
+    selected_pair(pc).await.and_then(|(t, _)| t)
+}
+
+/// The transport ("udp"/"tcp") and last measured round trip (ICE checks) of the candidate
+/// pair carrying the media.
+async fn selected_pair(pc: &Arc<dyn PeerConnection>) -> Option<(Option<String>, Option<Duration>)> {
     let report = pc.get_stats(Instant::now(), StatsSelector::None).await;
     // The pair carrying the media: nominated if the stack marks it, else the busiest.
     let pair = report
         .candidate_pairs()
-        .max_by_key(|p| (p.nominated, p.bytes_received))?
-        .local_candidate_id
-        .clone();
+        .max_by_key(|p| (p.nominated, p.bytes_received))?;
+    let rtt = (pair.current_round_trip_time > 0.0)
+        .then(|| Duration::from_secs_f64(pair.current_round_trip_time));
+    let local = pair.local_candidate_id.clone();
     // Candidate entries are keyed "RTCLocalIceCandidate_<pair's local_candidate_id>".
     let protocol = report.iter().find_map(|e| match e {
-        RTCStatsReportEntry::LocalCandidate(c) if c.stats.id.ends_with(pair.as_str()) => {
+        RTCStatsReportEntry::LocalCandidate(c) if c.stats.id.ends_with(local.as_str()) => {
             Some(c.protocol.to_ascii_lowercase())
         }
         _ => None,
     });
-    protocol
+    Some((protocol, rtt))
+}
+
+/// Works out [`Quality`] every [`QUALITY_EVERY`] for the whole meeting, and keeps the last
+/// round trip for the report.
+async fn report_quality(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(QUALITY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sent_bytes = |c: &SendCounters| {
+        c.video_bytes.load(Ordering::Relaxed) + c.audio_bytes.load(Ordering::Relaxed)
+    };
+    let mut before = (
+        Instant::now(),
+        sent_bytes(&shared.counters),
+        BTreeMap::new(),
+    );
+    loop {
+        tick.tick().await;
+        let pc = shared
+            .current
+            .lock()
+            .expect("lock poisoned")
+            .as_ref()
+            .map(|c| c.pc.clone());
+        let rtt = match pc {
+            Some(pc) => selected_pair(&pc).await.and_then(|(_, rtt)| rtt),
+            // Reconnecting: no figures, the reconnect events say what is going on.
+            None => continue,
+        };
+        if let Some(rtt) = rtt {
+            shared
+                .last_rtt_us
+                .store(rtt.as_micros() as u64, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        let samples: BTreeMap<SiteId, SiteSample> = shared
+            .remote
+            .sites
+            .lock()
+            .expect("lock poisoned")
+            .iter()
+            .map(|(site, c)| {
+                let top = c.layers.keys().copied().max_by_key(|&(w, h)| w * h);
+                let sample = SiteSample {
+                    bytes: c.bytes,
+                    audio_frames: c.audio_frames,
+                    audio_lost: c.audio_repaired + c.audio_concealed,
+                    size: c.last_size,
+                    top,
+                };
+                (site.clone(), sample)
+            })
+            .collect();
+        let dt = now - before.0;
+        let sent = sent_bytes(&shared.counters);
+        let counters = &shared.counters;
+        let sending_video =
+            shared.video_in.is_some() && !shared.capture_control.camera_off.load(Ordering::Relaxed);
+        let send_size = sending_video.then(|| counters.video_size()).flatten();
+        let reduced = sending_video && counters.video_layer.load(Ordering::Relaxed) > 1;
+        let video_paused = sending_video && counters.video_paused.load(Ordering::Relaxed);
+        let uplink_loss_pct = shared.link.loss_pct();
+        let quality = Quality {
+            rtt_ms: rtt.map(|r| r.as_secs_f64() * 1000.0),
+            uplink_loss_pct,
+            estimate_bps: f64::from_bits(shared.bwe_bps.load(Ordering::Relaxed)) as u64,
+            send_bps: (sent.saturating_sub(before.1) as f64 * 8.0 / dt.as_secs_f64().max(1e-3))
+                as u64,
+            send_size,
+            reduced,
+            video_paused,
+            grade: Grade::of(uplink_loss_pct, rtt, reduced, video_paused),
+            sites: quality::sites_between(&before.2, &samples, dt),
+        };
+        before = (now, sent, samples);
+        let _ = shared.events.send(RoomEvent::Quality(quality));
+    }
 }
 
 #[cfg(test)]

@@ -130,6 +130,12 @@ pub enum ClientMessage {
     RequestKeyframe {
         site: SiteId,
     },
+    /// Whether to receive the other sites' pictures (default on). Off, the server empties
+    /// this site's video slots (a `slots` message follows) and sends it sound only, for a
+    /// downlink too thin for pictures; on again, the slots fill and keyframes are asked for.
+    ReceiveVideo {
+        on: bool,
+    },
     /// Liveness probe; answered with `pong`.
     Ping {
         #[serde(default)]
@@ -374,6 +380,7 @@ const CLIENT_TYPES: &[&str] = &[
     "enroll",
     "offer",
     "request_keyframe",
+    "receive_video",
     "ping",
     "leave",
     "raise_hand",
@@ -499,6 +506,33 @@ mod tests {
             ClientMessage::decode(&big).unwrap_err().code(),
             ErrorCode::TooLarge
         );
+    }
+
+    #[test]
+    fn every_client_message_kind_decodes() {
+        let msgs = vec![
+            ClientMessage::Enroll {
+                v: PROTOCOL_VERSION,
+                room: "r".into(),
+                site: "s".into(),
+                secret: "k".into(),
+            },
+            ClientMessage::RaiseHand,
+            ClientMessage::LowerHand,
+            ClientMessage::Chair {
+                id: 1,
+                command: ChairCommand::MuteAll,
+            },
+            ClientMessage::UnmuteReply { accept: true },
+            ClientMessage::Offer { sdp: "v=0".into() },
+            ClientMessage::RequestKeyframe { site: "s".into() },
+            ClientMessage::ReceiveVideo { on: false },
+            ClientMessage::Ping { id: 3 },
+            ClientMessage::Leave,
+        ];
+        for m in msgs {
+            assert_eq!(ClientMessage::decode(&m.encode()), Ok(m));
+        }
     }
 
     #[test]

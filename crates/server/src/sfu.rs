@@ -77,6 +77,10 @@ pub enum Command {
         conn: ConnId,
         site: String,
     },
+    ReceiveVideo {
+        conn: ConnId,
+        on: bool,
+    },
     Leave {
         conn: ConnId,
         reason: LeaveReason,
@@ -99,6 +103,8 @@ pub enum Command {
 pub struct Stats {
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
+    /// Of `frames_out`, the pictures (video RTP payloads).
+    pub video_frames_out: AtomicU64,
     pub bytes_out: AtomicU64,
     pub datagrams_in: AtomicU64,
     pub datagrams_out: AtomicU64,
@@ -159,6 +165,8 @@ struct Peer {
     last_keyframe_request: Option<Instant>,
     /// A keyframe request that came inside the throttle gap, sent when the gap ends.
     keyframe_pending: Option<KeyframeRequestKind>,
+    /// The site asked for sound only (`receive_video` off): its video slots stay empty.
+    video_off: bool,
 }
 
 impl Peer {
@@ -447,6 +455,16 @@ impl Engine {
                     self.request_keyframe(t, KeyframeRequestKind::Pli);
                 }
             }
+            Command::ReceiveVideo { conn, on } => {
+                if let Some(p) = self.peers.get_mut(&conn) {
+                    if p.video_off == on {
+                        p.video_off = !on;
+                        info!(site = %p.site.id, on, "receive video");
+                        let room = p.room.clone();
+                        self.reassign(&room, WireKind::Video);
+                    }
+                }
+            }
             Command::Leave { conn, reason } => self.remove(conn, reason),
             Command::TcpOpened { peer, tx } => {
                 self.tcp.insert(peer, tx);
@@ -617,6 +635,7 @@ impl Engine {
                 audio_bytes: 0,
                 last_keyframe_request: None,
                 keyframe_pending: None,
+                video_off: false,
             },
         );
         self.audit_entry(&room, &site, Some(role), from, "join", None, Ok(()));
@@ -1299,6 +1318,9 @@ impl Engine {
                     return Ok(());
                 };
                 stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                if kind == WireKind::Video {
+                    stats.video_frames_out.fetch_add(1, Ordering::Relaxed);
+                }
                 stats.bytes_out.fetch_add(len, Ordering::Relaxed);
                 w.write(pt, wallclock, time, data)
             });
@@ -1344,9 +1366,10 @@ impl Engine {
             let Some(s) = self.peers.get_mut(sub) else {
                 continue;
             };
+            let sound_only = kind == WireKind::Video && s.video_off;
             let cands: Vec<slots::Candidate<ConnId>> = publishers
                 .iter()
-                .filter(|(m, _)| m != sub)
+                .filter(|(m, _)| m != sub && !sound_only)
                 .map(|(m, score)| slots::Candidate {
                     key: *m,
                     score: *score,

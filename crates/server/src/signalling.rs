@@ -342,6 +342,9 @@ where
             ClientMessage::RequestKeyframe { site } => {
                 let _ = engine.send(Command::RequestKeyframe { conn, site });
             }
+            ClientMessage::ReceiveVideo { on } => {
+                let _ = engine.send(Command::ReceiveVideo { conn, on });
+            }
             ClientMessage::RaiseHand => {
                 let _ = engine.send(Command::RaiseHand { conn });
             }

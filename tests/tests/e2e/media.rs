@@ -239,3 +239,72 @@ async fn a_site_whose_udp_is_blocked_falls_back_to_ice_tcp_by_itself() {
     );
     server.stop();
 }
+
+/// Sound only on request, mid-meeting: once a site turns the others' pictures off the server
+/// forwards it none (its counter stops while sound keeps arriving), and once it turns them on
+/// again pictures come back, verified, from a fresh keyframe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_can_stop_and_restart_receiving_pictures_mid_meeting() {
+    let _guard = MEDIA.lock().await;
+    let server = dev_server().await;
+    let (a, _a_events) = join(&server, "nghe-an", "chi-tieng").await;
+    // The listener sends no pictures, so every picture the server forwards is one to it.
+    let mut opts = diemcau_client::JoinOptions::synthetic("quy-chau", "chi-tieng");
+    opts.video = diemcau_client::VideoInput::None;
+    let (b, _b_events) = diemcau_client::Room::connect(&server.url(), opts)
+        .await
+        .expect("quy-chau joins");
+    until_verified(&b, &["nghe-an"], Duration::from_secs(20)).await;
+    let pictures_out = || {
+        server
+            .stats
+            .video_frames_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let heard = |r: &Report| from(r, "nghe-an").audio_frames;
+
+    b.set_receive_video(false);
+    // Pictures stop: wait for two quiet seconds (at 15 fps a working stream sends 30).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut last, mut since) = (pictures_out(), tokio::time::Instant::now());
+    let heard_before = heard(&b.report().await);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = pictures_out();
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server still forwards pictures to a site that asked for sound only"
+        );
+    }
+    let off = b.report().await;
+    assert!(
+        heard(&off) > heard_before + 75,
+        "sound keeps coming while pictures are off: {} → {}",
+        heard_before,
+        heard(&off)
+    );
+
+    b.set_receive_video(true);
+    let verified_off = from(&off, "nghe-an").video_frames_verified;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = b.report().await;
+        if from(&r, "nghe-an").video_frames_verified >= verified_off + 15 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pictures did not come back after turning them on: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(pictures_out() > last, "the server forwards pictures again");
+    a.leave().await;
+    b.leave().await;
+    server.stop();
+}

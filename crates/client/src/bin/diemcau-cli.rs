@@ -594,6 +594,7 @@ async fn join(args: JoinArgs) -> ExitCode {
     // Ctrl-C (SIGINT) or SIGTERM ends the meeting early, report and all.
     let stop = stop_signal();
     tokio::pin!(stop);
+    let mut last_grade = None;
     loop {
         tokio::select! {
             _ = &mut deadline => break,
@@ -663,6 +664,15 @@ async fn join(args: JoinArgs) -> ExitCode {
                     }
                     RoomEvent::Reconnected { after } => eprintln!(
                         "[{}] Đã kết nối lại sau {} ms", target.site, after.as_millis()),
+                    RoomEvent::VideoPausedForLink { paused: true } => eprintln!(
+                        "[{}] Đường truyền quá yếu: tạm dừng gửi hình, vẫn giữ tiếng", target.site),
+                    RoomEvent::VideoPausedForLink { paused: false } => eprintln!(
+                        "[{}] Đường truyền đã tốt lên: gửi hình trở lại", target.site),
+                    // Told when the grade changes, not every two seconds.
+                    RoomEvent::Quality(q) if last_grade != Some(q.grade) => {
+                        last_grade = Some(q.grade);
+                        eprintln!("[{}] Chất lượng đường truyền: {} ({})", target.site, q.grade.vi(), q.vi());
+                    }
                     RoomEvent::Disconnected { reason } => {
                         eprintln!("[{}] Mất kết nối với máy chủ ({reason})", target.site);
                         lost = true;

@@ -1,0 +1,244 @@
+//! Link quality as a person sees it: this site's own link (round trip, loss the server
+//! reported, what is being sent and at which size, whether video is paused for the link) and
+//! what arrives from each other site (bitrate, sound lost, picture size), each graded good,
+//! fair or poor. The room works it out every [`QUALITY_EVERY`] from the counters it already
+//! keeps and sends it as [`crate::RoomEvent::Quality`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use diemcau_protocol::SiteId;
+use serde::{Deserialize, Serialize};
+
+/// How often a [`Quality`] is worked out.
+pub const QUALITY_EVERY: Duration = Duration::from_secs(2);
+
+/// How a link does, for a badge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grade {
+    Good,
+    Fair,
+    Poor,
+}
+
+impl Grade {
+    /// The word a person reads.
+    pub fn vi(self) -> &'static str {
+        match self {
+            Grade::Good => "tốt",
+            Grade::Fair => "trung bình",
+            Grade::Poor => "kém",
+        }
+    }
+
+    /// From the measures of a link: loss in percent, round trip, and whether the pictures
+    /// are below their full size or stopped for the link.
+    pub fn of(loss_pct: Option<f64>, rtt: Option<Duration>, reduced: bool, paused: bool) -> Grade {
+        let loss = loss_pct.unwrap_or(0.0);
+        let rtt_ms = rtt.map_or(0, |r| r.as_millis());
+        if paused || loss >= 10.0 || rtt_ms >= 600 {
+            Grade::Poor
+        } else if reduced || loss >= 2.0 || rtt_ms >= 300 {
+            Grade::Fair
+        } else {
+            Grade::Good
+        }
+    }
+}
+
+/// This site's own link to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quality {
+    /// Round trip to the server, from the congestion controller's feedback.
+    pub rtt_ms: Option<f64>,
+    /// Of what this site sent, the share the server reported lost (percent).
+    pub uplink_loss_pct: Option<f64>,
+    /// The congestion controller's estimate of what the uplink carries (bps).
+    pub estimate_bps: u64,
+    /// Sent over the last interval, sound and pictures (bps, payload).
+    pub send_bps: u64,
+    /// The size of the pictures sent (none without video).
+    pub send_size: Option<(usize, usize)>,
+    /// Pictures are sent below the camera's size.
+    pub reduced: bool,
+    /// Video is paused because the link is too thin: sound only.
+    pub video_paused: bool,
+    pub grade: Grade,
+    /// What arrives from each other site.
+    pub sites: Vec<SiteQuality>,
+}
+
+impl Quality {
+    /// The link's figures in one line, in Vietnamese.
+    pub fn vi(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(rtt) = self.rtt_ms {
+            parts.push(format!("trễ {rtt:.0} ms"));
+        }
+        if let Some(loss) = self.uplink_loss_pct {
+            parts.push(format!("mất {loss:.1} % gói"));
+        }
+        parts.push(format!("gửi {} kbit/s", self.send_bps / 1000));
+        match (self.video_paused, self.send_size) {
+            (true, _) => parts.push("chỉ gửi tiếng".into()),
+            (false, Some((w, h))) => parts.push(format!("hình {w}x{h}")),
+            (false, None) => {}
+        }
+        parts.join(", ")
+    }
+}
+
+/// What arrives from one other site over the last interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteQuality {
+    pub site: SiteId,
+    /// Received, sound and pictures (bps, payload).
+    pub recv_bps: u64,
+    /// Of its sound frames, the share lost (repaired or not), percent; none when it sent
+    /// no sound in the interval.
+    pub audio_loss_pct: Option<f64>,
+    /// The size of its last picture.
+    pub size: Option<(usize, usize)>,
+    pub grade: Grade,
+}
+
+/// Counters of one site at one moment, for differences between two moments.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SiteSample {
+    pub bytes: u64,
+    pub audio_frames: u64,
+    pub audio_lost: u64,
+    pub size: Option<(usize, usize)>,
+    /// The largest size seen from the site.
+    pub top: Option<(usize, usize)>,
+}
+
+/// The per-site part of a [`Quality`], from two samples `dt` apart.
+pub fn sites_between(
+    before: &BTreeMap<SiteId, SiteSample>,
+    now: &BTreeMap<SiteId, SiteSample>,
+    dt: Duration,
+) -> Vec<SiteQuality> {
+    let secs = dt.as_secs_f64().max(1e-3);
+    now.iter()
+        .map(|(site, n)| {
+            let b = before.get(site).copied().unwrap_or_default();
+            let frames = n.audio_frames.saturating_sub(b.audio_frames);
+            let lost = n.audio_lost.saturating_sub(b.audio_lost);
+            let audio_loss_pct =
+                (frames + lost > 0).then(|| 100.0 * lost as f64 / (frames + lost) as f64);
+            let area = |s: Option<(usize, usize)>| s.map_or(0, |(w, h)| w * h);
+            let reduced = area(n.size) < area(n.top);
+            SiteQuality {
+                site: site.clone(),
+                recv_bps: (n.bytes.saturating_sub(b.bytes) as f64 * 8.0 / secs) as u64,
+                audio_loss_pct,
+                size: n.size,
+                grade: Grade::of(audio_loss_pct, None, reduced, false),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grades_follow_loss_delay_and_pictures() {
+        let ms = Duration::from_millis;
+        assert_eq!(Grade::of(None, None, false, false), Grade::Good);
+        assert_eq!(
+            Grade::of(Some(1.0), Some(ms(80)), false, false),
+            Grade::Good
+        );
+        assert_eq!(
+            Grade::of(Some(5.0), Some(ms(150)), false, false),
+            Grade::Fair
+        );
+        assert_eq!(
+            Grade::of(Some(0.0), Some(ms(350)), false, false),
+            Grade::Fair
+        );
+        assert_eq!(Grade::of(Some(0.0), Some(ms(50)), true, false), Grade::Fair);
+        assert_eq!(
+            Grade::of(Some(12.0), Some(ms(50)), false, false),
+            Grade::Poor
+        );
+        assert_eq!(
+            Grade::of(Some(0.0), Some(ms(700)), false, false),
+            Grade::Poor
+        );
+        assert_eq!(Grade::of(Some(0.0), Some(ms(50)), false, true), Grade::Poor);
+    }
+
+    #[test]
+    fn the_link_reads_in_one_line() {
+        let q = Quality {
+            rtt_ms: Some(151.6),
+            uplink_loss_pct: Some(4.94),
+            estimate_bps: 240_000,
+            send_bps: 231_400,
+            send_size: Some((320, 180)),
+            reduced: true,
+            video_paused: false,
+            grade: Grade::Fair,
+            sites: Vec::new(),
+        };
+        assert_eq!(
+            q.vi(),
+            "trễ 152 ms, mất 4.9 % gói, gửi 231 kbit/s, hình 320x180"
+        );
+        let paused = Quality {
+            rtt_ms: None,
+            uplink_loss_pct: None,
+            video_paused: true,
+            ..q
+        };
+        assert_eq!(paused.vi(), "gửi 231 kbit/s, chỉ gửi tiếng");
+    }
+
+    #[test]
+    fn per_site_rates_and_loss_come_from_differences() {
+        let before = BTreeMap::from([(
+            "xa-a".to_string(),
+            SiteSample {
+                bytes: 10_000,
+                audio_frames: 100,
+                audio_lost: 0,
+                size: Some((640, 360)),
+                top: Some((640, 360)),
+            },
+        )]);
+        let now = BTreeMap::from([
+            (
+                "xa-a".to_string(),
+                SiteSample {
+                    bytes: 60_000,
+                    audio_frames: 195,
+                    audio_lost: 5,
+                    size: Some((320, 180)),
+                    top: Some((640, 360)),
+                },
+            ),
+            (
+                "xa-b".to_string(),
+                SiteSample {
+                    bytes: 8_000,
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let q = sites_between(&before, &now, Duration::from_secs(2));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[0].recv_bps, 200_000);
+        assert_eq!(q[0].audio_loss_pct, Some(5.0));
+        assert_eq!(q[0].size, Some((320, 180)));
+        assert_eq!(q[0].grade, Grade::Fair);
+        // A new site counts from zero; no sound in the interval is no loss figure.
+        assert_eq!(q[1].recv_bps, 32_000);
+        assert_eq!(q[1].audio_loss_pct, None);
+        assert_eq!(q[1].grade, Grade::Good);
+    }
+}
