@@ -159,6 +159,12 @@ impl StderrLines {
         }
     }
 
+    /// Whether any line so far (read or waiting) contains `needle`.
+    pub fn seen(&mut self, needle: &str) -> bool {
+        self.seen.extend(self.rx.try_iter());
+        self.seen.iter().any(|l| l.contains(needle))
+    }
+
     /// Waits up to 20 s for a line containing `needle`.
     pub fn wait_for(&mut self, needle: &str) -> String {
         self.wait(Duration::from_secs(20), &format!("{needle:?}"), |l| {

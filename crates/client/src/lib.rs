@@ -21,6 +21,7 @@
 
 pub mod assemble;
 pub mod control;
+pub mod pacing;
 pub mod peer;
 pub mod publish;
 pub mod quality;

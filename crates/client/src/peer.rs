@@ -2,7 +2,8 @@
 //!
 //! Interceptor chain: NACK generator/responder, RTCP sender/receiver reports, TWCC with the
 //! GCC send-side estimator (its target bitrate is published to the encoder through an
-//! atomic), and, application-most, [`KeyframeRequests`], which hands inbound PLI/FIR to the
+//! atomic), our audio-first pacer ([`crate::pacing`]) in place of webrtc-rs's, and,
+//! application-most, [`KeyframeRequests`], which hands inbound PLI/FIR to the
 //! application so the encoder can answer them with an IDR.
 
 use std::collections::VecDeque;
@@ -12,13 +13,12 @@ use std::time::Instant;
 
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{
-    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, Packet, PacketReport,
-    Registry, Slot, StreamInfo, TaggedPacket,
+    Attribute, BandwidthEstimator, CongestionControlBuilder, EstimatorStats, Gcc, Interceptor,
+    Packet, PacketReport, Registry, Slot, StreamInfo, TaggedPacket, TwccReceiverBuilder,
+    TwccSenderBuilder,
 };
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_congestion_control, register_default_interceptors, CongestionFeedback,
-};
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX,
 };
@@ -27,7 +27,7 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 use tokio::sync::{mpsc, watch};
@@ -38,6 +38,7 @@ use webrtc::peer_connection::{
     RTCIceGatheringState, RTCPeerConnectionState, SettingEngineBuilder,
 };
 
+use crate::pacing::AudioFirstPacer;
 use crate::ClientError;
 
 /// Where the send-side bandwidth estimate starts (bits per second): low enough not to flood a rural uplink's buffer for the first
@@ -285,13 +286,33 @@ pub async fn build(
         target: bwe_bps.clone(),
         link,
     };
-    let registry = configure_congestion_control(
-        Registry::new(),
-        estimator,
-        CongestionFeedback::Twcc,
-        &mut me,
-    )
-    .map_err(ClientError::webrtc)?;
+    // What libwebrtc's congestion control needs from the far end (TWCC feedback and its
+    // header extension), the controller, and our own pacer in place of webrtc-rs's.
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        me.register_feedback(
+            RTCPFeedback {
+                typ: "transport-cc".into(),
+                parameter: String::new(),
+            },
+            kind,
+        );
+        me.register_header_extension(
+            RTCRtpHeaderExtensionCapability {
+                uri: rtc::sdp::extmap::TRANSPORT_CC_URI.to_owned(),
+            },
+            kind,
+            None,
+        )
+        .map_err(ClientError::webrtc)?;
+    }
+    let registry = Registry::new()
+        .with(
+            Slot::CongestionControl,
+            CongestionControlBuilder::new(estimator).build(),
+        )
+        .with(Slot::Pacer, AudioFirstPacer::default())
+        .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+        .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build());
     let registry = register_default_interceptors(registry, &mut me).map_err(ClientError::webrtc)?;
     let registry = registry.with(Slot::from(14_000), KeyframeRequests::default());
 

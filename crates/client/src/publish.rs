@@ -76,7 +76,16 @@ pub struct CaptureControl {
     /// Loudness of the last captured sound frame (dBFS as `f32` bits), muted or not, for
     /// the level meter.
     pub mic_level: AtomicU32,
+    /// The link is too thin for pictures (they are paused): sound is sent at
+    /// [`AUDIO_THIN_BPS`] instead of [`AUDIO_BPS`].
+    pub link_thin: AtomicBool,
 }
+
+/// Opus bitrate for speech on an ordinary link.
+pub const AUDIO_BPS: i32 = 32_000;
+/// Opus bitrate while the link is too thin for pictures: still wideband speech, with room to
+/// spare on a link of 64 kbit/s.
+pub const AUDIO_THIN_BPS: i32 = 20_000;
 
 impl CaptureControl {
     /// Loudness of the last captured sound frame in dBFS (-100 when nothing was captured).
@@ -174,6 +183,13 @@ pub const RESUME_HOLD: Duration = Duration::from_secs(3);
 pub const RESUME_HOLD_MAX: Duration = Duration::from_secs(48);
 /// A pause this soon after a resume means the resume was premature.
 const RELAPSE_WITHIN: Duration = Duration::from_secs(30);
+/// After a resume pictures are on probation this long: they are sent as if the estimate were
+/// no more than [`RESUME_ABOVE_BPS`] (while paused the estimate climbs on sound alone and
+/// says little about pictures), and a low estimate pauses them again after
+/// [`PROBATION_PAUSE_AFTER`] instead of [`PAUSE_AFTER`], so a failed try costs speech a
+/// second or two.
+pub const PROBATION: Duration = Duration::from_secs(8);
+pub const PROBATION_PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 /// Audio first: decides from the send-side estimate when video is paused so sound keeps the
 /// whole of a link too thin for both, and when it comes back.
@@ -207,6 +223,20 @@ impl VideoGate {
         self.paused
     }
 
+    fn on_probation(&self, now: Instant) -> bool {
+        self.resumed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < PROBATION)
+    }
+
+    /// The estimate pictures may use at `now`: capped at [`RESUME_ABOVE_BPS`] on probation.
+    pub fn usable(&self, now: Instant, estimate_bps: f64) -> f64 {
+        if self.on_probation(now) {
+            estimate_bps.min(RESUME_ABOVE_BPS)
+        } else {
+            estimate_bps
+        }
+    }
+
     /// How long the estimate must now hold above [`RESUME_ABOVE_BPS`] for video to resume.
     pub fn hold(&self) -> Duration {
         self.hold
@@ -232,7 +262,13 @@ impl VideoGate {
             return None;
         }
         let since = *self.since.get_or_insert(now);
-        let wait = if self.paused { self.hold } else { PAUSE_AFTER };
+        let wait = if self.paused {
+            self.hold
+        } else if self.on_probation(now) {
+            PROBATION_PAUSE_AFTER
+        } else {
+            PAUSE_AFTER
+        };
         if now.saturating_duration_since(since) < wait {
             return None;
         }
@@ -348,6 +384,7 @@ pub fn spawn_video_thread(
                 if let Some(paused) = gate.update(Instant::now(), estimate) {
                     info!(estimate, hold = ?gate.hold(), paused, "video paused for the link");
                     counters.video_paused.store(paused, Ordering::Relaxed);
+                    control.link_thin.store(paused, Ordering::Relaxed);
                     if paused {
                         counters.video_pauses.fetch_add(1, Ordering::Relaxed);
                         paused_at = Some((
@@ -372,7 +409,7 @@ pub fn spawn_video_thread(
                     }
                     continue;
                 }
-                let target = video_share(estimate, max_bitrate_bps);
+                let target = video_share(gate.usable(Instant::now(), estimate), max_bitrate_bps);
                 let layer = layer_for(target, source.size(), fps, divisor, max_bitrate_bps);
                 if layer != divisor {
                     // A new size: a fresh encoder, whose first picture is a keyframe.
@@ -469,14 +506,22 @@ pub fn spawn_audio_thread(
     std::thread::Builder::new()
         .name("audio-capture".into())
         .spawn(move || {
-            let mut enc = match AudioEncoder::new(32_000) {
+            let mut enc = match AudioEncoder::new(AUDIO_BPS) {
                 Ok(e) => e,
                 Err(e) => {
                     let _ = errors.send(format!("Opus encoder: {e}"));
                     return;
                 }
             };
+            let mut thin = false;
             while !stop.stop.load(Ordering::Relaxed) {
+                if stop.link_thin.load(Ordering::Relaxed) != thin {
+                    thin = !thin;
+                    let bps = if thin { AUDIO_THIN_BPS } else { AUDIO_BPS };
+                    if let Err(e) = enc.set_bitrate(bps) {
+                        warn!("Opus bitrate {bps}: {e}");
+                    }
+                }
                 let frame = match source.read() {
                     Ok(f) => f,
                     Err(e) => {
@@ -703,19 +748,30 @@ mod tests {
         assert_eq!(g.update(at(20.0), 150_000.0), None);
         assert_eq!(g.update(at(21.0), 180_000.0), None);
         assert_eq!(g.update(at(24.0), 180_000.0), Some(false), "held 3 s");
+        // On probation pictures use at most the resume threshold, and a low estimate pauses
+        // them again after a second.
+        assert_eq!(g.usable(at(25.0), 400_000.0), RESUME_ABOVE_BPS);
+        assert_eq!(g.update(at(25.0), 80_000.0), None);
+        assert_eq!(g.update(at(26.0), 80_000.0), Some(true), "1 s on probation");
         // Paused again within 30 s: a premature resume; the next hold is 6 s.
-        assert_eq!(g.update(at(30.0), 80_000.0), None);
-        assert_eq!(g.update(at(33.0), 80_000.0), Some(true));
         assert_eq!(g.hold(), Duration::from_secs(6));
         assert_eq!(g.update(at(34.0), 200_000.0), None);
         assert_eq!(g.update(at(39.0), 200_000.0), None);
         assert_eq!(g.update(at(40.0), 200_000.0), Some(false));
+        // Off probation: the estimate is used as it is, and a dip needs 3 s again.
+        assert_eq!(g.usable(at(48.5), 400_000.0), 400_000.0);
+        assert_eq!(g.update(at(49.0), 80_000.0), None);
+        assert_eq!(g.update(at(51.0), 80_000.0), None);
+        assert_eq!(g.update(at(52.0), 80_000.0), Some(true));
+        assert_eq!(g.hold(), Duration::from_secs(12));
+        assert_eq!(g.update(at(53.0), 200_000.0), None);
+        assert_eq!(g.update(at(65.0), 200_000.0), Some(false));
         // Holds double up to the cap.
-        let mut t = 40.0;
+        let mut t = 65.0;
         for _ in 0..8 {
             g.update(at(t + 1.0), 80_000.0);
-            assert_eq!(g.update(at(t + 4.0), 80_000.0), Some(true));
-            t += 4.0;
+            assert_eq!(g.update(at(t + 2.0), 80_000.0), Some(true));
+            t += 2.0;
             g.update(at(t + 0.5), 200_000.0);
             t += 0.5 + g.hold().as_secs_f64();
             assert_eq!(g.update(at(t), 200_000.0), Some(false));

@@ -27,6 +27,10 @@ use webrtc::peer_connection::PeerConnection;
 use crate::assemble::H264Assembler;
 use crate::RoomEvent;
 
+/// A sound packet further behind the last one than this (RTP ticks, 2 s) is not late but
+/// from a new stream: the site joined again, and its timestamps start somewhere new.
+const LATE_LIMIT: i32 = 2 * 48_000;
+
 /// What was received from one remote site.
 #[derive(Debug, Clone, Default)]
 pub struct SiteCounters {
@@ -179,18 +183,12 @@ pub async fn run_track(
                         let ts = pkt.header.timestamp;
                         let bytes = pkt.payload.len() as u64;
                         // Frames missing before this one (0 when none).
-                        let gap = match &last {
-                            // After silence (DTX) the sender skips frames on purpose.
-                            Some((s, prev, dtx)) if *s == site && !dtx => {
-                                let d = ts.wrapping_sub(*prev) as i32;
-                                if d <= 0 {
-                                    // Late or repeated: already counted as lost, or already
-                                    // had.
-                                    continue;
-                                }
-                                (d as u32 / AUDIO_FRAME_SAMPLES as u32).saturating_sub(1)
-                            }
-                            _ => 0,
+                        let prev = match &last {
+                            Some((s, prev, dtx)) if *s == site => Some((*prev, *dtx)),
+                            _ => None,
+                        };
+                        let Some(gap) = frames_missing(prev, ts) else {
+                            continue;
                         };
                         last = Some((site.clone(), ts, pkt.payload.len() <= 2));
                         // The frame just before this packet is in its in-band FEC (when the
@@ -248,6 +246,30 @@ pub async fn run_track(
                 }
             }
         }
+    }
+}
+
+/// Sound frames missing before a packet with RTP timestamp `ts`, given the last packet's
+/// timestamp from the same site and whether it was silence (DTX); `None` for a late or
+/// repeated packet, to be skipped. Opus's RTP clock is its sample rate, so a frame is
+/// [`AUDIO_FRAME_SAMPLES`] ticks.
+pub fn frames_missing(prev: Option<(u32, bool)>, ts: u32) -> Option<u32> {
+    match prev {
+        // After silence (DTX) the sender skips frames on purpose.
+        Some((prev, false)) => {
+            let d = ts.wrapping_sub(prev) as i32;
+            if d > 0 {
+                Some((d as u32 / AUDIO_FRAME_SAMPLES as u32).saturating_sub(1))
+            } else if d > -LATE_LIMIT {
+                // Late or repeated: already counted as lost, or already had.
+                None
+            } else {
+                // Far behind: the site joined again and its sound starts from a new
+                // timestamp.
+                Some(0)
+            }
+        }
+        _ => Some(0),
     }
 }
 
@@ -328,5 +350,35 @@ fn decode_video(
                 picture: Arc::new(picture),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sound_gaps_come_from_timestamps_and_a_new_stream_is_not_late() {
+        let f = AUDIO_FRAME_SAMPLES as u32;
+        assert_eq!(frames_missing(None, 5), Some(0));
+        assert_eq!(frames_missing(Some((1000, false)), 1000 + f), Some(0));
+        assert_eq!(frames_missing(Some((1000, false)), 1000 + 4 * f), Some(3));
+        // Across the wrap of the 32-bit clock.
+        assert_eq!(frames_missing(Some((u32::MAX - f + 1, false)), f), Some(1));
+        // After silence nothing counts as lost.
+        assert_eq!(frames_missing(Some((1000, true)), 1000 + 40 * f), Some(0));
+        // Late or repeated packets are skipped…
+        assert_eq!(frames_missing(Some((100_000, false)), 100_000), None);
+        assert_eq!(
+            frames_missing(Some((100_000, false)), 100_000 - 3 * f),
+            None
+        );
+        // …but a site that joined again starts from anywhere, also far behind.
+        assert_eq!(
+            frames_missing(Some((3_000_000_000, false)), 2_000_000_000),
+            Some(0)
+        );
+        // (Far ahead reads as a long gap, which the caller takes for an outage, not loss.)
+        assert!(frames_missing(Some((2_000_000_000, false)), 3_000_000_000).unwrap() > 50);
     }
 }

@@ -221,6 +221,11 @@ impl AudioEncoder {
         })
     }
 
+    /// Changes the bitrate (bits per second) from the next frame.
+    pub fn set_bitrate(&mut self, bitrate_bps: i32) -> Result<()> {
+        Ok(self.enc.set_bitrate(opus::Bitrate::Bits(bitrate_bps))?)
+    }
+
     /// Tells the encoder the loss it should protect against (0..=100 %).
     pub fn set_expected_loss(&mut self, pct: i32) -> Result<()> {
         Ok(self.enc.set_packet_loss_perc(pct.clamp(0, 100))?)

@@ -225,6 +225,48 @@ fn the_app_joins_shows_moving_video_raises_a_hand_and_is_verified_by_a_headless_
     });
     app.screenshot(&out.join("app-3-hand.png"));
 
+    // The link quality: graded in the pill, with its figures in the tooltip, and per tile.
+    app.wait_until(
+        "const q = document.getElementById('quality'); \
+         return ['good', 'fair', 'poor'].includes(q.dataset.q) && q.title.includes('kbit/s')",
+        Duration::from_secs(10),
+        "the quality pill",
+    );
+    wait_element(
+        &app,
+        ".tile[data-site=\"nghe-an\"][data-q]",
+        Duration::from_secs(10),
+        "the chair's tile graded",
+    );
+    // Sound only: the others' pictures stop coming (two quiet seconds), then come back.
+    app.click("#sound-only");
+    assert_eq!(
+        app.exec("return document.getElementById('sound-only').textContent"),
+        "Bật lại hình"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut last, mut since) = (app.exec(&frames).as_f64().unwrap_or(0.0), Instant::now());
+    while since.elapsed() < Duration::from_secs(2) {
+        assert!(
+            Instant::now() < deadline,
+            "pictures still arrive with sound only"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        let now = app.exec(&frames).as_f64().unwrap_or(0.0);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    app.click("#sound-only");
+    app.wait_until(
+        &format!(
+            "const c = {tile}; return Number(c.dataset.frames) >= {}",
+            last + 10.0
+        ),
+        Duration::from_secs(15),
+        "pictures again after sound only",
+    );
+
     let report = cli.stop();
     let hands: Vec<&str> = report["hand_queue"]
         .as_array()
