@@ -248,12 +248,13 @@ async fn set_camera_off(app: State<'_, App>, off: bool) -> Result<(), String> {
     with_room(&app, |r| r.set_camera_off(off)).await
 }
 
-/// Sound only both ways, for a link too thin for pictures: the camera stops and the server
-/// stops sending the others' pictures (`on`), or both come back.
+/// Sound only both ways, for a link too thin for pictures (`on`): the server stops sending
+/// the others' pictures, and the camera is set to `camera_off` (off for sound only; back to
+/// what the person had chosen before when sound only ends).
 #[tauri::command]
-async fn set_sound_only(app: State<'_, App>, on: bool) -> Result<(), String> {
+async fn set_sound_only(app: State<'_, App>, on: bool, camera_off: bool) -> Result<(), String> {
     with_room(&app, |r| {
-        r.set_camera_off(on);
+        r.set_camera_off(camera_off);
         r.set_receive_video(!on);
     })
     .await

@@ -159,10 +159,10 @@ impl StderrLines {
         }
     }
 
-    /// Whether any line so far (read or waiting) contains `needle`.
-    pub fn seen(&mut self, needle: &str) -> bool {
+    /// The last line so far (read or waiting) that `pick` accepts.
+    pub fn last(&mut self, pick: impl Fn(&str) -> bool) -> Option<String> {
         self.seen.extend(self.rx.try_iter());
-        self.seen.iter().any(|l| l.contains(needle))
+        self.seen.iter().rev().find(|l| pick(l)).cloned()
     }
 
     /// Waits up to 20 s for a line containing `needle`.

@@ -101,6 +101,7 @@ let muted = false;
 let cameraOff = false;
 /** Sound only both ways (the person chose it for a thin link). */
 let soundOnly = false;
+let cameraBeforeSoundOnly = false;
 /** The transport of the media path, from the last status. */
 let transport: string | null = null;
 let handUp = false;
@@ -144,6 +145,14 @@ function notice(message: string): void {
     // Then back to what the banner says about the floor.
     setTimeout(renderFloor, 8000);
   }
+}
+
+/** Hides the quality pill (it shows again with the next figures). */
+function clearQuality(): void {
+  const q = $("quality");
+  q.textContent = "";
+  q.title = "";
+  delete q.dataset.q;
 }
 
 // ---- pictures ------------------------------------------------------------------------
@@ -531,9 +540,12 @@ $("camera").onclick = async () => {
 };
 $("sound-only").onclick = async () => {
   const want = !soundOnly;
-  if (await act("set_sound_only", { on: want })) {
+  // Sound only turns the camera off; ending it gives back what the person had chosen.
+  const camera = want ? true : cameraBeforeSoundOnly;
+  if (await act("set_sound_only", { on: want, cameraOff: camera })) {
+    if (want) cameraBeforeSoundOnly = cameraOff;
     soundOnly = want;
-    cameraOff = want;
+    cameraOff = camera;
     if (want) notice(t("call.soundOnlyOn"));
   }
   $("self-tile").classList.toggle("off", cameraOff);
@@ -622,6 +634,7 @@ function onCall(e: CallEvent): void {
       break;
     }
     case "quality": {
+      if (!inCall) return;
       const q = $("quality");
       q.dataset.q = e.grade;
       q.textContent = t(`quality.${e.grade}`);
@@ -638,8 +651,10 @@ function onCall(e: CallEvent): void {
       notice(t(e.paused ? "call.videoPausedForLink" : "call.videoBackForLink"));
       return;
     case "reconnecting":
-      // The engine joins again by itself; the pictures resume when it is back.
+      // The engine joins again by itself; the pictures resume when it is back. The last
+      // quality figures no longer hold.
       progress(t("join.reconnecting"));
+      clearQuality();
       return;
     case "reconnected":
       progress(t("join.reconnected"), 3000);
@@ -701,7 +716,8 @@ function endCall(): void {
   roll = [];
   renderChair();
   $("where").textContent = "";
-  $("quality").textContent = "";
+  clearQuality();
+  transport = null;
   progress(t("call.ended"));
   show("prejoin");
   void startPreview();

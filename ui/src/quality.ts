@@ -1,6 +1,6 @@
 // The link quality indicator: the engine grades this site's link and each other site's
 // every two seconds; these turn its figures into the words a person reads.
-import { t } from "./i18n";
+import { currentLang, t } from "./i18n";
 
 export type Grade = "good" | "fair" | "poor";
 
@@ -25,7 +25,11 @@ export interface Quality {
 }
 
 const kbps = (bps: number) => Math.round(bps / 1000);
-const pct = (p: number) => (p < 10 ? p.toFixed(1) : Math.round(p).toString());
+/** A percentage, with the decimal comma Vietnamese writes. */
+const pct = (p: number) => {
+  const s = p < 10 ? p.toFixed(1) : Math.round(p).toString();
+  return currentLang() === "vi" ? s.replace(".", ",") : s;
+};
 
 /** This site's link in one line: round trip, loss, what is sent and at which size. */
 export function linkDetails(q: Quality, transport: string | null): string {

@@ -111,11 +111,11 @@ describe("quality indicator", () => {
 
   it("says the link's figures in Vietnamese", () => {
     setLang("vi");
-    expect(linkDetails(q, "udp")).toBe("trễ 152 ms · mất 5.0% gói · gửi 231 kbit/s · 320x180 · UDP");
+    expect(linkDetails(q, "udp")).toBe("trễ 152 ms · mất 5,0 % gói · gửi 231 kbit/s · 320x180 · UDP");
     expect(linkDetails({ ...q, video_paused: true, rtt_ms: null, uplink_loss_pct: null }, null)).toBe(
       "gửi 231 kbit/s · chỉ gửi tiếng",
     );
-    expect(siteDetails(q.sites[0])).toBe("Kết nối kém — nhận 48 kbit/s · mất 13% tiếng");
+    expect(siteDetails(q.sites[0])).toBe("Kết nối kém — nhận 48 kbit/s · mất 13 % tiếng");
   });
 
   it("and in English", () => {

@@ -75,7 +75,7 @@ impl AudioFirstPacer {
     fn release(&mut self, now: Instant) {
         self.bucket.refill(now);
         while let Some(head) = self.queue.front() {
-            if now.saturating_duration_since(head.now) > MAX_VIDEO_WAIT {
+            if now.saturating_duration_since(head.now) >= MAX_VIDEO_WAIT {
                 self.queue.pop_front();
                 self.dropped += 1;
                 continue;
@@ -107,6 +107,8 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for AudioFirstPacer {
                 bits_per_second: 0.0,
             })
         {
+            // What built up at the old rate is credited at the old rate.
+            self.bucket.refill(msg.now);
             self.bucket
                 .set_target_bitrate(bits_per_second * PACING_FACTOR);
         }
@@ -151,9 +153,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for AudioFirstPacer {
 
     fn poll_timeout(&mut self) -> Option<Instant> {
         let head = self.queue.front()?;
-        let at = self.bucket.releasable_at(Self::bits(head))?;
-        // The head expires at the latest then.
-        Some(at.min(head.now + MAX_VIDEO_WAIT))
+        // The head expires at the latest then (also when no rate would ever release it).
+        let expires = head.now + MAX_VIDEO_WAIT;
+        let at = self.bucket.releasable_at(Self::bits(head));
+        Some(at.map_or(expires, |at| at.min(expires)))
     }
 }
 

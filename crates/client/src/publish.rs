@@ -47,7 +47,7 @@ pub struct SendCounters {
     pub video_size: AtomicU64,
     /// Times video was paused because the link was too thin for it.
     pub video_pauses: AtomicU64,
-    /// Milliseconds spent paused for the link, pauses that ended.
+    /// Milliseconds spent paused for the link (the current pause included).
     pub video_paused_ms: AtomicU64,
     /// Video is paused for the link right now.
     pub video_paused: AtomicBool,
@@ -167,6 +167,16 @@ pub fn layer_for(
     best
 }
 
+/// Clears the thin-link flags when the video thread ends.
+struct ClearLinkFlags(Arc<CaptureControl>, Arc<SendCounters>);
+
+impl Drop for ClearLinkFlags {
+    fn drop(&mut self) {
+        self.0.link_thin.store(false, Ordering::Relaxed);
+        self.1.video_paused.store(false, Ordering::Relaxed);
+    }
+}
+
 fn pack_size(w: usize, h: usize) -> u64 {
     (w as u64) << 32 | h as u64
 }
@@ -184,12 +194,14 @@ pub const RESUME_HOLD_MAX: Duration = Duration::from_secs(48);
 /// A pause this soon after a resume means the resume was premature.
 const RELAPSE_WITHIN: Duration = Duration::from_secs(30);
 /// After a resume pictures are on probation this long: they are sent as if the estimate were
-/// no more than [`RESUME_ABOVE_BPS`] (while paused the estimate climbs on sound alone and
+/// no more than [`PROBE_BPS`] (while paused the estimate climbs on sound alone and
 /// says little about pictures), and a low estimate pauses them again after
 /// [`PROBATION_PAUSE_AFTER`] instead of [`PAUSE_AFTER`], so a failed try costs speech a
 /// second or two.
 pub const PROBATION: Duration = Duration::from_secs(8);
 pub const PROBATION_PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// The estimate pictures may use on probation: the smallest layer at a modest rate.
+pub const PROBE_BPS: f64 = 130_000.0;
 
 /// Audio first: decides from the send-side estimate when video is paused so sound keeps the
 /// whole of a link too thin for both, and when it comes back.
@@ -223,15 +235,24 @@ impl VideoGate {
         self.paused
     }
 
-    fn on_probation(&self, now: Instant) -> bool {
+    /// Pictures start again after a gap the gate did not decide (the camera was off): the
+    /// estimate grew on sound alone meanwhile, so they start on probation.
+    pub fn restart(&mut self, now: Instant) {
+        self.paused = false;
+        self.since = None;
+        self.resumed_at = Some(now);
+    }
+
+    /// Within [`PROBATION`] of pictures starting again.
+    pub fn on_probation(&self, now: Instant) -> bool {
         self.resumed_at
             .is_some_and(|t| now.saturating_duration_since(t) < PROBATION)
     }
 
-    /// The estimate pictures may use at `now`: capped at [`RESUME_ABOVE_BPS`] on probation.
+    /// The estimate pictures may use at `now`: capped at [`PROBE_BPS`] on probation.
     pub fn usable(&self, now: Instant, estimate_bps: f64) -> f64 {
         if self.on_probation(now) {
-            estimate_bps.min(RESUME_ABOVE_BPS)
+            estimate_bps.min(PROBE_BPS)
         } else {
             estimate_bps
         }
@@ -338,8 +359,16 @@ pub fn spawn_video_thread(
             let mut gate = VideoGate::default();
             // When the current pause began, and the paused time before it (ms).
             let mut paused_at: Option<(Instant, u64)> = None;
+            // However the thread ends, nothing is left marked paused.
+            let _clear = ClearLinkFlags(control.clone(), counters.clone());
             while !control.stop.load(Ordering::Relaxed) {
                 if control.camera_off.load(Ordering::Relaxed) {
+                    if !was_off {
+                        // A pause for the link ends here: no pictures are sent anyway.
+                        paused_at = None;
+                        counters.video_paused.store(false, Ordering::Relaxed);
+                        control.link_thin.store(false, Ordering::Relaxed);
+                    }
                     was_off = true;
                     std::thread::sleep(duration);
                     continue;
@@ -347,6 +376,7 @@ pub fn spawn_video_thread(
                 if std::mem::take(&mut was_off) {
                     // The others' decoders need a fresh start after the gap.
                     control.force_keyframe.store(true, Ordering::Relaxed);
+                    gate.restart(Instant::now());
                 }
                 let frame = match source.read() {
                     Ok(f) => f,
@@ -381,10 +411,14 @@ pub fn spawn_video_thread(
                     }
                 };
                 let estimate = f64::from_bits(bwe_bps.load(Ordering::Relaxed));
-                if let Some(paused) = gate.update(Instant::now(), estimate) {
+                let now = Instant::now();
+                // Sound stays at its thin-link bitrate until pictures are off probation.
+                control
+                    .link_thin
+                    .store(gate.paused() || gate.on_probation(now), Ordering::Relaxed);
+                if let Some(paused) = gate.update(now, estimate) {
                     info!(estimate, hold = ?gate.hold(), paused, "video paused for the link");
                     counters.video_paused.store(paused, Ordering::Relaxed);
-                    control.link_thin.store(paused, Ordering::Relaxed);
                     if paused {
                         counters.video_pauses.fetch_add(1, Ordering::Relaxed);
                         paused_at = Some((
@@ -409,7 +443,7 @@ pub fn spawn_video_thread(
                     }
                     continue;
                 }
-                let target = video_share(gate.usable(Instant::now(), estimate), max_bitrate_bps);
+                let target = video_share(gate.usable(now, estimate), max_bitrate_bps);
                 let layer = layer_for(target, source.size(), fps, divisor, max_bitrate_bps);
                 if layer != divisor {
                     // A new size: a fresh encoder, whose first picture is a keyframe.
@@ -750,7 +784,7 @@ mod tests {
         assert_eq!(g.update(at(24.0), 180_000.0), Some(false), "held 3 s");
         // On probation pictures use at most the resume threshold, and a low estimate pauses
         // them again after a second.
-        assert_eq!(g.usable(at(25.0), 400_000.0), RESUME_ABOVE_BPS);
+        assert_eq!(g.usable(at(25.0), 400_000.0), PROBE_BPS);
         assert_eq!(g.update(at(25.0), 80_000.0), None);
         assert_eq!(g.update(at(26.0), 80_000.0), Some(true), "1 s on probation");
         // Paused again within 30 s: a premature resume; the next hold is 6 s.

@@ -50,7 +50,7 @@ impl Grade {
 /// This site's own link to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Quality {
-    /// Round trip to the server, from the congestion controller's feedback.
+    /// Round trip to the server, from ICE's consent checks on the media path.
     pub rtt_ms: Option<f64>,
     /// Of what this site sent, the share the server reported lost (percent).
     pub uplink_loss_pct: Option<f64>,
@@ -77,7 +77,9 @@ impl Quality {
             parts.push(format!("trễ {rtt:.0} ms"));
         }
         if let Some(loss) = self.uplink_loss_pct {
-            parts.push(format!("mất {loss:.1} % gói"));
+            // Vietnamese writes a decimal comma.
+            let loss = format!("{loss:.1}").replace('.', ",");
+            parts.push(format!("mất {loss} % gói"));
         }
         parts.push(format!("gửi {} kbit/s", self.send_bps / 1000));
         match (self.video_paused, self.send_size) {
@@ -188,7 +190,7 @@ mod tests {
         };
         assert_eq!(
             q.vi(),
-            "trễ 152 ms, mất 4.9 % gói, gửi 231 kbit/s, hình 320x180"
+            "trễ 152 ms, mất 4,9 % gói, gửi 231 kbit/s, hình 320x180"
         );
         let paused = Quality {
             rtt_ms: None,

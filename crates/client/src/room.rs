@@ -947,8 +947,11 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         .expect("lock poisoned")
         .extend(sites.iter().map(|s| s.id.clone()));
     let _ = shared.events.send(RoomEvent::Joined { you, role, sites });
+    // Sound only, chosen in an earlier connection (or while this one was opening; see below).
+    let mut receiving = true;
     if options.receive_video && !shared.receive_video.load(Ordering::Relaxed) {
         let _ = sig.outbox.send(ClientMessage::ReceiveVideo { on: false });
+        receiving = false;
     }
 
     let transports = Transports {
@@ -1135,6 +1138,12 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         outbox: sig.outbox.clone(),
         pc: pc.clone(),
     });
+    // A change made while this connection was opening went nowhere: say it now.
+    if options.receive_video && shared.receive_video.load(Ordering::Relaxed) != receiving {
+        let _ = sig
+            .outbox
+            .send(ClientMessage::ReceiveVideo { on: !receiving });
+    }
     Ok(Session {
         id,
         pc,
@@ -1307,6 +1316,8 @@ async fn selected_pair(pc: &Arc<dyn PeerConnection>) -> Option<(Option<String>, 
 async fn report_quality(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(QUALITY_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: the first figures come a whole interval later.
+    tick.tick().await;
     let sent_bytes = |c: &SendCounters| {
         c.video_bytes.load(Ordering::Relaxed) + c.audio_bytes.load(Ordering::Relaxed)
     };
