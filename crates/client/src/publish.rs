@@ -186,7 +186,7 @@ pub const PAUSE_BELOW_BPS: f64 = 100_000.0;
 /// Video comes back when the estimate has stayed at or above this for the resume hold.
 pub const RESUME_ABOVE_BPS: f64 = 170_000.0;
 /// How long the estimate must stay low before video is paused.
-pub const PAUSE_AFTER: Duration = Duration::from_secs(3);
+pub const PAUSE_AFTER: Duration = Duration::from_secs(4);
 /// The first resume hold; it doubles (to [`RESUME_HOLD_MAX`]) each time video had to be
 /// paused again soon after coming back, and is reset by a minute without a pause.
 pub const RESUME_HOLD: Duration = Duration::from_secs(3);
@@ -202,6 +202,9 @@ pub const PROBATION: Duration = Duration::from_secs(8);
 pub const PROBATION_PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// The estimate pictures may use on probation: the smallest layer at a modest rate.
 pub const PROBE_BPS: f64 = 130_000.0;
+/// Probation ends early once the estimate has held [`RESUME_ABOVE_BPS`] this long with the
+/// pictures flowing: the link carries them.
+pub const PROBATION_SURE: Duration = Duration::from_secs(3);
 
 /// Audio first: decides from the send-side estimate when video is paused so sound keeps the
 /// whole of a link too thin for both, and when it comes back.
@@ -217,6 +220,9 @@ pub struct VideoGate {
     since: Option<Instant>,
     hold: Duration,
     resumed_at: Option<Instant>,
+    probation_until: Option<Instant>,
+    /// On probation, since when the estimate has held the resume threshold.
+    sure_since: Option<Instant>,
 }
 
 impl Default for VideoGate {
@@ -226,6 +232,8 @@ impl Default for VideoGate {
             since: None,
             hold: RESUME_HOLD,
             resumed_at: None,
+            probation_until: None,
+            sure_since: None,
         }
     }
 }
@@ -241,12 +249,17 @@ impl VideoGate {
         self.paused = false;
         self.since = None;
         self.resumed_at = Some(now);
+        self.start_probation(now);
     }
 
-    /// Within [`PROBATION`] of pictures starting again.
+    fn start_probation(&mut self, now: Instant) {
+        self.probation_until = Some(now + PROBATION);
+        self.sure_since = None;
+    }
+
+    /// Within [`PROBATION`] of pictures starting again (unless it ended early).
     pub fn on_probation(&self, now: Instant) -> bool {
-        self.resumed_at
-            .is_some_and(|t| now.saturating_duration_since(t) < PROBATION)
+        self.probation_until.is_some_and(|t| now < t)
     }
 
     /// The estimate pictures may use at `now`: capped at [`PROBE_BPS`] on probation.
@@ -265,6 +278,16 @@ impl VideoGate {
 
     /// Folds in the estimate at `now`; returns the new state when it changes.
     pub fn update(&mut self, now: Instant, estimate_bps: f64) -> Option<bool> {
+        if self.on_probation(now) {
+            if estimate_bps >= RESUME_ABOVE_BPS {
+                let sure = *self.sure_since.get_or_insert(now);
+                if now.saturating_duration_since(sure) >= PROBATION_SURE {
+                    self.probation_until = None;
+                }
+            } else {
+                self.sure_since = None;
+            }
+        }
         let crossing = if self.paused {
             estimate_bps >= RESUME_ABOVE_BPS
         } else {
@@ -304,6 +327,7 @@ impl VideoGate {
             }
         } else {
             self.resumed_at = Some(now);
+            self.start_probation(now);
         }
         Some(self.paused)
     }
@@ -775,8 +799,8 @@ mod tests {
         assert_eq!(g.update(at(2.0), 90_000.0), None);
         assert_eq!(g.update(at(2.5), 150_000.0), None);
         assert_eq!(g.update(at(3.0), 90_000.0), None);
-        assert_eq!(g.update(at(5.9), 90_000.0), None);
-        assert_eq!(g.update(at(6.0), 90_000.0), Some(true), "3 s below");
+        assert_eq!(g.update(at(6.9), 90_000.0), None);
+        assert_eq!(g.update(at(7.0), 90_000.0), Some(true), "4 s below");
         assert!(g.paused());
         // Between the thresholds: stays paused.
         assert_eq!(g.update(at(20.0), 150_000.0), None);
@@ -792,16 +816,23 @@ mod tests {
         assert_eq!(g.update(at(34.0), 200_000.0), None);
         assert_eq!(g.update(at(39.0), 200_000.0), None);
         assert_eq!(g.update(at(40.0), 200_000.0), Some(false));
-        // Off probation: the estimate is used as it is, and a dip needs 3 s again.
+        // Off probation: the estimate is used as it is, and a dip needs 4 s again.
         assert_eq!(g.usable(at(48.5), 400_000.0), 400_000.0);
         assert_eq!(g.update(at(49.0), 80_000.0), None);
-        assert_eq!(g.update(at(51.0), 80_000.0), None);
-        assert_eq!(g.update(at(52.0), 80_000.0), Some(true));
+        assert_eq!(g.update(at(52.0), 80_000.0), None);
+        assert_eq!(g.update(at(53.0), 80_000.0), Some(true));
         assert_eq!(g.hold(), Duration::from_secs(12));
-        assert_eq!(g.update(at(53.0), 200_000.0), None);
-        assert_eq!(g.update(at(65.0), 200_000.0), Some(false));
+        assert_eq!(g.update(at(54.0), 200_000.0), None);
+        assert_eq!(g.update(at(66.0), 200_000.0), Some(false));
+        // A probe the link carries ends its probation early: 3 s at the resume threshold.
+        assert_eq!(g.update(at(67.0), 200_000.0), None);
+        assert!(g.on_probation(at(69.0)));
+        assert_eq!(g.update(at(70.0), 200_000.0), None);
+        assert!(!g.on_probation(at(70.0)));
+        assert_eq!(g.usable(at(70.0), 400_000.0), 400_000.0);
         // Holds double up to the cap.
-        let mut t = 65.0;
+        g.restart(at(70.0));
+        let mut t = 70.0;
         for _ in 0..8 {
             g.update(at(t + 1.0), 80_000.0);
             assert_eq!(g.update(at(t + 2.0), 80_000.0), Some(true));

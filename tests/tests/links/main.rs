@@ -285,9 +285,10 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     let heard = got["audio_frames"].as_u64().unwrap() as f64;
     let repaired = got["audio_frames_repaired"].as_u64().unwrap() as f64;
     eprintln!(
-        "audio: {sent} sent, {heard} received, {repaired} repaired ({:.1} % delivered or repaired); top layer back {back:?} after the limit lifted; layers {}; the thin uplink carried {:.0} kbit/s of 256 over {thin_for:.0} s ({thin_up:?}); in all {up:?}; downlink {down:?}",
+        "audio: {sent} sent, {heard} received, {repaired} repaired ({:.1} % delivered or repaired); top layer back {back:?} after the limit lifted; layers {}; pictures paused for the link {} times; the thin uplink carried {:.0} kbit/s of 256 over {thin_for:.0} s ({thin_up:?}); in all {up:?}; downlink {down:?}",
         100.0 * (heard + repaired) / sent,
         rp["layers_received"],
+        rc["sent"]["video_pauses"],
         thin_up.delivered_bytes as f64 * 8.0 / thin_for / 1000.0,
     );
     // Goals: 95 % of sound frames and the top layer back within 10 s. The figures go to
