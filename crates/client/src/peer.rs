@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{
     Attribute, BandwidthEstimator, CongestionControlBuilder, EstimatorStats, Gcc, Interceptor,
-    Packet, PacketReport, Registry, Slot, StreamInfo, TaggedPacket, TwccReceiverBuilder,
-    TwccSenderBuilder,
+    Packet, PacketReport, Registry, Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
 };
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
@@ -315,8 +314,8 @@ pub async fn build(
             CongestionControlBuilder::new(estimator).build(),
         )
         .with(Slot::Pacer, AudioFirstPacer::default())
-        .with(Slot::TwccSender, TwccSenderBuilder::new().build())
-        .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build());
+        .with(Slot::TwccSender, TwccSenderBuilder::new().build());
+    // (The TWCC receiver, for the server's feedback needs, comes with the defaults below.)
     let registry = register_default_interceptors(registry, &mut me).map_err(ClientError::webrtc)?;
     let registry = registry.with(Slot::from(14_000), KeyframeRequests::default());
 

@@ -247,6 +247,7 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
         l.contains("Hình từ xa-chau-tien: 320x180")
     });
     let low_since = Instant::now();
+    let mut overshoots = 0;
     let before = ep.wait(Duration::from_secs(12), "a progress line", |l| {
         verified_in(l, "xa-chau-tien").is_some()
     });
@@ -263,6 +264,18 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
         thin_up.lost * 100 >= thin_up.packets * 3,
         "uplink loss {thin_up:?}"
     );
+    // GCC overshoots this link now and then, and the commune goes back up for a while; the
+    // recovery is measured from the low layer, so the link lifts only while it is low.
+    let layer = |l: &str| l.contains("Hình từ xa-chau-tien: ");
+    if ep
+        .last(layer)
+        .is_some_and(|l| l.contains("Hình từ xa-chau-tien: 640x360"))
+    {
+        overshoots += 1;
+        ep.wait(Duration::from_secs(30), "the low layer again", |l| {
+            l.contains("Hình từ xa-chau-tien: 320x180")
+        });
+    }
     // The link recovers (its 150 ms round trip stays): the top layer is back within 10 s.
     link.shape_both(Shape {
         rate_kbit: None,
@@ -285,7 +298,7 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     let heard = got["audio_frames"].as_u64().unwrap() as f64;
     let repaired = got["audio_frames_repaired"].as_u64().unwrap() as f64;
     eprintln!(
-        "audio: {sent} sent, {heard} received, {repaired} repaired ({:.1} % delivered or repaired); top layer back {back:?} after the limit lifted; layers {}; pictures paused for the link {} times; the thin uplink carried {:.0} kbit/s of 256 over {thin_for:.0} s ({thin_up:?}); in all {up:?}; downlink {down:?}",
+        "audio: {sent} sent, {heard} received, {repaired} repaired ({:.1} % delivered or repaired); top layer back {back:?} after the limit lifted; layers {}; pictures paused for the link {} times; back at 640x360 while thin {overshoots} times (at the lift); the thin uplink carried {:.0} kbit/s of 256 over {thin_for:.0} s ({thin_up:?}); in all {up:?}; downlink {down:?}",
         100.0 * (heard + repaired) / sent,
         rp["layers_received"],
         rc["sent"]["video_pauses"],
