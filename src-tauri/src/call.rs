@@ -62,6 +62,11 @@ pub enum CallEvent {
     VideoPausedForLink {
         paused: bool,
     },
+    /// The downlink loses too much: the others' pictures are off for a while (`paused`), or
+    /// tried again.
+    ReceiveVideoPausedForLink {
+        paused: bool,
+    },
     /// Something a person should read (device gone, fallback picture…), in Vietnamese.
     Notice {
         message: String,
@@ -262,6 +267,9 @@ impl Call {
                 RoomEvent::Quality(quality) => emit(CallEvent::Quality { quality }),
                 RoomEvent::VideoPausedForLink { paused } => {
                     emit(CallEvent::VideoPausedForLink { paused })
+                }
+                RoomEvent::ReceiveVideoPausedForLink { paused } => {
+                    emit(CallEvent::ReceiveVideoPausedForLink { paused })
                 }
                 RoomEvent::TrackAdded { .. }
                 | RoomEvent::TrackRemoved { .. }

@@ -70,6 +70,7 @@ type CallEvent =
   | { type: "status"; speaking: string[]; mic_dbfs: number; transport: string | null }
   | ({ type: "quality" } & Quality)
   | { type: "video_paused_for_link"; paused: boolean }
+  | { type: "receive_video_paused_for_link"; paused: boolean }
   | { type: "notice"; message: string }
   | { type: "error"; message: string; fatal: boolean }
   | { type: "reconnecting"; reason: string }
@@ -649,6 +650,9 @@ function onCall(e: CallEvent): void {
     }
     case "video_paused_for_link":
       notice(t(e.paused ? "call.videoPausedForLink" : "call.videoBackForLink"));
+      return;
+    case "receive_video_paused_for_link":
+      notice(t(e.paused ? "call.receivePausedForLink" : "call.receiveBackForLink"));
       return;
     case "reconnecting":
       // The engine joins again by itself; the pictures resume when it is back. The last

@@ -15,6 +15,7 @@ export interface SiteQuality {
 export interface Quality {
   rtt_ms: number | null;
   uplink_loss_pct: number | null;
+  downlink_loss_pct: number | null;
   estimate_bps: number;
   send_bps: number;
   send_size: [number, number] | null;

@@ -100,6 +100,7 @@ describe("quality indicator", () => {
   const q: Quality = {
     rtt_ms: 152.4,
     uplink_loss_pct: 4.96,
+    downlink_loss_pct: 0,
     estimate_bps: 240000,
     send_bps: 231400,
     send_size: [320, 180],
@@ -112,7 +113,7 @@ describe("quality indicator", () => {
   it("says the link's figures in Vietnamese", () => {
     setLang("vi");
     expect(linkDetails(q, "udp")).toBe("trễ 152 ms · mất 5,0 % gói · gửi 231 kbit/s · 320x180 · UDP");
-    expect(linkDetails({ ...q, video_paused: true, rtt_ms: null, uplink_loss_pct: null }, null)).toBe(
+    expect(linkDetails({ ...q, video_paused: true, rtt_ms: null, uplink_loss_pct: null, downlink_loss_pct: null }, null)).toBe(
       "gửi 231 kbit/s · chỉ gửi tiếng",
     );
     expect(siteDetails(q.sites[0])).toBe("Kết nối kém — nhận 48 kbit/s · mất 13 % tiếng");

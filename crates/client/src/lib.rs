@@ -185,6 +185,11 @@ pub enum RoomEvent {
     VideoPausedForLink {
         paused: bool,
     },
+    /// This site's downlink lost too much: the others' pictures are turned off for a while
+    /// (`paused`), or tried again.
+    ReceiveVideoPausedForLink {
+        paused: bool,
+    },
     /// This site's link and what arrives from each other site, every
     /// [`quality::QUALITY_EVERY`].
     Quality(quality::Quality),

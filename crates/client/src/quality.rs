@@ -5,7 +5,7 @@
 //! keeps and sends it as [`crate::RoomEvent::Quality`].
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diemcau_protocol::SiteId;
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,10 @@ pub struct Quality {
     pub rtt_ms: Option<f64>,
     /// Of what this site sent, the share the server reported lost (percent).
     pub uplink_loss_pct: Option<f64>,
+    /// Of what the server sent this site, the share lost on the way (percent; none when
+    /// nothing arrived).
+    #[serde(default)]
+    pub downlink_loss_pct: Option<f64>,
     /// The congestion controller's estimate of what the uplink carries (bps).
     pub estimate_bps: u64,
     /// Sent over the last interval, sound and pictures (bps, payload).
@@ -88,6 +92,91 @@ impl Quality {
             (false, None) => {}
         }
         parts.join(", ")
+    }
+}
+
+/// Downlink loss at which the others' pictures are turned off (sound only), once it has
+/// lasted [`DOWN_PAUSE_AFTER`] intervals in a row.
+pub const DOWN_PAUSE_LOSS_PCT: f64 = 15.0;
+pub const DOWN_PAUSE_AFTER: u32 = 3;
+/// How long pictures stay off before they are tried again; doubled (to [`DOWN_HOLD_MAX`])
+/// when they had to be turned off again within [`DOWN_RELAPSE_WITHIN`] of coming back.
+pub const DOWN_HOLD: Duration = Duration::from_secs(15);
+pub const DOWN_HOLD_MAX: Duration = Duration::from_secs(240);
+pub const DOWN_RELAPSE_WITHIN: Duration = Duration::from_secs(60);
+
+/// Sound only for a thin *downlink*: without simulcast the server cannot send a lower layer,
+/// so when what the server sends this site is lost on the way, the others' pictures are
+/// turned off for a while (protocol `receive_video`) and then tried again. The loss is
+/// measured from the gaps in each slot's sequence numbers, which the server writes itself,
+/// so loss before the server (another site's uplink) does not count.
+#[derive(Debug, Clone)]
+pub struct DownlinkGate {
+    off: bool,
+    bad: u32,
+    off_since: Option<Instant>,
+    hold: Duration,
+    resumed_at: Option<Instant>,
+}
+
+impl Default for DownlinkGate {
+    fn default() -> Self {
+        DownlinkGate {
+            off: false,
+            bad: 0,
+            off_since: None,
+            hold: DOWN_HOLD,
+            resumed_at: None,
+        }
+    }
+}
+
+impl DownlinkGate {
+    /// Pictures are off for the link.
+    pub fn off(&self) -> bool {
+        self.off
+    }
+
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    /// Folds in one interval's downlink loss; returns the new state when it changes.
+    pub fn update(&mut self, now: Instant, loss_pct: Option<f64>) -> Option<bool> {
+        if self.off {
+            let since = self.off_since.unwrap_or(now);
+            if now.saturating_duration_since(since) < self.hold {
+                return None;
+            }
+            self.off = false;
+            self.bad = 0;
+            self.resumed_at = Some(now);
+            return Some(false);
+        }
+        if loss_pct.is_some_and(|l| l >= DOWN_PAUSE_LOSS_PCT) {
+            self.bad += 1;
+        } else {
+            self.bad = 0;
+            if self
+                .resumed_at
+                .is_some_and(|t| now.saturating_duration_since(t) > 2 * DOWN_RELAPSE_WITHIN)
+            {
+                self.hold = DOWN_HOLD;
+                self.resumed_at = None;
+            }
+        }
+        if self.bad < DOWN_PAUSE_AFTER {
+            return None;
+        }
+        if self
+            .resumed_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= DOWN_RELAPSE_WITHIN)
+        {
+            self.hold = (self.hold * 2).min(DOWN_HOLD_MAX);
+        }
+        self.off = true;
+        self.off_since = Some(now);
+        Some(true)
     }
 }
 
@@ -176,10 +265,46 @@ mod tests {
     }
 
     #[test]
+    fn a_lossy_downlink_turns_pictures_off_and_tries_them_again_less_often() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut g = DownlinkGate::default();
+        // Two bad intervals and a good one: nothing.
+        assert_eq!(g.update(at(2), Some(30.0)), None);
+        assert_eq!(g.update(at(4), Some(30.0)), None);
+        assert_eq!(g.update(at(6), Some(1.0)), None);
+        // No figure (nothing arrived) is not loss.
+        assert_eq!(g.update(at(8), None), None);
+        for s in [10, 12] {
+            assert_eq!(g.update(at(s), Some(20.0)), None);
+        }
+        assert_eq!(g.update(at(14), Some(20.0)), Some(true), "three in a row");
+        assert!(g.off());
+        assert_eq!(g.update(at(28), Some(0.0)), None);
+        assert_eq!(
+            g.update(at(29), Some(0.0)),
+            Some(false),
+            "after the 15 s hold"
+        );
+        // Lossy again within a minute: the next hold is twice as long.
+        for s in [31, 33] {
+            assert_eq!(g.update(at(s), Some(40.0)), None);
+        }
+        assert_eq!(g.update(at(35), Some(40.0)), Some(true));
+        assert_eq!(g.hold(), Duration::from_secs(30));
+        assert_eq!(g.update(at(64), None), None);
+        assert_eq!(g.update(at(65), None), Some(false));
+        // Two minutes without trouble: back to the first hold.
+        assert_eq!(g.update(at(190), Some(0.0)), None);
+        assert_eq!(g.hold(), DOWN_HOLD);
+    }
+
+    #[test]
     fn the_link_reads_in_one_line() {
         let q = Quality {
             rtt_ms: Some(151.6),
             uplink_loss_pct: Some(4.94),
+            downlink_loss_pct: None,
             estimate_bps: 240_000,
             send_bps: 231_400,
             send_size: Some((320, 180)),

@@ -27,6 +27,26 @@ use webrtc::peer_connection::PeerConnection;
 use crate::assemble::H264Assembler;
 use crate::RoomEvent;
 
+/// Counts a slot's packet with sequence number `seq` after `last` into the downlink
+/// counters; returns the new last. Late or repeated packets (and jumps of more than a
+/// thousand, a slot that started over) count as received only.
+fn count_downlink(remote: &Remote, last: Option<u16>, seq: u16) -> Option<u16> {
+    remote.down_packets.fetch_add(1, Ordering::Relaxed);
+    let Some(prev) = last else {
+        return Some(seq);
+    };
+    let d = seq.wrapping_sub(prev);
+    if d == 0 || d > 0x8000 {
+        return last;
+    }
+    if d <= 1000 {
+        remote
+            .down_lost
+            .fetch_add(u64::from(d - 1), Ordering::Relaxed);
+    }
+    Some(seq)
+}
+
 /// A sound packet further behind the last one than this (RTP ticks, 2 s) is not late but
 /// from a new stream: the site joined again, and its timestamps start somewhere new.
 const LATE_LIMIT: i32 = 2 * 48_000;
@@ -68,6 +88,11 @@ pub struct Remote {
     pub events: mpsc::UnboundedSender<RoomEvent>,
     pub deliver_video: bool,
     pub keyframe_requests_sent: AtomicU64,
+    /// Downlink loss: packets received on every slot, and packets missing between them. The
+    /// server numbers each slot's packets itself, so a gap is loss on the way from the
+    /// server to this site, whatever happened before.
+    pub down_packets: AtomicU64,
+    pub down_lost: AtomicU64,
     /// Measure PSNR on every n-th verified frame per site (0 = never).
     pub psnr_every: u64,
 }
@@ -116,6 +141,7 @@ pub async fn run_track(
                 .expect("spawning a thread only fails when the OS is out of resources");
             let mut assembler = H264Assembler::new();
             let mut last_pli: Option<Instant> = None;
+            let mut last_seq: Option<u16> = None;
             loop {
                 tokio::select! {
                     ev = track.poll() => {
@@ -127,6 +153,7 @@ pub async fn run_track(
                             }
                             TrackRemoteEvent::OnRtpPacket(pkt) => {
                                 let Some(m) = mid.clone() else { continue };
+                                last_seq = count_downlink(&remote, last_seq, pkt.header.sequence_number);
                                 for f in assembler.push(pkt, Instant::now()) {
                                     if tx.send((m.clone(), f.data, f.after_loss)).is_err() {
                                         break;
@@ -167,6 +194,7 @@ pub async fn run_track(
             // only in the timestamps: Opus's RTP clock is its 48 kHz sample rate, so a frame
             // is AUDIO_FRAME_SAMPLES ticks.
             let mut last: Option<(SiteId, u32, bool)> = None;
+            let mut last_seq: Option<u16> = None;
             while let Some(ev) = track.poll().await {
                 match ev {
                     TrackRemoteEvent::OnOpen(init) => {
@@ -174,6 +202,7 @@ pub async fn run_track(
                     }
                     TrackRemoteEvent::OnRtpPacket(pkt) => {
                         let Some(m) = mid.as_deref() else { continue };
+                        last_seq = count_downlink(&remote, last_seq, pkt.header.sequence_number);
                         let Some(site) = remote.site_of(m) else {
                             continue;
                         };

@@ -91,6 +91,10 @@ pub struct Report {
     /// Times the site joined again by itself after a lost connection.
     #[serde(default)]
     pub reconnects: u64,
+    /// Times the others' pictures were turned off because this site's downlink lost too
+    /// much (sound only meanwhile).
+    #[serde(default)]
+    pub video_receive_pauses: u64,
     /// Round trip to the server last measured (ICE checks on the media path).
     #[serde(default)]
     pub rtt_ms: Option<f64>,

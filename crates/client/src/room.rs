@@ -166,6 +166,11 @@ struct Shared {
     /// The person wants the others' pictures (false: sound only, see
     /// [`Room::set_receive_video`]); told to every new connection.
     receive_video: AtomicBool,
+    /// The others' pictures are off because this site's downlink loses too much
+    /// ([`quality::DownlinkGate`]); the person's own choice is `receive_video`.
+    down_sound_only: AtomicBool,
+    /// Times that happened.
+    down_pauses: AtomicU64,
     /// The round trip last measured (µs, 0 before the first).
     last_rtt_us: AtomicU64,
     /// Encoded pictures and sound from the capture threads, read by the current connection.
@@ -321,6 +326,12 @@ fn worth_retrying(e: &ClientError) -> bool {
     }
 }
 
+/// Whether the server should send this site the others' pictures: the person wants them and
+/// the downlink is not too lossy for them.
+fn wants_video(shared: &Shared) -> bool {
+    shared.receive_video.load(Ordering::Relaxed) && !shared.down_sound_only.load(Ordering::Relaxed)
+}
+
 /// Tells the supervisor that connection `id` is lost (unless the site has left).
 fn lost(shared: &Shared, id: u64, why: &str) {
     if !shared.closed.load(Ordering::Relaxed) {
@@ -420,6 +431,8 @@ impl Room {
             events: events_tx.clone(),
             deliver_video: options.deliver_video,
             keyframe_requests_sent: Default::default(),
+            down_packets: Default::default(),
+            down_lost: Default::default(),
             psnr_every: options.psnr_every,
         });
         let (video_tx, video_rx) = mpsc::channel(4);
@@ -435,6 +448,8 @@ impl Room {
             bwe_bps: Arc::new(AtomicU64::new(peer::BWE_INITIAL_BPS.to_bits())),
             link: Arc::new(peer::LinkStats::default()),
             receive_video: AtomicBool::new(options.receive_video),
+            down_sound_only: AtomicBool::new(false),
+            down_pauses: AtomicU64::new(0),
             last_rtt_us: AtomicU64::new(0),
             video_in: send_video.then(|| Arc::new(AsyncMutex::new(video_rx))),
             audio_in: send_audio.then(|| Arc::new(AsyncMutex::new(audio_rx))),
@@ -672,6 +687,7 @@ impl Room {
                 video_pauses: ld(&shared.counters.video_pauses),
                 video_paused_ms: ld(&shared.counters.video_paused_ms),
             },
+            video_receive_pauses: ld(&shared.down_pauses),
             received,
             latency_ms: latency(&all_lat),
             join_ms: shared
@@ -740,6 +756,9 @@ impl Room {
             return;
         }
         self.shared.receive_video.store(on, Ordering::Relaxed);
+        // The person's choice wins over the downlink's: asking for pictures ends a pause
+        // for the link too.
+        self.shared.down_sound_only.store(false, Ordering::Relaxed);
         self.send(ClientMessage::ReceiveVideo { on });
     }
 
@@ -949,7 +968,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
     let _ = shared.events.send(RoomEvent::Joined { you, role, sites });
     // Sound only, chosen in an earlier connection (or while this one was opening; see below).
     let mut receiving = true;
-    if options.receive_video && !shared.receive_video.load(Ordering::Relaxed) {
+    if options.receive_video && !wants_video(shared) {
         let _ = sig.outbox.send(ClientMessage::ReceiveVideo { on: false });
         receiving = false;
     }
@@ -1139,7 +1158,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         pc: pc.clone(),
     });
     // A change made while this connection was opening went nowhere: say it now.
-    if options.receive_video && shared.receive_video.load(Ordering::Relaxed) != receiving {
+    if options.receive_video && wants_video(shared) != receiving {
         let _ = sig
             .outbox
             .send(ClientMessage::ReceiveVideo { on: !receiving });
@@ -1311,6 +1330,38 @@ async fn selected_pair(pc: &Arc<dyn PeerConnection>) -> Option<(Option<String>, 
     Some((protocol, rtt))
 }
 
+/// Turns the others' pictures off (and on again) for a lossy downlink, unless the person
+/// chose either way by hand (joined sound only, or turned pictures off).
+fn sound_only_for_downlink(
+    shared: &Shared,
+    gate: &mut quality::DownlinkGate,
+    now: Instant,
+    loss_pct: Option<f64>,
+) {
+    if !shared.options.receive_video || !shared.receive_video.load(Ordering::Relaxed) {
+        *gate = quality::DownlinkGate::default();
+        return;
+    }
+    if gate.off() && !shared.down_sound_only.load(Ordering::Relaxed) {
+        // The person asked for pictures meanwhile.
+        *gate = quality::DownlinkGate::default();
+    }
+    let Some(off) = gate.update(now, loss_pct) else {
+        return;
+    };
+    info!(?loss_pct, off, hold = ?gate.hold(), "pictures received, for the downlink");
+    shared.down_sound_only.store(off, Ordering::Relaxed);
+    if off {
+        shared.down_pauses.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(c) = shared.current.lock().expect("lock poisoned").as_ref() {
+        let _ = c.outbox.send(ClientMessage::ReceiveVideo { on: !off });
+    }
+    let _ = shared
+        .events
+        .send(RoomEvent::ReceiveVideoPausedForLink { paused: off });
+}
+
 /// Works out [`Quality`] every [`QUALITY_EVERY`] for the whole meeting, and keeps the last
 /// round trip for the report.
 async fn report_quality(shared: Arc<Shared>) {
@@ -1321,11 +1372,19 @@ async fn report_quality(shared: Arc<Shared>) {
     let sent_bytes = |c: &SendCounters| {
         c.video_bytes.load(Ordering::Relaxed) + c.audio_bytes.load(Ordering::Relaxed)
     };
+    let down = |r: &Remote| {
+        (
+            r.down_packets.load(Ordering::Relaxed),
+            r.down_lost.load(Ordering::Relaxed),
+        )
+    };
     let mut before = (
         Instant::now(),
         sent_bytes(&shared.counters),
         BTreeMap::new(),
     );
+    let mut down_before = down(&shared.remote);
+    let mut gate = quality::DownlinkGate::default();
     loop {
         tick.tick().await;
         let pc = shared
@@ -1372,16 +1431,32 @@ async fn report_quality(shared: Arc<Shared>) {
         let reduced = sending_video && counters.video_layer.load(Ordering::Relaxed) > 1;
         let video_paused = sending_video && counters.video_paused.load(Ordering::Relaxed);
         let uplink_loss_pct = shared.link.loss_pct();
+        let (packets, lost) = down(&shared.remote);
+        let (packets_d, lost_d) = (packets - down_before.0, lost - down_before.1);
+        down_before = (packets, lost);
+        let downlink_loss_pct =
+            (packets_d + lost_d > 0).then(|| 100.0 * lost_d as f64 / (packets_d + lost_d) as f64);
+        sound_only_for_downlink(&shared, &mut gate, now, downlink_loss_pct);
         let quality = Quality {
             rtt_ms: rtt.map(|r| r.as_secs_f64() * 1000.0),
             uplink_loss_pct,
+            downlink_loss_pct,
             estimate_bps: f64::from_bits(shared.bwe_bps.load(Ordering::Relaxed)) as u64,
             send_bps: (sent.saturating_sub(before.1) as f64 * 8.0 / dt.as_secs_f64().max(1e-3))
                 as u64,
             send_size,
             reduced,
             video_paused,
-            grade: Grade::of(uplink_loss_pct, rtt, reduced, video_paused),
+            // The worse way counts.
+            grade: Grade::of(
+                uplink_loss_pct
+                    .into_iter()
+                    .chain(downlink_loss_pct)
+                    .reduce(f64::max),
+                rtt,
+                reduced,
+                video_paused,
+            ),
             sites: quality::sites_between(&before.2, &samples, dt),
         };
         before = (now, sent, samples);

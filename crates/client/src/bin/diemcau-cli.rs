@@ -668,6 +668,10 @@ async fn join(args: JoinArgs) -> ExitCode {
                         "[{}] Đường truyền quá yếu: tạm dừng gửi hình, vẫn giữ tiếng", target.site),
                     RoomEvent::VideoPausedForLink { paused: false } => eprintln!(
                         "[{}] Đường truyền đã tốt lên: gửi hình trở lại", target.site),
+                    RoomEvent::ReceiveVideoPausedForLink { paused: true } => eprintln!(
+                        "[{}] Đường truyền về quá yếu: tạm ngừng nhận hình, vẫn giữ tiếng", target.site),
+                    RoomEvent::ReceiveVideoPausedForLink { paused: false } => eprintln!(
+                        "[{}] Thử nhận hình trở lại", target.site),
                     // Told when the grade changes, not every two seconds.
                     RoomEvent::Quality(q) if last_grade != Some(q.grade) => {
                         last_grade = Some(q.grade);
