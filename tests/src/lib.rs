@@ -173,6 +173,20 @@ impl StderrLines {
     }
 }
 
+impl Drop for StderrLines {
+    /// A test that fails shows everything the process said, not only the lines it waited
+    /// for (a site whose lines nobody waited for is otherwise silent in the failure).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.seen.extend(self.rx.try_iter());
+            eprintln!("--- a child's stderr ({} lines) ---", self.seen.len());
+            for l in &self.seen {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 /// Adds `join` and what every test site passes to `diemcau-cli`: the server, the site, the
 /// room, no speaker, and how many seconds to stay.
 pub fn cli_join_args<'c>(
