@@ -16,6 +16,8 @@ use diemcau_media::{AudioEncoder, AudioSource, SourceError, VideoEncoder, VideoS
 use rtc::media::Sample;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
+
+use crate::quality::RetryHold;
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::Track;
@@ -218,8 +220,7 @@ pub struct VideoGate {
     paused: bool,
     /// Since when the estimate has been on the other side of the threshold.
     since: Option<Instant>,
-    hold: Duration,
-    resumed_at: Option<Instant>,
+    retry: RetryHold,
     probation_until: Option<Instant>,
     /// On probation, since when the estimate has held the resume threshold.
     sure_since: Option<Instant>,
@@ -230,8 +231,7 @@ impl Default for VideoGate {
         VideoGate {
             paused: false,
             since: None,
-            hold: RESUME_HOLD,
-            resumed_at: None,
+            retry: RetryHold::new(RESUME_HOLD, RESUME_HOLD_MAX, RELAPSE_WITHIN),
             probation_until: None,
             sure_since: None,
         }
@@ -248,7 +248,7 @@ impl VideoGate {
     pub fn restart(&mut self, now: Instant) {
         self.paused = false;
         self.since = None;
-        self.resumed_at = Some(now);
+        self.retry.resumed(now);
         self.start_probation(now);
     }
 
@@ -273,7 +273,7 @@ impl VideoGate {
 
     /// How long the estimate must now hold above [`RESUME_ABOVE_BPS`] for video to resume.
     pub fn hold(&self) -> Duration {
-        self.hold
+        self.retry.hold()
     }
 
     /// Folds in the estimate at `now`; returns the new state when it changes.
@@ -295,19 +295,14 @@ impl VideoGate {
         };
         if !crossing {
             self.since = None;
-            if !self.paused
-                && self
-                    .resumed_at
-                    .is_some_and(|t| now.saturating_duration_since(t) > 2 * RELAPSE_WITHIN)
-            {
-                self.hold = RESUME_HOLD;
-                self.resumed_at = None;
+            if !self.paused {
+                self.retry.settle(now);
             }
             return None;
         }
         let since = *self.since.get_or_insert(now);
         let wait = if self.paused {
-            self.hold
+            self.retry.hold()
         } else if self.on_probation(now) {
             PROBATION_PAUSE_AFTER
         } else {
@@ -319,14 +314,9 @@ impl VideoGate {
         self.since = None;
         self.paused = !self.paused;
         if self.paused {
-            if self
-                .resumed_at
-                .is_some_and(|t| now.saturating_duration_since(t) <= RELAPSE_WITHIN)
-            {
-                self.hold = (self.hold * 2).min(RESUME_HOLD_MAX);
-            }
+            self.retry.paused(now);
         } else {
-            self.resumed_at = Some(now);
+            self.retry.resumed(now);
             self.start_probation(now);
         }
         Some(self.paused)

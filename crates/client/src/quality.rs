@@ -95,6 +95,63 @@ impl Quality {
     }
 }
 
+/// How long a paused stream waits before it is tried again: `initial` at first, doubled (to
+/// `max`) each time it had to be paused again within `relapse_within` of coming back, and
+/// back to `initial` once it has run twice that long without trouble. The pause of sent
+/// pictures for a thin uplink ([`crate::publish::VideoGate`]) and of received pictures for a
+/// thin downlink ([`DownlinkGate`]) both back off this way.
+#[derive(Debug, Clone)]
+pub struct RetryHold {
+    initial: Duration,
+    max: Duration,
+    relapse_within: Duration,
+    hold: Duration,
+    resumed_at: Option<Instant>,
+}
+
+impl RetryHold {
+    pub fn new(initial: Duration, max: Duration, relapse_within: Duration) -> Self {
+        RetryHold {
+            initial,
+            max,
+            relapse_within,
+            hold: initial,
+            resumed_at: None,
+        }
+    }
+
+    /// The hold now.
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    /// The stream came back at `now`.
+    pub fn resumed(&mut self, now: Instant) {
+        self.resumed_at = Some(now);
+    }
+
+    /// The stream had to be paused at `now`: a relapse doubles the hold.
+    pub fn paused(&mut self, now: Instant) {
+        if self
+            .resumed_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= self.relapse_within)
+        {
+            self.hold = (self.hold * 2).min(self.max);
+        }
+    }
+
+    /// All is well at `now`: long enough after the last resume, the hold starts over.
+    pub fn settle(&mut self, now: Instant) {
+        if self
+            .resumed_at
+            .is_some_and(|t| now.saturating_duration_since(t) > 2 * self.relapse_within)
+        {
+            self.hold = self.initial;
+            self.resumed_at = None;
+        }
+    }
+}
+
 /// Downlink loss at which the others' pictures are turned off (sound only), once it has
 /// lasted [`DOWN_PAUSE_AFTER`] intervals in a row.
 pub const DOWN_PAUSE_LOSS_PCT: f64 = 15.0;
@@ -115,8 +172,7 @@ pub struct DownlinkGate {
     off: bool,
     bad: u32,
     off_since: Option<Instant>,
-    hold: Duration,
-    resumed_at: Option<Instant>,
+    retry: RetryHold,
 }
 
 impl Default for DownlinkGate {
@@ -125,8 +181,7 @@ impl Default for DownlinkGate {
             off: false,
             bad: 0,
             off_since: None,
-            hold: DOWN_HOLD,
-            resumed_at: None,
+            retry: RetryHold::new(DOWN_HOLD, DOWN_HOLD_MAX, DOWN_RELAPSE_WITHIN),
         }
     }
 }
@@ -138,42 +193,31 @@ impl DownlinkGate {
     }
 
     pub fn hold(&self) -> Duration {
-        self.hold
+        self.retry.hold()
     }
 
     /// Folds in one interval's downlink loss; returns the new state when it changes.
     pub fn update(&mut self, now: Instant, loss_pct: Option<f64>) -> Option<bool> {
         if self.off {
             let since = self.off_since.unwrap_or(now);
-            if now.saturating_duration_since(since) < self.hold {
+            if now.saturating_duration_since(since) < self.retry.hold() {
                 return None;
             }
             self.off = false;
             self.bad = 0;
-            self.resumed_at = Some(now);
+            self.retry.resumed(now);
             return Some(false);
         }
         if loss_pct.is_some_and(|l| l >= DOWN_PAUSE_LOSS_PCT) {
             self.bad += 1;
         } else {
             self.bad = 0;
-            if self
-                .resumed_at
-                .is_some_and(|t| now.saturating_duration_since(t) > 2 * DOWN_RELAPSE_WITHIN)
-            {
-                self.hold = DOWN_HOLD;
-                self.resumed_at = None;
-            }
+            self.retry.settle(now);
         }
         if self.bad < DOWN_PAUSE_AFTER {
             return None;
         }
-        if self
-            .resumed_at
-            .is_some_and(|t| now.saturating_duration_since(t) <= DOWN_RELAPSE_WITHIN)
-        {
-            self.hold = (self.hold * 2).min(DOWN_HOLD_MAX);
-        }
+        self.retry.paused(now);
         self.off = true;
         self.off_since = Some(now);
         Some(true)

@@ -74,24 +74,78 @@ fn report(p: &mut Proc) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
 }
 
-/// The verified picture count for `site` in one of the CLI's five-second progress lines
-/// ("… nhận xa-a: 70 hình (70 đã kiểm), 250 tiếng").
-fn verified_in(line: &str, site: &str) -> Option<u64> {
+/// What one of the CLI's five-second progress lines says about `site`, from its counts on
+/// ("… nhận xa-a: 70 hình (70 đã kiểm), 250 tiếng; xa-b: …" → "70 hình (70 đã kiểm), 250
+/// tiếng").
+fn site_part<'a>(line: &'a str, site: &str) -> Option<&'a str> {
     let rest = &line[line.find(&format!("{site}: "))? + site.len() + 2..];
+    rest.split(';').next()
+}
+
+/// The verified picture count for `site` in a progress line.
+fn verified_in(line: &str, site: &str) -> Option<u64> {
+    let rest = site_part(line, site)?;
     let open = rest.find('(')?;
     rest[open + 1..].split_whitespace().next()?.parse().ok()
 }
 
 /// The sound frame count for `site` in a progress line (the number before "tiếng").
 fn heard_in(line: &str, site: &str) -> Option<u64> {
-    let rest = &line[line.find(&format!("{site}: "))? + site.len() + 2..];
-    let rest = rest.split(';').next()?;
-    rest.rsplit(", ")
+    site_part(line, site)?
+        .rsplit(", ")
         .next()?
         .split_whitespace()
         .next()?
         .parse()
         .ok()
+}
+
+/// Sound from `site` in `lines`' progress lines over at least `span`: frames per second as a
+/// share of the 50 a site sends, and the window in seconds. `at_start` runs as the window
+/// opens (to read link counters over the same window).
+fn speech_over<T>(
+    lines: &mut StderrLines,
+    site: &str,
+    span: Duration,
+    at_start: impl FnOnce() -> T,
+) -> (f64, f64, T) {
+    let heard = |l: &str| heard_in(l, site);
+    let first = lines.wait(Duration::from_secs(12), "a progress line", |l| {
+        heard(l).is_some()
+    });
+    let (first, from) = (heard(&first).unwrap(), Instant::now());
+    let started = at_start();
+    let mut last = first;
+    while from.elapsed() < span {
+        let l = lines.wait(Duration::from_secs(12), "a progress line", |l| {
+            heard(l).is_some()
+        });
+        last = heard(&l).unwrap();
+    }
+    let window = from.elapsed().as_secs_f64();
+    ((last - first) as f64 / (window * 50.0), window, started)
+}
+
+/// Waits (a minute at most) until `lines`' progress lines show 30 more verified pictures
+/// from `site` than the next one does now.
+fn thirty_more_pictures(lines: &mut StderrLines, site: &str) {
+    let before = lines.wait(Duration::from_secs(12), "a progress line", |l| {
+        verified_in(l, site).is_some()
+    });
+    let before = verified_in(&before, site).unwrap();
+    lines.wait(Duration::from_secs(60), "new verified pictures", |l| {
+        verified_in(l, site).is_some_and(|n| n > before + 30)
+    });
+}
+
+/// Asserts that of the lines saying `stopped` or `again`, the last says `again`: the site
+/// may have tried while the link was still thin; what counts is what it says now.
+fn says_again(lines: &mut StderrLines, stopped: &str, again: &str) {
+    let said = lines.last(|l| l.contains(stopped) || l.contains(again));
+    assert!(
+        said.as_deref().is_some_and(|l| l.contains(again)),
+        "the site says {again:?}: {said:?}"
+    );
 }
 
 #[test]
@@ -350,52 +404,27 @@ fn at_96_kbit_the_site_pauses_its_video_and_keeps_speech_then_sends_pictures_aga
     });
     let paused_after = joined.elapsed();
     // Speech while the link stays thin, from the province's progress lines (every 5 s).
-    let heard = |l: &str| heard_in(l, "xa-chau-tien");
-    let first = ep.wait(Duration::from_secs(12), "a progress line", |l| {
-        heard(l).is_some()
-    });
-    let (first, from) = (heard(&first).unwrap(), Instant::now());
-    let (up0, down0) = link.counts();
-    let mut last = first;
-    while from.elapsed() < Duration::from_secs(20) {
-        let l = ep.wait(Duration::from_secs(12), "a progress line", |l| {
-            heard(l).is_some()
+    let (speech, window, (up0, down0)) =
+        speech_over(&mut ep, "xa-chau-tien", Duration::from_secs(20), || {
+            link.counts()
         });
-        last = heard(&l).unwrap();
-    }
-    let window = from.elapsed().as_secs_f64();
-    let (up1, down1) = link.counts();
+    let (thin_up, thin_down) = link.counts();
     eprintln!(
         "in the window: uplink {:.1} packets/s, {:.1} kbit/s, {} queue drops; downlink {:.1} packets/s",
-        (up1.packets - up0.packets) as f64 / window,
-        (up1.bytes - up0.bytes) as f64 * 8.0 / window / 1000.0,
-        up1.queue_drops - up0.queue_drops,
-        (down1.packets - down0.packets) as f64 / window
+        (thin_up.packets - up0.packets) as f64 / window,
+        (thin_up.bytes - up0.bytes) as f64 * 8.0 / window / 1000.0,
+        thin_up.queue_drops - up0.queue_drops,
+        (thin_down.packets - down0.packets) as f64 / window
     );
-    let speech = (last - first) as f64 / (window * 50.0);
-    let (thin_up, thin_down) = link.counts();
     // The link lifts: pictures come back by themselves, and the province verifies them.
     link.shape_both(Shape {
         rate_kbit: None,
         ..thin
     });
     let lifted = Instant::now();
-    let before = ep.wait(Duration::from_secs(12), "a progress line", |l| {
-        verified_in(l, "xa-chau-tien").is_some()
-    });
-    let before = verified_in(&before, "xa-chau-tien").unwrap();
-    ep.wait(Duration::from_secs(60), "new verified pictures", |l| {
-        verified_in(l, "xa-chau-tien").is_some_and(|n| n > before + 30)
-    });
+    thirty_more_pictures(&mut ep, "xa-chau-tien");
     let back = lifted.elapsed();
-    // (It may have tried pictures while the link was still thin; what counts is that it
-    // now says it sends them.)
-    let last = ec.last(|l| l.contains("tạm dừng gửi hình") || l.contains("gửi hình trở lại"));
-    assert!(
-        last.as_deref()
-            .is_some_and(|l| l.contains("gửi hình trở lại")),
-        "the site says it sends pictures again: {last:?}"
-    );
+    says_again(&mut ec, "tạm dừng gửi hình", "gửi hình trở lại");
     stop(&commune);
     let rc = report(&mut commune);
     stop(&province);
@@ -450,37 +479,13 @@ fn with_a_thin_downlink_the_site_stops_receiving_pictures_keeps_the_sound_and_ta
     let off_after = joined.elapsed();
     // The province's sound at the commune while its pictures are off, from the commune's
     // progress lines.
-    let heard = |l: &str| heard_in(l, "nghe-an");
-    let first = ec.wait(Duration::from_secs(12), "a progress line", |l| {
-        heard(l).is_some()
-    });
-    let (first, from) = (heard(&first).unwrap(), Instant::now());
-    let mut last = first;
-    while from.elapsed() < Duration::from_secs(10) {
-        let l = ec.wait(Duration::from_secs(12), "a progress line", |l| {
-            heard(l).is_some()
-        });
-        last = heard(&l).unwrap();
-    }
-    let window = from.elapsed().as_secs_f64();
-    let speech = (last - first) as f64 / (window * 50.0);
+    let (speech, window, ()) = speech_over(&mut ec, "nghe-an", Duration::from_secs(10), || ());
     // The downlink recovers: pictures are taken again (after the hold) and verified.
     link.shape_both(Shape::default());
     let lifted = Instant::now();
-    let before = ec.wait(Duration::from_secs(12), "a progress line", |l| {
-        verified_in(l, "nghe-an").is_some()
-    });
-    let before = verified_in(&before, "nghe-an").unwrap();
-    ec.wait(Duration::from_secs(60), "pictures again", |l| {
-        verified_in(l, "nghe-an").is_some_and(|n| n > before + 30)
-    });
+    thirty_more_pictures(&mut ec, "nghe-an");
     let back = lifted.elapsed();
-    let said = ec.last(|l| l.contains("tạm ngừng nhận hình") || l.contains("nhận hình trở lại"));
-    assert!(
-        said.as_deref()
-            .is_some_and(|l| l.contains("nhận hình trở lại")),
-        "the site says it takes pictures again: {said:?}"
-    );
+    says_again(&mut ec, "tạm ngừng nhận hình", "nhận hình trở lại");
     stop(&commune);
     let rc = report(&mut commune);
     stop(&province);
