@@ -228,9 +228,11 @@ struct Session {
 }
 
 impl Session {
-    /// Whether a media path comes up: ICE must find one within `ice_limit` (else the
-    /// transport is blocked), and DTLS then has until [`MEDIA_LIMIT`] (on a lossy, slow link
-    /// its retransmissions take seconds).
+    /// Waits for the media path. Returns whether ICE found one within `ice_limit`: if not,
+    /// the transport is blocked. Once it has, DTLS is waited for until [`MEDIA_LIMIT`] (on a
+    /// lossy, slow link its retransmissions take seconds), but a slow handshake is not a
+    /// blocked transport: the path is kept either way, and if DTLS never completes the
+    /// server's media timeout sends the site round again over the same transport.
     async fn wait_media(&self, ice_limit: Duration) -> bool {
         let (mut ice, mut state) = (self.ice.clone(), self.state.clone());
         let found = tokio::time::timeout(
@@ -244,13 +246,14 @@ impl Session {
         )
         .await
         .is_ok_and(|r| r.is_ok());
-        found
-            && tokio::time::timeout(
+        if found {
+            let _ = tokio::time::timeout(
                 MEDIA_LIMIT.saturating_sub(ice_limit),
                 state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
             )
-            .await
-            .is_ok_and(|r| r.is_ok())
+            .await;
+        }
+        found
     }
 
     /// Ends this connection. With `leave` the server is told first, and given the time to
@@ -837,8 +840,8 @@ impl Drop for Room {
     }
 }
 
-/// Opens a connection; when UDP and TCP are both allowed and media does not come up over
-/// UDP within [`UDP_GRACE`], opens it again over TCP only (and stays on TCP).
+/// Opens a connection; when UDP and TCP are both allowed and ICE finds no UDP path within
+/// [`UDP_GRACE`], opens it again over TCP only (and stays on TCP).
 async fn open_with_fallback(shared: &Arc<Shared>, resume: bool) -> Result<Session, ClientError> {
     let session = open_session(shared, resume).await?;
     if !(shared.udp.load(Ordering::Relaxed) && shared.options.tcp)
@@ -846,7 +849,7 @@ async fn open_with_fallback(shared: &Arc<Shared>, resume: bool) -> Result<Sessio
     {
         return Ok(session);
     }
-    info!("no media over UDP within {UDP_GRACE:?}; joining again over ICE-TCP");
+    info!("no UDP path within {UDP_GRACE:?}; joining again over ICE-TCP");
     session.close(shared, false).await;
     shared.udp.store(false, Ordering::Relaxed);
     // `resume`: the server may not have seen the first connection go yet.
