@@ -271,6 +271,13 @@ impl Call {
                 RoomEvent::ReceiveVideoPausedForLink { paused } => {
                     emit(CallEvent::ReceiveVideoPausedForLink { paused })
                 }
+                RoomEvent::Upstream { connected } => emit(CallEvent::Notice {
+                    message: if connected {
+                        "Đã kết nối với tỉnh.".into()
+                    } else {
+                        "Mất kết nối với tỉnh; cuộc họp của huyện vẫn tiếp tục.".into()
+                    },
+                }),
                 RoomEvent::TrackAdded { .. }
                 | RoomEvent::TrackRemoved { .. }
                 | RoomEvent::VideoLayer { .. }

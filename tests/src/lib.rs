@@ -13,6 +13,17 @@ use tokio::sync::mpsc;
 /// (a starved encoder drops frames and the verification counts would measure the machine).
 pub static MEDIA: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Logs of the in-process servers and clients on stderr when `DIEMCAU_TEST_LOG` is set (a
+/// filter such as `info` or `diemcau_server=debug`), for a test that needs explaining.
+pub fn test_log() {
+    if let Ok(filter) = std::env::var("DIEMCAU_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A `--dev` server on a free loopback port.
 pub async fn dev_server() -> RunningServer {
     let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
@@ -343,6 +354,7 @@ pub mod raw {
                 token: token.map(str::to_string),
                 control,
                 resume,
+                relay: false,
             })
             .await;
             self.wait("welcome or error", |m| {

@@ -167,8 +167,15 @@ impl NetNs {
     /// (its uplink). Dropping where packets arrive keeps the loss silent, as on a real
     /// link: a DROP in OUTPUT would fail the sender's `send` with EPERM instead.
     fn incoming(&self, add: bool, rule: &[&str]) {
+        self.incoming_on(add, &[], rule);
+    }
+
+    /// [`Self::incoming`], with `inside_only` added to the namespace's rule (the machine's
+    /// rule already names the link's interface).
+    fn incoming_on(&self, add: bool, inside_only: &[&str], rule: &[&str]) {
         let op = if add { "-I" } else { "-D" };
         let mut inside = vec!["iptables", op, "INPUT"];
+        inside.extend_from_slice(inside_only);
         inside.extend_from_slice(rule);
         self.inside(&inside);
         let mut host: Vec<String> = ["INPUT", "-i", &self.ns.host_if]
@@ -193,6 +200,13 @@ impl NetNs {
     /// Drops every packet both ways (`true`), or lets them through again.
     pub fn blackout(&self, on: bool) {
         self.incoming(on, &["-j", "DROP"]);
+    }
+
+    /// Cuts the link both ways (`true`) or mends it, leaving traffic within the namespace
+    /// (its loopback and its own address) alone: a district's own meeting inside it goes on.
+    pub fn cut(&self, on: bool) {
+        let ns_if = self.ns_if.clone();
+        self.incoming_on(on, &["-i", &ns_if], &["-j", "DROP"]);
     }
 
     /// Drops UDP both ways, as a firewall that allows only TCP.

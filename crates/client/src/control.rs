@@ -125,6 +125,7 @@ impl ControlSession {
             token: Some(token.into()),
             control: true,
             resume: false,
+            relay: false,
         });
         // Any error answers the join.
         sig.expect(&mut VecDeque::new(), "welcome", &ErrorCode::ALL, |m| {

@@ -190,6 +190,11 @@ pub enum RoomEvent {
     ReceiveVideoPausedForLink {
         paused: bool,
     },
+    /// From a district relay: its link to the parent (province) room was lost
+    /// (`connected: false`; the district's own meeting carries on) or is back.
+    Upstream {
+        connected: bool,
+    },
     /// This site's link and what arrives from each other site, every
     /// [`quality::QUALITY_EVERY`].
     Quality(quality::Quality),

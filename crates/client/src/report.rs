@@ -80,6 +80,10 @@ pub struct Report {
     pub keyframe_requests_sent: u64,
     /// Sites seen in the room (joined before or during our stay), by id.
     pub sites_seen: Vec<String>,
+    /// Where each site seen sits in the tree: its ancestors, root first (a commune behind a
+    /// district relay shows the province and the district, under its own id).
+    #[serde(default)]
+    pub site_paths: std::collections::BTreeMap<String, Vec<String>>,
     /// Problems met on the way, in Vietnamese.
     pub errors: Vec<String>,
     /// Picture sizes received, by site (largest first).

@@ -5,7 +5,7 @@
 //! `offer` → `answer` → media. After that a room task turns server messages into
 //! [`RoomEvent`]s and keeps the slot map the receive tasks read.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -176,7 +176,8 @@ struct Shared {
     /// Encoded pictures and sound from the capture threads, read by the current connection.
     video_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
     audio_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
-    sites_seen: Mutex<BTreeSet<SiteId>>,
+    /// Sites seen in the room, with their place in the tree (ancestors, root first).
+    sites_seen: Mutex<BTreeMap<SiteId, Vec<SiteId>>>,
     errors: Mutex<Vec<String>>,
     meeting: Mutex<MeetingView>,
     requests: Arc<Requests>,
@@ -456,7 +457,7 @@ impl Room {
             last_rtt_us: AtomicU64::new(0),
             video_in: send_video.then(|| Arc::new(AsyncMutex::new(video_rx))),
             audio_in: send_audio.then(|| Arc::new(AsyncMutex::new(audio_rx))),
-            sites_seen: Mutex::new(BTreeSet::new()),
+            sites_seen: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(Vec::new()),
             meeting: Mutex::new(MeetingView::default()),
             requests: Arc::new(Requests::default()),
@@ -631,6 +632,7 @@ impl Room {
         };
         let shared = &*self.shared;
         let sites = shared.remote.sites.lock().expect("lock poisoned").clone();
+        let site_paths = shared.sites_seen.lock().expect("lock poisoned").clone();
         let mut all_lat = Vec::new();
         // Sizes received per site, the largest first.
         let layers_received: std::collections::BTreeMap<String, Vec<String>> = sites
@@ -700,13 +702,8 @@ impl Room {
                 .expect("lock poisoned")
                 .map(|d| d.as_secs_f64() * 1000.0),
             keyframe_requests_sent: ld(&shared.remote.keyframe_requests_sent),
-            sites_seen: shared
-                .sites_seen
-                .lock()
-                .expect("lock poisoned")
-                .iter()
-                .cloned()
-                .collect(),
+            sites_seen: site_paths.keys().cloned().collect(),
+            site_paths,
             errors: shared.errors.lock().expect("lock poisoned").clone(),
             layers_received,
             audio_frames_concealed,
@@ -942,6 +939,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         token,
         control: false,
         resume,
+        relay: false,
     });
     let mut backlog = VecDeque::new();
     let (you, role, video_slots, audio_slots, sites) = sig
@@ -967,7 +965,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         .sites_seen
         .lock()
         .expect("lock poisoned")
-        .extend(sites.iter().map(|s| s.id.clone()));
+        .extend(sites.iter().map(|s| (s.id.clone(), s.path.clone())));
     let _ = shared.events.send(RoomEvent::Joined { you, role, sites });
     // Sound only, chosen in an earlier connection (or while this one was opening; see below).
     let mut receiving = true;
@@ -1202,7 +1200,7 @@ fn on_server_message(msg: ServerMessage, shared: &Shared) {
             sites_seen
                 .lock()
                 .expect("lock poisoned")
-                .insert(site.id.clone());
+                .insert(site.id.clone(), site.path.clone());
             let _ = events.send(RoomEvent::SiteJoined { site });
         }
         ServerMessage::SiteLeft { site, reason } => {
@@ -1265,12 +1263,19 @@ fn on_server_message(msg: ServerMessage, shared: &Shared) {
         ServerMessage::RollCall { entries } => {
             let _ = events.send(RoomEvent::RollCall { entries });
         }
+        ServerMessage::Upstream { connected } => {
+            let _ = events.send(RoomEvent::Upstream { connected });
+        }
         ServerMessage::Welcome { .. }
         | ServerMessage::Answer { .. }
         | ServerMessage::Pong { .. }
         | ServerMessage::Enrolled { .. }
         | ServerMessage::Ack { .. }
-        | ServerMessage::RollCallCsv { .. } => {}
+        | ServerMessage::RollCallCsv { .. }
+        // For relays only.
+        | ServerMessage::RelayMeeting { .. }
+        | ServerMessage::RelayAskUnmute { .. }
+        | ServerMessage::RelayRemove { .. } => {}
     }
 }
 

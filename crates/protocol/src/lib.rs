@@ -17,7 +17,9 @@ pub mod token;
 use serde::{Deserialize, Serialize};
 
 pub use directory::{Directory, DirectoryError, SiteEntry};
-pub use meeting::{ChairCommand, FloorMode, FloorState, Hand, RollEntry, RollStatus};
+pub use meeting::{
+    ChairCommand, FloorMode, FloorState, Hand, MeetingSnapshot, RollEntry, RollStatus,
+};
 
 /// Version of the signalling protocol; a join with another `v` is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -62,6 +64,18 @@ pub struct SiteInfo {
     pub path_names: Vec<String>,
 }
 
+/// Most pictures a relay sends up at once (the district hall and the floor or spotlight).
+pub const RELAY_UP_VIDEO: usize = 2;
+/// Most sounds a relay sends up at once (the loudest sites behind it).
+pub const RELAY_UP_AUDIO: usize = 3;
+
+/// A site behind a relay (or, going down, a member of the parent's room) and its role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelaySite {
+    pub site: SiteInfo,
+    pub role: Role,
+}
+
 /// Media kind of a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -100,6 +114,31 @@ pub enum ClientMessage {
         /// are kept either way; a room locked since is entered again.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resume: bool,
+        /// A district relay (`diemcau-server --upstream`) joining as one peer for the sites
+        /// behind it: not itself in the roster; it names those sites with `relay_sites`,
+        /// sends up to [`RELAY_UP_VIDEO`] pictures and [`RELAY_UP_AUDIO`] sounds on
+        /// send-only m-lines named by `relay_sources`, and gets `relay_meeting`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        relay: bool,
+    },
+    /// Relay only: every site behind the relay now (the whole list; it replaces the last).
+    RelaySites {
+        sites: Vec<RelaySite>,
+    },
+    /// Relay only: which site each of the relay's send-only m-lines carries now (the whole
+    /// mapping, as `slots` is for receive slots; `site: null` = idle).
+    RelaySources {
+        sources: Vec<SlotAssignment>,
+    },
+    /// Relay only: a site behind the relay raised (`up`) or lowered its hand.
+    RelayHand {
+        site: SiteId,
+        up: bool,
+    },
+    /// Relay only: a site behind the relay answered `ask_unmute`.
+    RelayUnmuteReply {
+        site: SiteId,
+        accept: bool,
     },
     /// Trade the site's enrollment secret (from the installer) for a short-lived token.
     /// Answered with `enrolled` or an error; may come instead of `join` as first message.
@@ -212,6 +251,27 @@ pub enum ServerMessage {
     RollCallCsv {
         id: u64,
         csv: String,
+    },
+    /// To a relay: the room's meeting state (whole, not one site's view) and every member
+    /// not behind this relay, sent after every change. The relay shows its own sites their
+    /// views of it.
+    RelayMeeting {
+        state: MeetingSnapshot,
+        members: Vec<RelaySite>,
+    },
+    /// To a relay: the chair asks a site behind it to unmute.
+    RelayAskUnmute {
+        site: SiteId,
+        by: SiteId,
+    },
+    /// To a relay: the chair removed a site behind it.
+    RelayRemove {
+        site: SiteId,
+    },
+    /// From a district relay to its own sites: whether its link to the parent (province)
+    /// room is up. While it is down the district's own meeting carries on.
+    Upstream {
+        connected: bool,
     },
     /// Something went wrong. `fatal: true` means the server closes the connection next.
     /// `id` is set when the error answers a chair command.
@@ -387,6 +447,10 @@ const CLIENT_TYPES: &[&str] = &[
     "lower_hand",
     "chair",
     "unmute_reply",
+    "relay_sites",
+    "relay_sources",
+    "relay_hand",
+    "relay_unmute_reply",
 ];
 
 impl ClientMessage {
@@ -467,6 +531,7 @@ mod tests {
             token: None,
             control: false,
             resume: false,
+            relay: false,
         };
         let text = m.encode();
         assert_eq!(
@@ -529,6 +594,33 @@ mod tests {
             ClientMessage::ReceiveVideo { on: false },
             ClientMessage::Ping { id: 3 },
             ClientMessage::Leave,
+            ClientMessage::RelaySites {
+                sites: vec![RelaySite {
+                    site: SiteInfo {
+                        id: "xa-chau-tien".into(),
+                        name: "Xã Châu Tiến".into(),
+                        level: Level::Commune,
+                        path: vec!["nghe-an".into(), "quy-chau".into()],
+                        path_names: vec![],
+                    },
+                    role: Role::Commune,
+                }],
+            },
+            ClientMessage::RelaySources {
+                sources: vec![SlotAssignment {
+                    mid: "0".into(),
+                    kind: MediaKind::Video,
+                    site: None,
+                }],
+            },
+            ClientMessage::RelayHand {
+                site: "s".into(),
+                up: true,
+            },
+            ClientMessage::RelayUnmuteReply {
+                site: "s".into(),
+                accept: false,
+            },
         ];
         for m in msgs {
             assert_eq!(ClientMessage::decode(&m.encode()), Ok(m));

@@ -42,6 +42,20 @@ pub struct FloorState {
     pub you_may_speak: bool,
 }
 
+/// A room's whole meeting state, as a parent room sends it to a relay (which shows each of
+/// its sites its own view of it). The roll-call stays with the parent.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MeetingSnapshot {
+    /// Raised hands in queue order: site and when it went up (ms since the Unix epoch).
+    pub hands: Vec<(SiteId, u64)>,
+    pub mode: FloorMode,
+    pub granted: Vec<SiteId>,
+    pub muted: Vec<SiteId>,
+    pub asked_unmute: Vec<SiteId>,
+    pub spotlight: Option<SiteId>,
+    pub locked: bool,
+}
+
 /// One raised hand.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hand {

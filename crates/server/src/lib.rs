@@ -16,6 +16,7 @@ pub mod sfu;
 pub mod signalling;
 pub mod slots;
 pub mod tls;
+pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub struct ServerConfig {
     pub audit_log: Option<std::path::PathBuf>,
     /// TLS for signalling (`wss://`, see [`tls::load`]); `None` serves plain `ws://`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Relay mode: also join this parent room as one peer for this server's sites.
+    pub upstream: Option<upstream::UpstreamConfig>,
 }
 
 impl ServerConfig {
@@ -71,6 +74,7 @@ impl ServerConfig {
             key: None,
             audit_log: None,
             tls: None,
+            upstream: None,
         }
     }
 }
@@ -188,11 +192,15 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         connect_timeout: cfg.connect_timeout,
         key: cfg.key.clone(),
         enrollment_ttl: Duration::from_secs(15 * 60),
+        relay_site: cfg.upstream.as_ref().map(|u| u.site.clone()),
+        relay_room: cfg.upstream.as_ref().map(|u| u.room.clone()),
     };
+    let udp_candidate = engine_cfg.udp_candidate;
     let (tx, rx) = mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(());
     let engine = sfu::Engine::new(engine_cfg, Arc::new(udp), stats.clone(), audit);
-    let tasks = vec![
+    let uplink_tx = tx.clone();
+    let mut tasks = vec![
         tokio::spawn(engine.run(rx)),
         tokio::spawn(signalling::accept_loop(
             listener,
@@ -201,6 +209,9 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from),
         )),
     ];
+    if let Some(up) = cfg.upstream.clone() {
+        tasks.push(tokio::spawn(upstream::run(up, uplink_tx, udp_candidate)));
+    }
     Ok(RunningServer {
         signalling,
         tls: cfg.tls.is_some(),

@@ -107,6 +107,19 @@ struct RunArgs {
     /// Audio slots per site: how many of the loudest remote sites one site hears at most.
     #[arg(long, default_value_t = 3)]
     audio_slots: u8,
+    /// Relay mode: also join the parent (province) room at this URL (ws:// or wss://) as
+    /// one peer carrying this district's sites; needs --site.
+    #[arg(long, requires = "site")]
+    upstream: Option<String>,
+    /// Relay mode: this district's site id in the parent's directory.
+    #[arg(long, requires = "upstream")]
+    site: Option<String>,
+    /// Relay mode: a join token for --site (role district) from the parent's key.
+    #[arg(long, requires = "upstream")]
+    token: Option<String>,
+    /// Relay mode: the room carried, by the same name here and at the parent.
+    #[arg(long, default_value = "hop-tinh")]
+    room: String,
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -255,6 +268,20 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .or_else(|| (!args.dev).then(|| PathBuf::from("diemcau-audit.jsonl"))),
         tls,
+        upstream: match (&args.upstream, &args.site) {
+            (Some(url), Some(site)) => {
+                if !url.starts_with("ws://") && !url.starts_with("wss://") {
+                    bail!("--upstream {url}: use ws://HOST:PORT or wss://HOST:PORT");
+                }
+                Some(diemcau_server::upstream::UpstreamConfig {
+                    url: url.clone(),
+                    site: site.clone(),
+                    token: args.token.clone(),
+                    room: args.room.clone(),
+                })
+            }
+            _ => None,
+        },
     };
     let sites = cfg.directory.len();
     let server = start(cfg).await?;
@@ -267,6 +294,13 @@ async fn main() -> anyhow::Result<()> {
         "directory: {sites} sites; media: UDP {}, ICE-TCP on the signalling port",
         server.media_udp
     );
+    if let Some(up) = &args.upstream {
+        eprintln!(
+            "relay: carrying room {} to {up} as {}",
+            args.room,
+            args.site.as_deref().unwrap_or_default()
+        );
+    }
     // The first stdout line is the address; scripts and tests read it.
     println!("listening {}", server.url());
     tokio::signal::ctrl_c().await.ok();

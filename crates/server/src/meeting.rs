@@ -15,7 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use diemcau_protocol::{
-    Directory, FloorMode, FloorState, Hand, Role, RollEntry, RollStatus, SiteId, SiteInfo,
+    Directory, FloorMode, FloorState, Hand, MeetingSnapshot, Role, RollEntry, RollStatus, SiteId,
+    SiteInfo,
 };
 
 /// One room's meeting state.
@@ -73,6 +74,36 @@ impl Meeting {
 
     pub fn hand_count(&self) -> usize {
         self.hands.len()
+    }
+
+    /// The raised hands in queue order.
+    pub fn hands(&self) -> &[(SiteId, u64)] {
+        &self.hands
+    }
+
+    /// The whole state but the roll-call, as a parent room sends it to a relay.
+    pub fn snapshot(&self) -> MeetingSnapshot {
+        MeetingSnapshot {
+            hands: self.hands.clone(),
+            mode: self.mode,
+            granted: self.granted.iter().cloned().collect(),
+            muted: self.muted.iter().cloned().collect(),
+            asked_unmute: self.asked_unmute.iter().cloned().collect(),
+            spotlight: self.spotlight.clone(),
+            locked: self.locked,
+        }
+    }
+
+    /// Takes a parent room's state (a relay mirrors it while linked); the roll-call, which
+    /// stays with the parent, is kept as it was.
+    pub fn mirror(&mut self, s: &MeetingSnapshot) {
+        self.hands = s.hands.clone();
+        self.mode = s.mode;
+        self.granted = s.granted.iter().cloned().collect();
+        self.muted = s.muted.iter().cloned().collect();
+        self.asked_unmute = s.asked_unmute.iter().cloned().collect();
+        self.spotlight = s.spotlight.clone();
+        self.locked = s.locked;
     }
 
     /// The queue as `viewer` may see it (see the module docs of the protocol's `Hands`).
@@ -243,6 +274,34 @@ impl Meeting {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod mirror_tests {
+    use super::*;
+
+    #[test]
+    fn a_mirror_carries_all_but_the_roll_call() {
+        let mut parent = Meeting::default();
+        parent.raise("xa-a", 5);
+        parent.raise("xa-b", 9);
+        parent.set_mode(FloorMode::ChairOnly);
+        parent.grant("xa-a");
+        parent.mute("xa-c");
+        parent.ask_unmute("xa-c");
+        parent.set_spotlight(Some("xa-a"));
+        let mut relay = Meeting::default();
+        relay.roll_call_start(1, &["xa-z".to_string()]);
+        relay.raise("xa-local", 1);
+        relay.mirror(&parent.snapshot());
+        assert_eq!(relay.snapshot(), parent.snapshot());
+        assert_eq!(relay.hands(), &[("xa-b".to_string(), 9)]);
+        assert!(relay.may_speak("xa-a", Role::Commune));
+        assert!(!relay.may_speak("xa-b", Role::Commune));
+        assert!(!relay.may_speak("xa-c", Role::Chair));
+        // The relay's own roll-call is not the parent's to replace.
+        assert!(relay.roll_call_started());
     }
 }
 

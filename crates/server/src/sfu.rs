@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use diemcau_protocol::meeting::roll_call_csv;
 use diemcau_protocol::token::{Claims, Key, TokenError};
 use diemcau_protocol::{
-    ChairCommand, Directory, ErrorCode, LeaveReason, Level, MediaKind as WireKind, Role,
-    ServerMessage, SiteId, SiteInfo, SlotAssignment, PROTOCOL_VERSION,
+    ChairCommand, ClientMessage, Directory, ErrorCode, LeaveReason, Level, MediaKind as WireKind,
+    MeetingSnapshot, RelaySite, Role, ServerMessage, SiteId, SiteInfo, SlotAssignment,
+    PROTOCOL_VERSION, RELAY_UP_AUDIO, RELAY_UP_VIDEO,
 };
 use str0m::bwe::Bitrate;
 use str0m::change::SdpOffer;
@@ -96,6 +97,44 @@ pub enum Command {
     TcpClosed {
         peer: SocketAddr,
     },
+    /// A relay-only message from a relay's connection (parent side).
+    FromRelay {
+        conn: ConnId,
+        msg: ClientMessage,
+    },
+    /// This server's own link to its parent room (relay side, [`crate::upstream`]).
+    Uplink(UplinkEvent),
+}
+
+/// What the upstream task tells the engine about the link to the parent room.
+#[derive(Debug)]
+pub enum UplinkEvent {
+    /// The parent answered our offer: the engine takes the `Rtc` and carries media on it.
+    Linked {
+        rtc: Box<Rtc>,
+        /// Our send-only m-lines: pictures, then sounds, going up.
+        up_video: Vec<Mid>,
+        up_audio: Vec<Mid>,
+        /// Messages for the parent.
+        to_parent: mpsc::UnboundedSender<ClientMessage>,
+        /// A fatal error here tells the task the link failed (it dials again).
+        to_task: mpsc::UnboundedSender<ServerMessage>,
+    },
+    /// The parent's mapping of our receive slots.
+    Slots(Vec<SlotAssignment>),
+    Meeting {
+        state: MeetingSnapshot,
+        members: Vec<RelaySite>,
+    },
+    AskUnmute {
+        site: SiteId,
+        by: SiteId,
+    },
+    Remove {
+        site: SiteId,
+    },
+    /// The signalling to the parent closed or failed.
+    Down,
 }
 
 /// Counters for operators and benchmarks.
@@ -112,6 +151,14 @@ pub struct Stats {
     pub sites: AtomicU64,
     /// Audio frames not forwarded because their site did not have the floor.
     pub audio_dropped_floor: AtomicU64,
+    /// Media payload bytes received (all publishers, relays included).
+    pub bytes_in: AtomicU64,
+    /// Parent side: the most pictures / sounds one relay carried at once (mids that
+    /// delivered a frame within the last second), over the server's life.
+    pub relay_up_video_max: AtomicU64,
+    pub relay_up_audio_max: AtomicU64,
+    /// Relay side: times the link to the parent came up (media connected).
+    pub uplinks: AtomicU64,
 }
 
 /// Engine settings.
@@ -132,6 +179,10 @@ pub struct EngineConfig {
     pub key: Option<Key>,
     /// How long a token issued for an enrollment secret lasts.
     pub enrollment_ttl: Duration,
+    /// Relay mode: this server's own site in the parent room (the district hall, whose
+    /// picture always goes up) and the room it carries there.
+    pub relay_site: Option<SiteId>,
+    pub relay_room: Option<String>,
 }
 
 struct OutSlot {
@@ -167,9 +218,72 @@ struct Peer {
     keyframe_pending: Option<KeyframeRequestKind>,
     /// The site asked for sound only (`receive_video` off): its video slots stay empty.
     video_off: bool,
+    /// A relay's connection (parent side): not in the roster; carries the media of the
+    /// sites behind it.
+    relay: bool,
+    /// This server's own link to its parent (relay side): not in the roster.
+    uplink: bool,
+    /// A site with no connection of its own: behind a relay (parent side), or a member of
+    /// the parent's room (relay side). Its media comes and goes over `via`'s connection.
+    via: Option<ConnId>,
+    /// Relay and uplink: the member each incoming m-line carries now.
+    sources: HashMap<Mid, ConnId>,
+    /// Relay (parent side): the incoming m-lines used, by kind, within the bound.
+    in_mids: Vec<(Mid, WireKind)>,
+    /// Relay (parent side): when each incoming m-line last carried a frame.
+    in_active: HashMap<Mid, Instant>,
+    /// Relay and uplink: the mapping as last declared, applied again when m-lines or the
+    /// sites it names appear later (the declaration can overtake both).
+    declared: Vec<SlotAssignment>,
 }
 
 impl Peer {
+    /// A member with nothing negotiated yet.
+    fn blank(
+        site: SiteInfo,
+        role: Role,
+        room: String,
+        from: SocketAddr,
+        to_client: mpsc::UnboundedSender<ServerMessage>,
+        join_seq: u64,
+    ) -> Peer {
+        let now = Instant::now();
+        Peer {
+            site,
+            role,
+            control: false,
+            from,
+            room,
+            join_seq,
+            to_client,
+            rtc: None,
+            next_timeout: now,
+            created: now,
+            connected: false,
+            pub_audio: None,
+            pub_video: None,
+            video_slots: Vec::new(),
+            audio_slots: Vec::new(),
+            loudness: 0.0,
+            audio_bytes: 0,
+            last_keyframe_request: None,
+            keyframe_pending: None,
+            video_off: false,
+            relay: false,
+            uplink: false,
+            via: None,
+            sources: HashMap::new(),
+            in_mids: Vec::new(),
+            in_active: HashMap::new(),
+            declared: Vec::new(),
+        }
+    }
+
+    /// A site in the room's roster (not a control session, a relay's or our uplink).
+    fn in_roster(&self) -> bool {
+        !self.control && !self.relay && !self.uplink
+    }
+
     fn send(&self, msg: ServerMessage) {
         // A closed channel means the signalling task is gone; its Leave follows.
         let _ = self.to_client.send(msg);
@@ -196,6 +310,24 @@ pub struct Engine {
     /// Sites whose connection dropped (not left), by room: they may resume into a room
     /// locked since, within [`RESUME_WINDOW`].
     dropped: HashMap<(String, SiteId), Instant>,
+    /// Relay side: the link to the parent, while there is one.
+    uplink: Option<Uplink>,
+    /// Ids for members with no signalling connection of their own (proxies, the uplink).
+    next_internal: ConnId,
+    /// Relay side: the link to the parent has been up at least once.
+    uplink_was_up: bool,
+}
+
+/// Relay side: this server's link to its parent room.
+struct Uplink {
+    conn: ConnId,
+    room: String,
+    to_parent: mpsc::UnboundedSender<ClientMessage>,
+    /// The district's own meeting state, kept while the parent's is mirrored; it comes
+    /// back when the link is lost, so the district chair runs the meeting again.
+    local: Meeting,
+    /// The media path to the parent came up (sites were told "connected").
+    connected: bool,
 }
 
 /// What a `join` asks for.
@@ -206,6 +338,7 @@ pub struct JoinAsk {
     pub token: Option<String>,
     pub control: bool,
     pub resume: bool,
+    pub relay: bool,
 }
 
 /// How long after a dropped connection a site may still resume into a locked room.
@@ -245,6 +378,9 @@ impl Engine {
             next_seq: 0,
             last_loudness_tick: Instant::now(),
             dropped: HashMap::new(),
+            uplink: None,
+            next_internal: 1 << 62,
+            uplink_was_up: false,
         }
     }
 
@@ -433,14 +569,7 @@ impl Engine {
             Command::RaiseHand { conn } => self.hand(conn, true),
             Command::LowerHand { conn } => self.hand(conn, false),
             Command::Chair { conn, id, command } => self.chair(conn, id, command),
-            Command::UnmuteReply { conn, accept } => {
-                if let Some(p) = self.peers.get(&conn) {
-                    let (room, site) = (p.room.clone(), p.site.id.clone());
-                    if self.meeting(&room).unmute_reply(&site, accept) {
-                        self.broadcast_meeting(&room);
-                    }
-                }
-            }
+            Command::UnmuteReply { conn, accept } => self.unmute_reply(conn, accept),
             Command::Offer { conn, sdp } => self.offer(conn, &sdp),
             Command::RequestKeyframe { conn, site } => {
                 let target = self.peers.get(&conn).and_then(|p| {
@@ -474,8 +603,416 @@ impl Engine {
                 self.tcp.remove(&peer);
                 self.routes.remove(&(true, peer));
             }
+            Command::FromRelay { conn, msg } => self.relay_message(conn, msg),
+            Command::Uplink(ev) => self.uplink_event(ev),
         }
         self.process_events();
+    }
+
+    fn unmute_reply(&mut self, conn: ConnId, accept: bool) {
+        let Some(p) = self.peers.get(&conn) else {
+            return;
+        };
+        let (room, site) = (p.room.clone(), p.site.id.clone());
+        if let Some(u) = self.linked(&room) {
+            let _ = u
+                .to_parent
+                .send(ClientMessage::RelayUnmuteReply { site, accept });
+            return;
+        }
+        if self.meeting(&room).unmute_reply(&site, accept) {
+            self.broadcast_meeting(&room);
+        }
+    }
+
+    /// Relay side: the link to the parent, if it carries `room`.
+    fn linked(&self, room: &str) -> Option<&Uplink> {
+        self.uplink.as_ref().filter(|u| u.room == room)
+    }
+
+    /// The roster of a room as relay members: every site but those reached over `except`.
+    fn roster(&self, room: &str, except: Option<ConnId>) -> Vec<RelaySite> {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| self.peers.get(m))
+            .filter(|p| p.in_roster() && (p.via.is_none() || p.via != except))
+            .map(|p| RelaySite {
+                site: p.site.clone(),
+                role: p.role,
+            })
+            .collect()
+    }
+
+    /// Relay side: tells the parent every site behind this relay (after a join or leave).
+    fn tell_parent_sites(&self, room: &str) {
+        if let Some(u) = self.linked(room) {
+            let sites = self.roster(room, Some(u.conn));
+            let _ = u.to_parent.send(ClientMessage::RelaySites { sites });
+        }
+    }
+
+    /// The member behind `via` (a relay's connection, or our uplink) with this site id.
+    fn proxy_of(&self, via: ConnId, site: &str) -> Option<ConnId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.via == Some(via) && p.site.id == site)
+            .map(|(id, _)| *id)
+    }
+
+    /// Parent side: a message only a relay's connection may send.
+    fn relay_message(&mut self, conn: ConnId, msg: ClientMessage) {
+        let Some(p) = self.peers.get(&conn) else {
+            return;
+        };
+        if !p.relay {
+            p.send(ServerMessage::error(
+                ErrorCode::Forbidden,
+                "relay messages are for a relay's connection (join with relay: true)",
+                false,
+            ));
+            return;
+        }
+        match msg {
+            ClientMessage::RelaySites { sites } => self.sync_proxies(conn, sites),
+            ClientMessage::RelaySources { sources } => self.set_sources(conn, &sources),
+            ClientMessage::RelayHand { site, up } => {
+                if let Some(x) = self.proxy_of(conn, &site) {
+                    self.hand(x, up);
+                }
+            }
+            ClientMessage::RelayUnmuteReply { site, accept } => {
+                if let Some(x) = self.proxy_of(conn, &site) {
+                    self.unmute_reply(x, accept);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Makes the members reached over `via` exactly `sites`: new ones join the room (and
+    /// are announced), missing ones leave it as `disconnected` (hands and floor kept).
+    fn sync_proxies(&mut self, via: ConnId, sites: Vec<RelaySite>) {
+        let Some(v) = self.peers.get(&via) else {
+            return;
+        };
+        let (room, from, parent_side, relay_site) =
+            (v.room.clone(), v.from, v.relay, v.site.id.clone());
+        let current: Vec<(ConnId, SiteId)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.via == Some(via))
+            .map(|(id, p)| (*id, p.site.id.clone()))
+            .collect();
+        let mut changed = false;
+        for (id, site) in &current {
+            if !sites.iter().any(|s| s.site.id == *site) {
+                self.remove(*id, LeaveReason::Disconnected);
+                changed = true;
+            }
+        }
+        for rs in sites {
+            let id = rs.site.id.clone();
+            if current.iter().any(|(_, s)| *s == id)
+                || !diemcau_protocol::directory::is_valid_site_id(&id)
+            {
+                continue;
+            }
+            // A relay speaks for its own subtree only (a dev server takes any site).
+            let known = self.cfg.directory.site_info(&id);
+            if parent_side && !self.cfg.dev {
+                let below = known
+                    .as_ref()
+                    .is_some_and(|i| id == relay_site || i.path.contains(&relay_site));
+                if !below {
+                    warn!(%id, relay = %relay_site, "relay named a site outside its district; ignored");
+                    continue;
+                }
+            }
+            let taken = self.rooms.get(&room).into_iter().flatten().any(|m| {
+                self.peers
+                    .get(m)
+                    .is_some_and(|p| p.in_roster() && p.site.id == id)
+            });
+            if taken {
+                warn!(%id, "a relay named a site already in the room; ignored");
+                continue;
+            }
+            // Behind a relay the district hall is no chair of the parent's meeting.
+            let role = match (parent_side, rs.role) {
+                (true, Role::Chair) => Role::District,
+                (_, r) => r,
+            };
+            let info = known.unwrap_or(rs.site);
+            self.add_proxy(via, &room, from, info, role);
+            changed = true;
+        }
+        if changed {
+            self.reapply_sources(via);
+            self.broadcast_meeting(&room);
+            self.dirty.insert(room.clone());
+            if !parent_side {
+                return;
+            }
+            // Sites behind a relay below us are behind us too, for our own parent.
+            self.tell_parent_sites(&room);
+        }
+    }
+
+    fn add_proxy(
+        &mut self,
+        via: ConnId,
+        room: &str,
+        from: SocketAddr,
+        info: SiteInfo,
+        role: Role,
+    ) -> ConnId {
+        let id = self.next_internal;
+        self.next_internal += 1;
+        info!(site = %info.id, %room, "site joined through a relay link");
+        for m in self.rooms.get(room).into_iter().flatten() {
+            if let Some(p) = self.peers.get(m) {
+                p.send(ServerMessage::SiteJoined { site: info.clone() });
+            }
+        }
+        self.next_seq += 1;
+        // Its own messages go nowhere: its relay gets the whole room's state instead.
+        let (tx, _) = mpsc::unbounded_channel();
+        let site = info.id.clone();
+        let mut p = Peer::blank(info, role, room.to_string(), from, tx, self.next_seq);
+        p.via = Some(via);
+        p.connected = true;
+        self.peers.insert(id, p);
+        self.rooms.entry(room.to_string()).or_default().push(id);
+        self.dropped.remove(&(room.to_string(), site.clone()));
+        self.meeting(room).saw(&site);
+        self.stats
+            .sites
+            .store(self.peers.len() as u64, Ordering::Relaxed);
+        id
+    }
+
+    /// Which member each of `via`'s incoming m-lines carries now (a relay's
+    /// `relay_sources`, or the parent's `slots` for our uplink).
+    fn set_sources(&mut self, via: ConnId, map: &[SlotAssignment]) {
+        let Some(v) = self.peers.get(&via) else {
+            return;
+        };
+        let room = v.room.clone();
+        debug!(site = %v.site.id, ?map, "relay link sources");
+        let declared = map.to_vec();
+        let mut sources = HashMap::new();
+        let mut by_member: HashMap<ConnId, (Option<Mid>, Option<Mid>)> = HashMap::new();
+        for a in map {
+            let Some(site) = &a.site else { continue };
+            let mid = Mid::from(a.mid.as_str());
+            // A relay's sources are only the m-lines within the bound, of their kind.
+            if v.relay && !v.in_mids.contains(&(mid, a.kind)) {
+                continue;
+            }
+            let Some(x) = self.proxy_of(via, site) else {
+                continue;
+            };
+            let e = by_member.entry(x).or_default();
+            match a.kind {
+                WireKind::Video if e.0.is_none() => e.0 = Some(mid),
+                WireKind::Audio if e.1.is_none() => e.1 = Some(mid),
+                _ => continue,
+            }
+            sources.insert(mid, x);
+        }
+        let members: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.via == Some(via))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut restart = Vec::new();
+        for x in members {
+            let (video, audio) = by_member.get(&x).copied().unwrap_or_default();
+            let Some(p) = self.peers.get_mut(&x) else {
+                continue;
+            };
+            if p.pub_video != video && video.is_some() {
+                restart.push(x);
+            }
+            p.pub_video = video;
+            p.pub_audio = audio;
+        }
+        if let Some(v) = self.peers.get_mut(&via) {
+            v.sources = sources;
+            v.declared = declared;
+        }
+        // A picture that moved to another m-line starts a new stream: decoders need a
+        // keyframe.
+        for x in restart {
+            self.hold_for_keyframe(&room, x);
+            self.request_keyframe(x, KeyframeRequestKind::Pli);
+        }
+        self.dirty.insert(room);
+    }
+
+    /// Applies `via`'s last declared mapping again (its m-lines or sites came after it).
+    fn reapply_sources(&mut self, via: ConnId) {
+        let declared = self
+            .peers
+            .get(&via)
+            .map(|v| v.declared.clone())
+            .unwrap_or_default();
+        if !declared.is_empty() {
+            self.set_sources(via, &declared);
+        }
+    }
+
+    /// Holds every subscriber's slot carrying `publisher` until its next keyframe.
+    fn hold_for_keyframe(&mut self, room: &str, publisher: ConnId) {
+        for m in self.rooms.get(room).into_iter().flatten() {
+            if let Some(s) = self.peers.get_mut(m) {
+                for slot in s
+                    .video_slots
+                    .iter_mut()
+                    .filter(|s| s.holder == Some(publisher))
+                {
+                    slot.need_keyframe = true;
+                }
+            }
+        }
+    }
+
+    /// Relay side: what the upstream task says about the link to the parent.
+    fn uplink_event(&mut self, ev: UplinkEvent) {
+        let Some(room) = self.cfg.relay_room.clone() else {
+            return;
+        };
+        match ev {
+            UplinkEvent::Linked {
+                rtc,
+                up_video,
+                up_audio,
+                to_parent,
+                to_task,
+            } => {
+                if let Some(old) = self.uplink.as_ref().map(|u| u.conn) {
+                    self.remove(old, LeaveReason::Disconnected);
+                }
+                let id = self.next_internal;
+                self.next_internal += 1;
+                let site = self.cfg.relay_site.clone().unwrap_or_default();
+                let info = self.cfg.directory.site_info(&site).unwrap_or(SiteInfo {
+                    id: site.clone(),
+                    name: site,
+                    level: Level::District,
+                    path: Vec::new(),
+                    path_names: Vec::new(),
+                });
+                let mut p = Peer::blank(
+                    info,
+                    Role::District,
+                    room.clone(),
+                    self.cfg.udp_candidate,
+                    to_task,
+                    0,
+                );
+                p.uplink = true;
+                p.rtc = Some(*rtc);
+                let slot = |mid, video| OutSlot {
+                    mid,
+                    holder: None,
+                    need_keyframe: video,
+                };
+                p.video_slots = up_video.into_iter().map(|m| slot(m, true)).collect();
+                p.audio_slots = up_audio.into_iter().map(|m| slot(m, false)).collect();
+                self.peers.insert(id, p);
+                self.rooms.entry(room.clone()).or_default().push(id);
+                let local = self.meetings.get(&room).cloned().unwrap_or_default();
+                self.uplink = Some(Uplink {
+                    conn: id,
+                    room: room.clone(),
+                    to_parent,
+                    local: local.clone(),
+                    connected: false,
+                });
+                info!(%room, "linked to the parent room; sending our sites and hands");
+                // Resynchronise: who is here, and the hands up here in their order.
+                self.tell_parent_sites(&room);
+                let here = self.roster(&room, Some(id));
+                if let Some(u) = &self.uplink {
+                    for (site, _) in local.hands() {
+                        if here.iter().any(|r| r.site.id == *site) {
+                            let _ = u.to_parent.send(ClientMessage::RelayHand {
+                                site: site.clone(),
+                                up: true,
+                            });
+                        }
+                    }
+                }
+                self.dirty.insert(room);
+                self.with_rtc(id, |_| Ok(()));
+            }
+            UplinkEvent::Slots(slots) => {
+                if let Some(id) = self.uplink.as_ref().map(|u| u.conn) {
+                    self.set_sources(id, &slots);
+                }
+            }
+            UplinkEvent::Meeting { state, members } => {
+                let Some(id) = self.uplink.as_ref().map(|u| u.conn) else {
+                    return;
+                };
+                self.sync_proxies(id, members);
+                self.meeting(&room).mirror(&state);
+                self.broadcast_meeting(&room);
+                self.dirty.insert(room);
+            }
+            UplinkEvent::AskUnmute { site, by } => self.ask_unmute_site(&room, &site, &by),
+            UplinkEvent::Remove { site } => {
+                self.remove_site(&room, &site, "the parent room's chair")
+            }
+            UplinkEvent::Down => {
+                if let Some(id) = self.uplink.as_ref().map(|u| u.conn) {
+                    self.remove(id, LeaveReason::Disconnected);
+                }
+            }
+        }
+    }
+
+    /// Sends `ask_unmute` to a site of the room, or to the relay it is behind.
+    fn ask_unmute_site(&mut self, room: &str, site: &str, by: &str) {
+        for p in self
+            .peers
+            .values()
+            .filter(|p| p.room == room && p.site.id == *site && p.in_roster())
+        {
+            match p.via.and_then(|v| self.peers.get(&v)) {
+                Some(r) if r.relay => r.send(ServerMessage::RelayAskUnmute {
+                    site: site.into(),
+                    by: by.into(),
+                }),
+                Some(_) => {}
+                None => p.send(ServerMessage::AskUnmute { by: by.into() }),
+            }
+        }
+    }
+
+    /// Removes a site from the room (fatal `removed` to it, or to its relay as
+    /// `relay_remove`).
+    fn remove_site(&mut self, room: &str, site: &str, by: &str) {
+        let ids: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.room == room && p.site.id == *site && p.in_roster())
+            .map(|(id, _)| *id)
+            .collect();
+        for pid in ids {
+            if let Some(p) = self.peers.get(&pid) {
+                p.send(ServerMessage::error(
+                    ErrorCode::Removed,
+                    format!("removed by the chair ({by})"),
+                    true,
+                ));
+            }
+            self.remove(pid, LeaveReason::Removed);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -492,7 +1029,9 @@ impl Engine {
             token,
             control,
             resume,
+            relay,
         } = ask;
+        let relay = relay && !control;
         if self.peers.contains_key(&conn) {
             let _ = to_client.send(ServerMessage::error(
                 ErrorCode::AlreadyJoined,
@@ -532,12 +1071,36 @@ impl Engine {
                 )
             }
         };
-        let present = |p: &Peer| !p.control && p.site.id == site && p.room == room;
+        if relay && !matches!(role, Role::District | Role::Chair) && token.is_some() {
+            return refuse(
+                self,
+                ErrorCode::Forbidden,
+                format!("a relay needs a district or chair token; {site}'s role is {role:?}"),
+                Some(role),
+            );
+        }
+        // A relay replaces an earlier connection of the same relay; a site, the roster's
+        // member of the same id.
+        let present = |p: &Peer| {
+            p.site.id == site && p.room == room && if relay { p.relay } else { p.in_roster() }
+        };
         let old = self
             .peers
             .iter()
             .find(|(_, p)| present(p))
             .map(|(id, _)| *id);
+        if let Some(via) = old.and_then(|o| self.peers.get(&o)).and_then(|p| p.via) {
+            let through = self.peers.get(&via).map(|p| p.site.id.clone());
+            return refuse(
+                self,
+                ErrorCode::SiteTaken,
+                format!(
+                    "site {site} is in room {room} through a relay ({})",
+                    through.unwrap_or_default()
+                ),
+                Some(role),
+            );
+        }
         // A site coming back after a lost connection may enter a room locked while it was
         // away, if it was in the room (still held, or dropped within RESUME_WINDOW).
         let returning = resume
@@ -590,11 +1153,11 @@ impl Engine {
         let others: Vec<SiteInfo> = members
             .iter()
             .filter_map(|m| self.peers.get(m))
-            .filter(|p| !p.control)
+            .filter(|p| p.in_roster())
             .map(|p| p.site.clone())
             .collect();
         members.push(conn);
-        if !control {
+        if !control && !relay {
             for m in members.iter() {
                 if let Some(p) = self.peers.get(m) {
                     p.send(ServerMessage::SiteJoined { site: info.clone() });
@@ -611,36 +1174,17 @@ impl Engine {
             sites: others,
         });
         self.next_seq += 1;
-        let now = Instant::now();
-        self.peers.insert(
-            conn,
-            Peer {
-                site: info,
-                role,
-                control,
-                from,
-                room: room.clone(),
-                join_seq: self.next_seq,
-                to_client,
-                rtc: None,
-                next_timeout: now,
-                created: now,
-                // A control session has no media to wait for.
-                connected: control,
-                pub_audio: None,
-                pub_video: None,
-                video_slots: Vec::new(),
-                audio_slots: Vec::new(),
-                loudness: 0.0,
-                audio_bytes: 0,
-                last_keyframe_request: None,
-                keyframe_pending: None,
-                video_off: false,
-            },
-        );
-        self.audit_entry(&room, &site, Some(role), from, "join", None, Ok(()));
-        if !control {
+        let mut peer = Peer::blank(info, role, room.clone(), from, to_client, self.next_seq);
+        peer.control = control;
+        peer.relay = relay;
+        // A control session has no media to wait for.
+        peer.connected = control;
+        self.peers.insert(conn, peer);
+        let action = if relay { "relay-join" } else { "join" };
+        self.audit_entry(&room, &site, Some(role), from, action, None, Ok(()));
+        if !control && !relay {
             self.meeting(&room).saw(&site);
+            self.tell_parent_sites(&room);
         }
         self.stats
             .sites
@@ -803,8 +1347,29 @@ impl Engine {
             .roll_call_started()
             .then(|| meeting.roll_call(&directory, &self.connected_sites(room)));
         let total = meeting.hand_count() as u32;
+        let snapshot = meeting.snapshot();
+        let upstream = (self.cfg.relay_room.as_deref() == Some(room))
+            .then(|| self.linked(room).is_some_and(|u| u.connected));
         for m in &members {
             let Some(p) = self.peers.get(m) else { continue };
+            if p.relay {
+                // A relay gets the whole state (and who is here), whoever changed.
+                p.send(ServerMessage::RelayMeeting {
+                    state: snapshot.clone(),
+                    members: self.roster(room, Some(*m)),
+                });
+                continue;
+            }
+            if p.via.is_some() || p.uplink {
+                continue;
+            }
+            // A newcomer learns the link's state if it has ever been up (a relay still
+            // dialling for the first time has nothing to report).
+            if let (Some(connected), Some(c)) = (upstream, newcomer) {
+                if c == *m && (connected || self.uplink_was_up) {
+                    p.send(ServerMessage::Upstream { connected });
+                }
+            }
             if newcomer.is_none_or(|c| c == *m) {
                 p.send(ServerMessage::Hands {
                     queue: meeting.hands_for(&p.site.id, p.role, info),
@@ -828,7 +1393,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .filter_map(|m| self.peers.get(m))
-            .filter(|p| !p.control)
+            .filter(|p| p.in_roster())
             .map(|p| p.site.id.clone())
             .collect()
     }
@@ -837,10 +1402,15 @@ impl Engine {
         let Some(p) = self.peers.get(&conn) else {
             return;
         };
-        if p.control {
+        if !p.in_roster() {
             return;
         }
         let (room, site) = (p.room.clone(), p.site.id.clone());
+        if let Some(u) = self.linked(&room) {
+            // The parent keeps the queue; its state comes back in `relay_meeting`.
+            let _ = u.to_parent.send(ClientMessage::RelayHand { site, up });
+            return;
+        }
         let now = unix_ms();
         let changed = if up {
             self.meeting(&room).raise(&site, now)
@@ -867,6 +1437,12 @@ impl Engine {
                     "only the chair may {}; this site's role is {role:?}",
                     command.name()
                 ),
+            ))
+        } else if self.linked(&room).is_some() {
+            Err((
+                ErrorCode::Forbidden,
+                "this district is joined to the province meeting: the province chair runs it"
+                    .into(),
             ))
         } else {
             self.apply_chair(conn, &room, &actor, id, &command)
@@ -942,32 +1518,11 @@ impl Engine {
             ChairCommand::AskUnmute { site } => {
                 need_present(site)?;
                 self.meeting(room).ask_unmute(site);
-                for p in self
-                    .peers
-                    .values()
-                    .filter(|p| p.room == room && p.site.id == *site && !p.control)
-                {
-                    p.send(ServerMessage::AskUnmute { by: actor.into() });
-                }
+                self.ask_unmute_site(room, site, actor);
             }
             ChairCommand::Remove { site } => {
                 need_present(site)?;
-                let ids: Vec<ConnId> = self
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| p.room == room && p.site.id == *site && !p.control)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for pid in ids {
-                    if let Some(p) = self.peers.get(&pid) {
-                        p.send(ServerMessage::error(
-                            ErrorCode::Removed,
-                            format!("removed by the chair ({actor})"),
-                            true,
-                        ));
-                    }
-                    self.remove(pid, LeaveReason::Removed);
-                }
+                self.remove_site(room, site, actor);
             }
             ChairCommand::Spotlight { site } => {
                 if let Some(s) = site {
@@ -1110,12 +1665,23 @@ impl Engine {
     fn event(&mut self, id: ConnId, ev: Event) {
         match ev {
             Event::Connected => {
+                if self.uplink.as_ref().is_some_and(|u| u.conn == id) {
+                    self.uplink_connected();
+                }
                 if let Some(p) = self.peers.get_mut(&id) {
                     info!(site = %p.site.id, "media connected");
                     p.connected = true;
-                    // Ask every publisher this site receives for a fresh keyframe.
-                    let holders: Vec<ConnId> =
+                    // Ask every publisher this site receives for a fresh keyframe, and, over
+                    // a relay link, every site behind it (requests made while the link was
+                    // still opening were lost).
+                    let mut holders: Vec<ConnId> =
                         p.video_slots.iter().filter_map(|s| s.holder).collect();
+                    holders.extend(
+                        self.peers
+                            .iter()
+                            .filter(|(_, q)| q.via == Some(id) && q.pub_video.is_some())
+                            .map(|(x, _)| *x),
+                    );
                     for h in holders {
                         self.request_keyframe(h, KeyframeRequestKind::Pli);
                     }
@@ -1137,6 +1703,26 @@ impl Engine {
                 };
                 debug!(site = %p.site.id, mid = %m.mid, kind = ?m.kind, dir = ?m.direction, "m-line");
                 self.dirty.insert(p.room.clone());
+                if p.uplink {
+                    // Our own offer: its m-lines were laid out when it was made.
+                    return;
+                }
+                let wire = match m.kind {
+                    MediaKind::Video => WireKind::Video,
+                    MediaKind::Audio => WireKind::Audio,
+                };
+                let bound = match wire {
+                    WireKind::Video => RELAY_UP_VIDEO,
+                    WireKind::Audio => RELAY_UP_AUDIO,
+                };
+                if p.relay && m.direction == Direction::RecvOnly {
+                    // A relay's send-only m-lines, within the bound; more are not used.
+                    if p.in_mids.iter().filter(|(_, k)| *k == wire).count() < bound {
+                        p.in_mids.push((m.mid, wire));
+                        self.reapply_sources(id);
+                    }
+                    return;
+                }
                 match (m.direction, m.kind) {
                     (Direction::RecvOnly, MediaKind::Audio) if p.pub_audio.is_none() => {
                         p.pub_audio = Some(m.mid)
@@ -1194,6 +1780,8 @@ impl Engine {
         let Some(mid) = p.pub_video else {
             return;
         };
+        // A site behind a relay is asked through the relay's connection.
+        let owner = p.via.unwrap_or(publisher);
         if p.last_keyframe_request
             .is_some_and(|t| now - t < KEYFRAME_REQUEST_GAP)
         {
@@ -1206,7 +1794,7 @@ impl Engine {
         p.keyframe_pending = None;
         p.last_keyframe_request = Some(now);
         self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
-        self.with_rtc(publisher, move |rtc| {
+        self.with_rtc(owner, move |rtc| {
             let Some(mut w) = rtc.writer(mid) else {
                 debug!(%mid, "no writer for the publisher's video");
                 return Ok(());
@@ -1246,9 +1834,54 @@ impl Engine {
 
     fn forward(&mut self, from: ConnId, d: MediaData) {
         self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+        // A relay's (or our uplink's) frames belong to the member its m-line carries now.
+        let from = match self.peers.get_mut(&from) {
+            Some(p) if p.relay => {
+                if !p.in_mids.iter().any(|(m, _)| *m == d.mid) {
+                    return;
+                }
+                let now = Instant::now();
+                p.in_active.insert(d.mid, now);
+                let live = |k: WireKind| {
+                    p.in_mids
+                        .iter()
+                        .filter(|(m, kind)| {
+                            *kind == k
+                                && p.in_active
+                                    .get(m)
+                                    .is_some_and(|t| now - *t < Duration::from_secs(1))
+                        })
+                        .count() as u64
+                };
+                let (v, a) = (live(WireKind::Video), live(WireKind::Audio));
+                self.stats
+                    .relay_up_video_max
+                    .fetch_max(v, Ordering::Relaxed);
+                self.stats
+                    .relay_up_audio_max
+                    .fetch_max(a, Ordering::Relaxed);
+                match p.sources.get(&d.mid) {
+                    Some(x) => *x,
+                    None => return,
+                }
+            }
+            Some(p) if p.uplink => match p.sources.get(&d.mid) {
+                Some(x) => *x,
+                None => {
+                    debug!(mid = %d.mid, "a frame from the parent on an unmapped m-line");
+                    return;
+                }
+            },
+            Some(_) => from,
+            None => return,
+        };
         let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
+        let via = p.via;
         let kind = if Some(d.mid) == p.pub_video {
             WireKind::Video
         } else if Some(d.mid) == p.pub_audio {
@@ -1274,18 +1907,16 @@ impl Engine {
         }
         if kind == WireKind::Video && !d.contiguous {
             // A frame was lost before us: subscribers' decoders need a fresh start.
-            for m in self.rooms.get(&room).into_iter().flatten() {
-                if let Some(s) = self.peers.get_mut(m) {
-                    for slot in s.video_slots.iter_mut().filter(|s| s.holder == Some(from)) {
-                        slot.need_keyframe = true;
-                    }
-                }
-            }
+            self.hold_for_keyframe(&room, from);
             self.request_keyframe(from, KeyframeRequestKind::Pli);
         }
         let keyframe = kind == WireKind::Video && d.is_keyframe();
         let members: Vec<ConnId> = self.rooms.get(&room).cloned().unwrap_or_default();
-        for sub in members.into_iter().filter(|m| *m != from) {
+        // Never back over the link it came from.
+        for sub in members
+            .into_iter()
+            .filter(|m| *m != from && Some(*m) != via)
+        {
             let Some(s) = self.peers.get_mut(&sub) else {
                 continue;
             };
@@ -1332,7 +1963,8 @@ impl Engine {
     fn reassign(&mut self, room: &str, kind: WireKind) {
         let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
         let meeting = self.meetings.get(room).cloned().unwrap_or_default();
-        let publishers: Vec<(ConnId, f64)> = members
+        let relay_site = self.cfg.relay_site.clone();
+        let publishers: Vec<(ConnId, f64, Option<ConnId>)> = members
             .iter()
             .filter_map(|m| self.peers.get(m).map(|p| (*m, p)))
             .filter(|(_, p)| match kind {
@@ -1348,6 +1980,10 @@ impl Engine {
                         if meeting.spotlight() == Some(p.site.id.as_str()) {
                             score += 1e12;
                         }
+                        // A relay's own hall: always among the pictures it sends up.
+                        if relay_site.as_deref() == Some(p.site.id.as_str()) && p.via.is_none() {
+                            score += 1e10;
+                        }
                         if p.role == Role::Chair
                             || (meeting.mode() != diemcau_protocol::FloorMode::Open
                                 && meeting.may_speak(&p.site.id, p.role))
@@ -1358,7 +1994,7 @@ impl Engine {
                     }
                     WireKind::Audio => p.loudness,
                 };
-                (m, score)
+                (m, score, p.via)
             })
             .collect();
         let mut keyframes = Vec::new();
@@ -1369,8 +2005,8 @@ impl Engine {
             let sound_only = kind == WireKind::Video && s.video_off;
             let cands: Vec<slots::Candidate<ConnId>> = publishers
                 .iter()
-                .filter(|(m, _)| m != sub && !sound_only)
-                .map(|(m, score)| slots::Candidate {
+                .filter(|(m, _, via)| m != sub && *via != Some(*sub) && !sound_only)
+                .map(|(m, score, _)| slots::Candidate {
                     key: *m,
                     score: *score,
                 })
@@ -1405,15 +2041,58 @@ impl Engine {
                     keyframes.push(h);
                 }
             }
-            let msg = self.slots_message(*sub);
-            if let Some(s) = self.peers.get(sub) {
-                s.send(msg);
-            }
+            self.send_slots(*sub);
         }
         keyframes.sort_unstable();
         keyframes.dedup();
         for h in keyframes {
             self.request_keyframe(h, KeyframeRequestKind::Pli);
+        }
+    }
+
+    /// Tells a subscriber its slots; for our uplink, tells the parent what goes up.
+    fn send_slots(&self, sub: ConnId) {
+        let msg = self.slots_message(sub);
+        match (self.uplink.as_ref(), msg) {
+            (Some(u), ServerMessage::Slots { slots }) if u.conn == sub => {
+                let _ = u
+                    .to_parent
+                    .send(ClientMessage::RelaySources { sources: slots });
+            }
+            (_, msg) => {
+                if let Some(s) = self.peers.get(&sub) {
+                    s.send(msg);
+                }
+            }
+        }
+    }
+
+    /// Relay side: the media path to the parent is up; the district's sites are told.
+    fn uplink_connected(&mut self) {
+        let Some(u) = self.uplink.as_mut() else {
+            return;
+        };
+        if u.connected {
+            return;
+        }
+        u.connected = true;
+        self.uplink_was_up = true;
+        self.stats.uplinks.fetch_add(1, Ordering::Relaxed);
+        info!(room = %u.room, "link to the parent room is up");
+        self.tell_upstream(true);
+    }
+
+    /// Tells this relay's own sites (not those of the parent) whether the parent is linked.
+    fn tell_upstream(&self, connected: bool) {
+        let Some(room) = self.cfg.relay_room.as_deref() else {
+            return;
+        };
+        for m in self.rooms.get(room).into_iter().flatten() {
+            if let Some(p) = self.peers.get(m) {
+                if p.in_roster() && p.via.is_none() {
+                    p.send(ServerMessage::Upstream { connected });
+                }
+            }
         }
     }
 
@@ -1456,12 +2135,42 @@ impl Engine {
         self.routes.retain(|_, v| *v != id);
         info!(site = %p.site.id, room = %p.room, ?reason, "site left");
         let room = p.room.clone();
+        // The sites a relay (or our uplink) carried go with it.
+        let carried: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, q)| q.via == Some(id))
+            .map(|(x, _)| *x)
+            .collect();
+        for x in carried {
+            self.remove(x, reason);
+        }
+        if p.uplink && self.uplink.as_ref().is_some_and(|u| u.conn == id) {
+            self.uplink_lost();
+        }
+        let parent_relay = p.via.and_then(|v| self.peers.get(&v)).filter(|r| r.relay);
+        if let (Some(r), LeaveReason::Removed) = (parent_relay, reason) {
+            r.send(ServerMessage::RelayRemove {
+                site: p.site.id.clone(),
+            });
+        }
+        let through_uplink = p.via.is_some() && p.via == self.uplink.as_ref().map(|u| u.conn);
+        if p.in_roster() && !through_uplink {
+            if let (Some(u), LeaveReason::Left | LeaveReason::Removed) =
+                (self.linked(&room), reason)
+            {
+                let _ = u.to_parent.send(ClientMessage::RelayHand {
+                    site: p.site.id.clone(),
+                    up: false,
+                });
+            }
+        }
         // A site that left on purpose (or was removed) gives up its hand and floor; one that
         // dropped keeps them for when it comes back.
-        if !p.control && matches!(reason, LeaveReason::Left | LeaveReason::Removed) {
+        if p.in_roster() && matches!(reason, LeaveReason::Left | LeaveReason::Removed) {
             self.meeting(&room).forget(&p.site.id);
         }
-        if !p.control && matches!(reason, LeaveReason::Disconnected | LeaveReason::Dropped) {
+        if p.in_roster() && matches!(reason, LeaveReason::Disconnected | LeaveReason::Dropped) {
             let now = Instant::now();
             self.dropped
                 .retain(|_, t| now.duration_since(*t) < RESUME_WINDOW);
@@ -1473,7 +2182,7 @@ impl Engine {
                 self.rooms.remove(&room);
             }
         }
-        if !p.control {
+        if p.in_roster() {
             for m in self.rooms.get(&room).into_iter().flatten() {
                 if let Some(q) = self.peers.get(m) {
                     q.send(ServerMessage::SiteLeft {
@@ -1482,6 +2191,9 @@ impl Engine {
                     });
                 }
             }
+            if !through_uplink {
+                self.tell_parent_sites(&room);
+            }
         }
         self.stats
             .sites
@@ -1489,6 +2201,33 @@ impl Engine {
         self.reassign(&room, WireKind::Video);
         self.reassign(&room, WireKind::Audio);
         self.broadcast_meeting(&room);
+    }
+}
+
+impl Engine {
+    /// Relay side: the link to the parent is gone. The district's own meeting state comes
+    /// back (its chair runs the meeting again), with the hands its sites still have up in
+    /// the parent's queue order, and its sites are told.
+    fn uplink_lost(&mut self) {
+        let Some(u) = self.uplink.take() else {
+            return;
+        };
+        warn!(room = %u.room, "link to the parent room lost; the district meeting carries on");
+        let here = self.roster(&u.room, None);
+        let mut restored = u.local;
+        restored.lower_all();
+        if let Some(m) = self.meetings.get(&u.room) {
+            for (site, at) in m.hands() {
+                if here.iter().any(|r| r.site.id == *site) {
+                    restored.raise(site, *at);
+                }
+            }
+        }
+        self.meetings.insert(u.room.clone(), restored);
+        if u.connected {
+            self.tell_upstream(false);
+        }
+        self.dirty.insert(u.room);
     }
 }
 

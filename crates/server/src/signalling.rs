@@ -297,6 +297,7 @@ where
                 token,
                 control,
                 resume,
+                relay,
                 ..
             } => {
                 if joined {
@@ -304,7 +305,7 @@ where
                     continue;
                 }
                 joined = true;
-                info!(%from, %site, %room, control, "join");
+                info!(%from, %site, %room, control, relay, "join");
                 let _ = engine.send(Command::Join {
                     conn,
                     ask: JoinAsk {
@@ -313,6 +314,7 @@ where
                         token,
                         control,
                         resume,
+                        relay,
                     },
                     from,
                     to_client: to_client.clone(),
@@ -356,6 +358,12 @@ where
             }
             ClientMessage::UnmuteReply { accept } => {
                 let _ = engine.send(Command::UnmuteReply { conn, accept });
+            }
+            msg @ (ClientMessage::RelaySites { .. }
+            | ClientMessage::RelaySources { .. }
+            | ClientMessage::RelayHand { .. }
+            | ClientMessage::RelayUnmuteReply { .. }) => {
+                let _ = engine.send(Command::FromRelay { conn, msg });
             }
             ClientMessage::Leave => {
                 let _ = engine.send(Command::Leave {

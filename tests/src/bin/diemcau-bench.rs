@@ -42,6 +42,13 @@ fn main() {
     if want("server") {
         server_cpu(&rt);
     }
+    if which.iter().any(|w| w == "cascade") {
+        let per = std::env::var("CASCADE_COMMUNES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        cascade(&rt, per);
+    }
     if which.iter().any(|w| w == "app") {
         app::run();
     }
@@ -366,22 +373,18 @@ async fn join_time() {
     server.stop();
 }
 
-/// CPU time (user + system, seconds) of one thread of this process.
-fn thread_cpu_s(tid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
-    // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn server_cpu(rt: &tokio::runtime::Runtime) {
-    let sites = 5;
-    // The server gets a runtime of its own on one thread, so its CPU time can be read alone.
+/// A province server on a runtime of its own (one thread), so its CPU time can be read
+/// alone: its address, counters and thread id; send on the channel to stop it.
+fn province_thread() -> (
+    String,
+    std::sync::Arc<diemcau_server::Stats>,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_thread = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let tid = std::fs::read_link("/proc/thread-self")
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
@@ -399,6 +402,149 @@ fn server_cpu(rt: &tokio::runtime::Runtime) {
         });
     });
     let (url, stats, tid) = rx.recv().expect("server started");
+    (url, stats, tid, stop_tx, thread)
+}
+
+/// What the province server did over a window: CPU, media bytes in and out, packets out.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    cpu_pct: f64,
+    in_kbps: f64,
+    out_kbps: f64,
+    packets_out: f64,
+}
+
+async fn measure(stats: &diemcau_server::Stats, tid: &str, window: f64) -> Load {
+    use std::sync::atomic::Ordering::Relaxed;
+    let read = || {
+        (
+            thread_cpu_s(tid),
+            stats.bytes_in.load(Relaxed),
+            stats.bytes_out.load(Relaxed),
+            stats.datagrams_out.load(Relaxed),
+        )
+    };
+    let (c0, i0, o0, p0) = read();
+    tokio::time::sleep(Duration::from_secs_f64(window)).await;
+    let (c1, i1, o1, p1) = read();
+    Load {
+        cpu_pct: (c1 - c0) / window * 100.0,
+        in_kbps: (i1 - i0) as f64 * 8.0 / window / 1000.0,
+        out_kbps: (o1 - o0) as f64 * 8.0 / window / 1000.0,
+        packets_out: (p1 - p0) as f64 / window,
+    }
+}
+
+/// The same communes (`per` under each of the sample's 21 districts, 320x180@5 and Opus)
+/// joined to the province flat, then through 21 district relays: the province server's CPU
+/// and media bandwidth, and the ratios, in one run.
+fn cascade(rt: &tokio::runtime::Runtime, per: usize) {
+    let directory = diemcau_protocol::Directory::sample();
+    let districts: Vec<String> = directory
+        .iter()
+        .filter(|e| e.level == diemcau_protocol::Level::District)
+        .map(|e| e.id.clone())
+        .collect();
+    let (url, stats, tid, stop, thread) = province_thread();
+    let room = "hop-tinh";
+    let communes: Vec<(String, String)> = districts
+        .iter()
+        .flat_map(|d| (0..per).map(move |i| (d.clone(), format!("{d}-xa-{i}"))))
+        .collect();
+    let window = 10.0;
+    let join_all = |targets: Vec<(String, String)>| async move {
+        let mut rooms = Vec::new();
+        // A few at a time: every join runs ICE and DTLS.
+        for chunk in targets.chunks(6) {
+            let joins = chunk.iter().map(|(server, site)| {
+                let mut o = opts(site, room, 320, 180, 5);
+                o.max_video_bitrate_bps = 150_000;
+                Room::connect(server, o)
+            });
+            for r in futures_util::future::join_all(joins).await {
+                rooms.push(r.expect("a commune joins").0);
+            }
+        }
+        rooms
+    };
+    let (flat, relayed, relays) = rt.block_on(async {
+        let rooms = join_all(
+            communes
+                .iter()
+                .map(|(_, c)| (url.clone(), c.clone()))
+                .collect(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let flat = measure(&stats, &tid, window).await;
+        for r in rooms {
+            r.leave().await;
+        }
+        let mut relays = std::collections::HashMap::new();
+        for d in &districts {
+            let mut cfg = ServerConfig::dev("127.0.0.1:0".parse().expect("literal"));
+            cfg.upstream = Some(diemcau_server::upstream::UpstreamConfig {
+                url: url.clone(),
+                site: d.clone(),
+                token: None,
+                room: room.into(),
+            });
+            relays.insert(d.clone(), diemcau_server::start(cfg).await.expect("relay"));
+        }
+        let rooms = join_all(
+            communes
+                .iter()
+                .map(|(d, c)| (relays[d].url(), c.clone()))
+                .collect(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let relayed = measure(&stats, &tid, window).await;
+        for r in rooms {
+            r.leave().await;
+        }
+        (flat, relayed, relays)
+    });
+    for (_, r) in relays {
+        r.stop();
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = communes.len();
+    println!(
+        "cascade, {n} communes (21 districts x {per}, 320x180@5 + Opus), province server over {window} s:"
+    );
+    for (what, l) in [("flat", flat), ("through 21 relays", relayed)] {
+        println!(
+            "  {what}: CPU {:.1} % of a core, media in {:.0} kbit/s, out {:.0} kbit/s, {:.0} packets/s out",
+            l.cpu_pct, l.in_kbps, l.out_kbps, l.packets_out
+        );
+    }
+    println!(
+        "  ratio flat / relayed: CPU {:.1}x, in {:.1}x, out {:.1}x, packets out {:.1}x; most pictures / sounds one relay sent up at once: {} / {}",
+        flat.cpu_pct / relayed.cpu_pct.max(1e-9),
+        flat.in_kbps / relayed.in_kbps.max(1e-9),
+        flat.out_kbps / relayed.out_kbps.max(1e-9),
+        flat.packets_out / relayed.packets_out.max(1e-9),
+        stats.relay_up_video_max.load(Relaxed),
+        stats.relay_up_audio_max.load(Relaxed),
+    );
+    let _ = stop.send(());
+    let _ = thread.join();
+}
+
+/// CPU time (user + system, seconds) of one thread of this process.
+fn thread_cpu_s(tid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn server_cpu(rt: &tokio::runtime::Runtime) {
+    let sites = 5;
+    let (url, stats, tid, stop_tx, server_thread) = province_thread();
     rt.block_on(async {
         let mut rooms = Vec::new();
         for i in 0..sites {

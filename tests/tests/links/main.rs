@@ -503,3 +503,155 @@ fn with_a_thin_downlink_the_site_stops_receiving_pictures_keeps_the_sound_and_ta
         speech * 100.0
     );
 }
+
+/// `diemcau-server ARGS` run by `sh` (`cmd`), its log in a file named on stderr (for a
+/// failure to be explained), and its address.
+fn logged_server(mut cmd: Command, name: &str, args: &[&str]) -> (Proc, String) {
+    let log = std::env::temp_dir().join(format!("diemcau-{name}-{}.log", std::process::id()));
+    eprintln!("{name} log: {}", log.display());
+    cmd.args(["-c", "exec \"$0\" \"$@\" 2>\"$SERVER_LOG\""])
+        .arg(workspace_bin("diemcau-server"))
+        .args(args)
+        .env("SERVER_LOG", &log)
+        .env(
+            "RUST_LOG",
+            std::env::var("SITE_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    let (p, line) = diemcau_e2e::desktop::first_line(&mut cmd, name);
+    let url = line
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("{name}'s first line: {line:?}"))
+        .to_string();
+    (p, url)
+}
+
+#[test]
+fn a_district_relay_keeps_its_meeting_through_a_ten_second_uplink_cut_and_links_again_within_5_s() {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = NetNs::create();
+    let (_province, url) = logged_server(
+        Command::new("/bin/sh"),
+        "province",
+        &["--dev", "--listen", &format!("{}:0", ns.host_ip)],
+    );
+    // The district relay and its communes live in the namespace; the province's side of the
+    // link is the only way out of it.
+    let district = dev_token("tp-vinh", Role::District, ROOM);
+    let (_relay, relay_url) = logged_server(
+        ns.command(std::path::Path::new("/bin/sh")),
+        "relay",
+        &[
+            "--dev",
+            "--listen",
+            &format!("{}:0", ns.ns_ip),
+            "--upstream",
+            &url,
+            "--site",
+            "tp-vinh",
+            "--token",
+            &district,
+            "--room",
+            ROOM,
+        ],
+    );
+    let chair = dev_token("nghe-an", Role::Chair, ROOM);
+    let (mut province, mut ep) = site(here(), &url, "nghe-an", 60, &["--token", &chair]);
+    let under = |s: &str, hand: &[&str]| {
+        // Progress each second, to see the district meeting inside the cut.
+        let mut extra = vec!["--progress-every", "1"];
+        extra.extend_from_slice(hand);
+        site(
+            ns.command(&workspace_bin("diemcau-cli")),
+            &relay_url,
+            s,
+            55,
+            &extra,
+        )
+    };
+    // Its hand goes up through the relay, and must still be up after the cut.
+    let (mut le_loi, mut el) = under("tp-vinh-le-loi", &["--raise-hand-after", "0"]);
+    let (mut hung_dung, _eh) = under("tp-vinh-hung-dung", &[]);
+    // Verified pictures each way across the link, and within the district.
+    ep.wait_for("Hàng chờ phát biểu: tp-vinh-le-loi");
+    let pictures = |lines: &mut StderrLines, from: &str| {
+        lines.wait(Duration::from_secs(20), "verified pictures", |l| {
+            verified_in(l, from).is_some_and(|n| n > 0)
+        });
+    };
+    pictures(&mut el, "nghe-an");
+    pictures(&mut el, "tp-vinh-hung-dung");
+    pictures(&mut ep, "tp-vinh-le-loi");
+    assert!(
+        el.last(|l| l.contains("Đã kết nối với tỉnh")).is_some(),
+        "the commune was told its district is linked"
+    );
+
+    let cut = Instant::now();
+    ns.cut(true);
+    // The district's own meeting goes on: between the first progress line of the cut and
+    // the first one after the commune was told, new verified pictures from the other
+    // commune, all inside the ten seconds.
+    let progress = |l: &str| verified_in(l, "tp-vinh-hung-dung").is_some();
+    let first = el.wait(Duration::from_secs(6), "a progress line", progress);
+    let loss = "Mất kết nối với tỉnh";
+    if el.last(|l| l.contains(loss)).is_none() {
+        el.wait(Duration::from_secs(8), "the loss told", |l| {
+            l.contains(loss)
+        });
+    }
+    let told = cut.elapsed();
+    let later = el.wait(Duration::from_secs(6), "a later progress line", progress);
+    let (a, b) = (
+        verified_in(&first, "tp-vinh-hung-dung").unwrap(),
+        verified_in(&later, "tp-vinh-hung-dung").unwrap(),
+    );
+    assert!(
+        b > a + 30,
+        "pictures within the district during the cut: {first} → {later}"
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(10),
+        "the district meeting was checked after the cut had already ended ({:?})",
+        cut.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed()));
+    ns.cut(false);
+    let mended = Instant::now();
+    el.wait(Duration::from_secs(15), "the link back", |l| {
+        l.contains("Đã kết nối với tỉnh")
+    });
+    let took = mended.elapsed();
+    eprintln!("uplink cut: told after {told:?}; linked again {took:?} after the link returned");
+    // Media across the link again, both ways.
+    thirty_more_pictures(&mut ep, "tp-vinh-le-loi");
+    thirty_more_pictures(&mut el, "nghe-an");
+    // The province leaves first: its report holds the queue as it last saw it.
+    stop(&province);
+    let rp = report(&mut province);
+    stop(&le_loi);
+    stop(&hung_dung);
+    let rl = report(&mut le_loi);
+    let _ = report(&mut hung_dung);
+    assert_eq!(
+        rl["reconnects"], 0,
+        "the commune's own link never broke: {rl}"
+    );
+    let hands = rp["hand_queue"].as_array().unwrap();
+    assert!(
+        hands
+            .iter()
+            .any(|h| h["site"] == "tp-vinh-le-loi" && h["place"] == 1),
+        "the hand raised behind the relay is still first in the province's queue: {rp}"
+    );
+    assert_eq!(rp["reconnects"], 0, "{rp}");
+    assert_eq!(
+        rp["site_paths"]["tp-vinh-le-loi"],
+        serde_json::json!(["nghe-an", "tp-vinh"]),
+        "{rp}"
+    );
+    assert!(
+        // The bound; a relay dials every 0.25–1 s while the link is down.
+        took <= Duration::from_secs(5),
+        "the uplink came back {took:?} after the cut ended"
+    );
+}

@@ -147,6 +147,16 @@ struct JoinArgs {
     /// Say yes when the chair asks this site to unmute.
     #[arg(long)]
     accept_unmute: bool,
+    /// Seconds between progress lines ("đã gửi … nhận …").
+    #[arg(long, default_value_t = 5.0, value_parser = parse_progress_every)]
+    progress_every: f64,
+}
+
+fn parse_progress_every(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.2..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: give seconds between 0.2 and 3600")),
+    }
 }
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix.
@@ -588,7 +598,7 @@ async fn join(args: JoinArgs) -> ExitCode {
     tokio::pin!(hand_at);
     let mut hand_pending = args.raise_hand_after.is_some();
     let mut had_floor = false;
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(args.progress_every));
     tick.tick().await;
     let mut lost = false;
     // Ctrl-C (SIGINT) or SIGTERM ends the meeting early, report and all.
@@ -672,6 +682,10 @@ async fn join(args: JoinArgs) -> ExitCode {
                         "[{}] Đường truyền về quá yếu: tạm ngừng nhận hình, vẫn giữ tiếng", target.site),
                     RoomEvent::ReceiveVideoPausedForLink { paused: false } => eprintln!(
                         "[{}] Thử nhận hình trở lại", target.site),
+                    RoomEvent::Upstream { connected: false } => eprintln!(
+                        "[{}] Mất kết nối với tỉnh; cuộc họp của huyện vẫn tiếp tục", target.site),
+                    RoomEvent::Upstream { connected: true } => eprintln!(
+                        "[{}] Đã kết nối với tỉnh", target.site),
                     // Told when the grade changes, not every two seconds.
                     RoomEvent::Quality(q) if last_grade != Some(q.grade) => {
                         last_grade = Some(q.grade);

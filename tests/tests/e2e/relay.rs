@@ -1,0 +1,309 @@
+//! District relays (`diemcau-server --upstream`): a province server, two district relays on
+//! loopback, real sites under each. The uplink's bound, identity across levels, the floor
+//! given to a commune behind one relay and verified behind the other, the hand queue across
+//! relays, mute and roll-call through them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use diemcau_client::control::ControlSession;
+use diemcau_client::{JoinOptions, Room, RoomEvent};
+use diemcau_e2e::{dev_server, dev_token, until_verified, wait_for, MEDIA};
+use diemcau_protocol::{ChairCommand, FloorMode, Role, RELAY_UP_AUDIO, RELAY_UP_VIDEO};
+use diemcau_server::upstream::UpstreamConfig;
+use diemcau_server::{RunningServer, ServerConfig};
+use tokio::sync::mpsc;
+
+const ROOM: &str = "hop-tinh";
+
+/// A `--dev` relay for `district`, carrying ROOM to `parent`.
+async fn relay(parent: &RunningServer, district: &str) -> RunningServer {
+    relay_as(parent, district, Role::District).await
+}
+
+async fn relay_as(parent: &RunningServer, district: &str, role: Role) -> RunningServer {
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal");
+    let mut cfg = ServerConfig::dev(addr);
+    cfg.connect_timeout = Duration::from_secs(10);
+    cfg.upstream = Some(UpstreamConfig {
+        url: parent.url(),
+        site: district.into(),
+        token: Some(dev_token(district, role, ROOM)),
+        room: ROOM.into(),
+    });
+    diemcau_server::start(cfg).await.expect("relay starts")
+}
+
+async fn site(
+    server: &RunningServer,
+    site: &str,
+    role: Role,
+) -> (Room, mpsc::UnboundedReceiver<RoomEvent>) {
+    let mut opts = JoinOptions::synthetic(site, ROOM);
+    opts.video = diemcau_client::VideoInput::Synthetic {
+        width: 320,
+        height: 180,
+        fps: 15,
+    };
+    opts.token = Some(dev_token(site, role, ROOM));
+    Room::connect(&server.url(), opts)
+        .await
+        .unwrap_or_else(|e| panic!("{site} could not join: {e}"))
+}
+
+/// Waits until `events` has announced every site in `want` (the welcome's list counts).
+async fn until_seen(events: &mut mpsc::UnboundedReceiver<RoomEvent>, who: &str, want: &[&str]) {
+    let mut seen: Vec<String> = Vec::new();
+    wait_for(events, Duration::from_secs(20), who, |e| {
+        match e {
+            RoomEvent::Joined { sites, .. } => seen.extend(sites.iter().map(|s| s.id.clone())),
+            RoomEvent::SiteJoined { site } => seen.push(site.id.clone()),
+            _ => {}
+        }
+        want.iter()
+            .all(|w| seen.iter().any(|s| s == w))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_district_relays_carry_their_communes_into_the_province_meeting() {
+    diemcau_e2e::test_log();
+    let _media = MEDIA.lock().await;
+    let province = dev_server().await;
+    let vinh = relay(&province, "tp-vinh").await;
+    let dien_chau = relay(&province, "dien-chau").await;
+
+    let (chair, mut chair_ev) = site(&province, "nghe-an", Role::Chair).await;
+    // Under relay A: the district hall and three communes (four pictures, more than go up).
+    let (_hall, _) = site(&vinh, "tp-vinh", Role::Chair).await;
+    let (le_loi, mut le_loi_ev) = site(&vinh, "tp-vinh-le-loi", Role::Commune).await;
+    let (hung_dung, _) = site(&vinh, "tp-vinh-hung-dung", Role::Commune).await;
+    let (_quang_trung, _) = site(&vinh, "tp-vinh-quang-trung", Role::Commune).await;
+    // Under relay B.
+    let (dien_ky, mut dien_ky_ev) = site(&dien_chau, "dien-chau-dien-ky", Role::Commune).await;
+    let (_dien_hong, _) = site(&dien_chau, "dien-chau-dien-hong", Role::Commune).await;
+
+    // Identity across levels: every site under its own id, with its place in the tree.
+    until_seen(
+        &mut chair_ev,
+        "the province sees the communes behind both relays",
+        &["tp-vinh", "tp-vinh-le-loi", "dien-chau-dien-ky"],
+    )
+    .await;
+    until_seen(
+        &mut dien_ky_ev,
+        "a commune under B sees the province and the communes under A",
+        &["nghe-an", "tp-vinh-le-loi", "tp-vinh-hung-dung"],
+    )
+    .await;
+    let r = dien_ky.report().await;
+    assert_eq!(
+        r.site_paths.get("tp-vinh-le-loi"),
+        Some(&vec!["nghe-an".to_string(), "tp-vinh".to_string()]),
+        "{:?}",
+        r.site_paths
+    );
+
+    // The province chair gives the floor to a commune behind relay A.
+    let mut console = ControlSession::connect(
+        &province.url(),
+        "nghe-an",
+        ROOM,
+        &dev_token("nghe-an", Role::Chair, ROOM),
+    )
+    .await
+    .expect("the chair's console joins");
+    console
+        .command(ChairCommand::FloorMode {
+            mode: FloorMode::ChairOnly,
+        })
+        .await
+        .expect("floor mode");
+    console
+        .command(ChairCommand::Grant {
+            site: "tp-vinh-le-loi".into(),
+        })
+        .await
+        .expect("a commune behind a relay can be given the floor");
+    // Heard and seen behind relay B and at the province.
+    for (room, at) in [(&dien_ky, "under relay B"), (&chair, "at the province")] {
+        until_verified(room, &["tp-vinh-le-loi"], Duration::from_secs(30)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = room.report().await;
+            let heard = r
+                .received
+                .iter()
+                .find(|x| x.site == "tp-vinh-le-loi")
+                .map_or(0, |x| x.audio_frames_verified);
+            if heard >= 50 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the commune with the floor is not heard {at}: {heard} verified sound frames"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Its own view, through relay A, says it may speak.
+    wait_for(
+        &mut le_loi_ev,
+        Duration::from_secs(10),
+        "the floor shown behind relay A",
+        |e| match e {
+            RoomEvent::Floor { state } if state.you_may_speak => Some(()),
+            _ => None,
+        },
+    )
+    .await;
+
+    // The uplink never carried more than the bound, counted at the province.
+    let (v, a) = (
+        province.stats.relay_up_video_max.load(Ordering::Relaxed),
+        province.stats.relay_up_audio_max.load(Ordering::Relaxed),
+    );
+    assert!(
+        v as usize <= RELAY_UP_VIDEO && a as usize <= RELAY_UP_AUDIO,
+        "an uplink carried {v} pictures and {a} sounds at once"
+    );
+    assert_eq!(
+        v as usize, RELAY_UP_VIDEO,
+        "relay A has four pictures: two go up"
+    );
+
+    // Hands across relays: A's commune first, then B's, in the province's queue.
+    hung_dung.raise_hand();
+    wait_for(
+        &mut chair_ev,
+        Duration::from_secs(10),
+        "the first hand",
+        |e| matches!(e, RoomEvent::Hands { total: 1, .. }).then_some(()),
+    )
+    .await;
+    dien_ky.raise_hand();
+    let queue = wait_for(
+        &mut chair_ev,
+        Duration::from_secs(10),
+        "two hands",
+        |e| match e {
+            RoomEvent::Hands { queue, total: 2 } => Some(queue.clone()),
+            _ => None,
+        },
+    )
+    .await;
+    let order: Vec<(&str, u32)> = queue.iter().map(|h| (h.site.as_str(), h.place)).collect();
+    assert_eq!(
+        order,
+        [("tp-vinh-hung-dung", 1), ("dien-chau-dien-ky", 2)],
+        "the province's queue"
+    );
+    assert_eq!(queue[1].path, ["nghe-an", "dien-chau"]);
+    // The commune under B sees its own place through its relay.
+    wait_for(
+        &mut dien_ky_ev,
+        Duration::from_secs(10),
+        "its place",
+        |e| match e {
+            RoomEvent::Hands { queue, total: 2 } => queue
+                .iter()
+                .any(|h| h.site == "dien-chau-dien-ky" && h.place == 2)
+                .then_some(()),
+            _ => None,
+        },
+    )
+    .await;
+
+    // Mute through relay A: the commune is told, and the province stops forwarding it.
+    console
+        .command(ChairCommand::Mute {
+            site: "tp-vinh-le-loi".into(),
+        })
+        .await
+        .expect("a site behind a relay can be muted");
+    wait_for(
+        &mut le_loi_ev,
+        Duration::from_secs(10),
+        "muted",
+        |e| match e {
+            RoomEvent::Floor { state } if !state.you_may_speak => Some(()),
+            _ => None,
+        },
+    )
+    .await;
+    // Roll-call: the sites behind relays are there.
+    console
+        .command(ChairCommand::RollCallStart)
+        .await
+        .expect("roll-call");
+    let csv = console
+        .command(ChairCommand::RollCallExport)
+        .await
+        .expect("roll-call export")
+        .expect("the export answers with a CSV");
+    for s in ["tp-vinh-le-loi", "dien-chau-dien-ky", "tp-vinh"] {
+        let line = csv
+            .lines()
+            .find(|l| l.starts_with(&format!("{s},")))
+            .unwrap_or_else(|| panic!("{s} not in the roll-call:\n{csv}"));
+        assert!(line.contains("present"), "{line}");
+    }
+    console.leave();
+    for r in [chair, le_loi, hung_dung, dien_ky] {
+        r.leave().await;
+    }
+    dien_chau.stop();
+    vinh.stop();
+    province.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_of_a_relay_carries_a_ward_three_levels_up_and_back() {
+    diemcau_e2e::test_log();
+    let _media = MEDIA.lock().await;
+    let province = dev_server().await;
+    let district = relay(&province, "tp-vinh").await;
+    // A ward's own node under the district's: relays of relays.
+    let ward = relay_as(&district, "tp-vinh-le-loi", Role::Chair).await;
+    let (chair, mut chair_ev) = site(&province, "nghe-an", Role::Chair).await;
+    let (hall, mut hall_ev) = site(&ward, "tp-vinh-le-loi", Role::Chair).await;
+    until_seen(
+        &mut chair_ev,
+        "the ward seen at the province",
+        &["tp-vinh-le-loi"],
+    )
+    .await;
+    until_seen(&mut hall_ev, "the province seen in the ward", &["nghe-an"]).await;
+    until_verified(&chair, &["tp-vinh-le-loi"], Duration::from_secs(30)).await;
+    until_verified(&hall, &["nghe-an"], Duration::from_secs(30)).await;
+    let r = chair.report().await;
+    assert_eq!(
+        r.site_paths.get("tp-vinh-le-loi"),
+        Some(&vec!["nghe-an".to_string(), "tp-vinh".to_string()])
+    );
+    // Its hand reaches the province's queue through both relays.
+    hall.raise_hand();
+    let queue = wait_for(
+        &mut chair_ev,
+        Duration::from_secs(10),
+        "the ward's hand",
+        |e| match e {
+            RoomEvent::Hands { queue, total: 1 } => Some(queue.clone()),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(queue[0].site, "tp-vinh-le-loi");
+    // Each relay counts its link's coming up once.
+    assert_eq!(district.stats.uplinks.load(Ordering::Relaxed), 1);
+    assert_eq!(ward.stats.uplinks.load(Ordering::Relaxed), 1);
+    for r in [chair, hall] {
+        r.leave().await;
+    }
+    ward.stop();
+    district.stop();
+    province.stop();
+}
