@@ -271,12 +271,15 @@ impl Call {
                 RoomEvent::ReceiveVideoPausedForLink { paused } => {
                     emit(CallEvent::ReceiveVideoPausedForLink { paused })
                 }
-                RoomEvent::Upstream { connected } => emit(CallEvent::Notice {
-                    message: if connected {
-                        "Đã kết nối với tỉnh.".into()
-                    } else {
-                        "Mất kết nối với tỉnh; cuộc họp của huyện vẫn tiếp tục.".into()
-                    },
+                RoomEvent::Upstream { connected, chosen } => emit(CallEvent::Notice {
+                    message: match (connected, chosen) {
+                        (true, _) => "Đã kết nối với tỉnh.",
+                        (false, true) => {
+                            "Huyện đã tách khỏi cuộc họp của tỉnh; cuộc họp của huyện vẫn tiếp tục."
+                        }
+                        (false, false) => "Mất kết nối với tỉnh; cuộc họp của huyện vẫn tiếp tục.",
+                    }
+                    .into(),
                 }),
                 RoomEvent::TrackAdded { .. }
                 | RoomEvent::TrackRemoved { .. }

@@ -194,6 +194,8 @@ pub enum RoomEvent {
     /// (`connected: false`; the district's own meeting carries on) or is back.
     Upstream {
         connected: bool,
+        /// The district chair took the meeting out of the province's (not a lost link).
+        chosen: bool,
     },
     /// This site's link and what arrives from each other site, every
     /// [`quality::QUALITY_EVERY`].

@@ -1263,8 +1263,8 @@ fn on_server_message(msg: ServerMessage, shared: &Shared) {
         ServerMessage::RollCall { entries } => {
             let _ = events.send(RoomEvent::RollCall { entries });
         }
-        ServerMessage::Upstream { connected } => {
-            let _ = events.send(RoomEvent::Upstream { connected });
+        ServerMessage::Upstream { connected, chosen } => {
+            let _ = events.send(RoomEvent::Upstream { connected, chosen });
         }
         ServerMessage::Welcome { .. }
         | ServerMessage::Answer { .. }

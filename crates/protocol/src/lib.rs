@@ -269,9 +269,12 @@ pub enum ServerMessage {
         site: SiteId,
     },
     /// From a district relay to its own sites: whether its link to the parent (province)
-    /// room is up. While it is down the district's own meeting carries on.
+    /// room is up. While it is down the district's own meeting carries on. `chosen`: the
+    /// district chair took the meeting out of the parent's (not a lost link).
     Upstream {
         connected: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chosen: bool,
     },
     /// Something went wrong. `fatal: true` means the server closes the connection next.
     /// `id` is set when the error answers a chair command.

@@ -114,6 +114,11 @@ pub enum ChairCommand {
     },
     /// Asks for the roll-call as CSV (answered with `roll_call_csv`).
     RollCallExport,
+    /// On a district relay: join the district's meeting to the parent (province) room
+    /// (`on`), or take it out and run it alone. Refused on a server without `--upstream`.
+    Upstream {
+        on: bool,
+    },
 }
 
 impl ChairCommand {
@@ -134,6 +139,7 @@ impl ChairCommand {
             ChairCommand::RollCallStart => "roll-call-start",
             ChairCommand::RollCallMark { .. } => "roll-call-mark",
             ChairCommand::RollCallExport => "roll-call-export",
+            ChairCommand::Upstream { .. } => "upstream",
         }
     }
 

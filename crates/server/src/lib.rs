@@ -198,7 +198,12 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let udp_candidate = engine_cfg.udp_candidate;
     let (tx, rx) = mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(());
-    let engine = sfu::Engine::new(engine_cfg, Arc::new(udp), stats.clone(), audit);
+    let mut engine = sfu::Engine::new(engine_cfg, Arc::new(udp), stats.clone(), audit);
+    let (link_tx, link_rx) =
+        tokio::sync::watch::channel(cfg.upstream.as_ref().is_some_and(|u| u.link_at_start));
+    if cfg.upstream.is_some() {
+        engine = engine.with_link_switch(link_tx);
+    }
     let uplink_tx = tx.clone();
     let mut tasks = vec![
         tokio::spawn(engine.run(rx)),
@@ -210,7 +215,12 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         )),
     ];
     if let Some(up) = cfg.upstream.clone() {
-        tasks.push(tokio::spawn(upstream::run(up, uplink_tx, udp_candidate)));
+        tasks.push(tokio::spawn(upstream::run(
+            up,
+            uplink_tx,
+            udp_candidate,
+            link_rx,
+        )));
     }
     Ok(RunningServer {
         signalling,

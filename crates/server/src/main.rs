@@ -120,6 +120,10 @@ struct RunArgs {
     /// Relay mode: the room carried, by the same name here and at the parent.
     #[arg(long, default_value = "hop-tinh")]
     room: String,
+    /// Relay mode: start with the district's own meeting; the district chair joins it to the
+    /// parent's with `diemcau-cli chair … upstream on`.
+    #[arg(long, requires = "upstream")]
+    unlinked: bool,
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -278,6 +282,7 @@ async fn main() -> anyhow::Result<()> {
                     site: site.clone(),
                     token: args.token.clone(),
                     room: args.room.clone(),
+                    link_at_start: !args.unlinked,
                 })
             }
             _ => None,

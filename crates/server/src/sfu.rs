@@ -316,6 +316,9 @@ pub struct Engine {
     next_internal: ConnId,
     /// Relay side: the link to the parent has been up at least once.
     uplink_was_up: bool,
+    /// Relay side: whether the district chair wants the meeting joined to the parent's
+    /// (the upstream task dials only while it is true).
+    link: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Relay side: this server's link to its parent room.
@@ -381,7 +384,14 @@ impl Engine {
             uplink: None,
             next_internal: 1 << 62,
             uplink_was_up: false,
+            link: None,
         }
+    }
+
+    /// Relay mode: the switch the district chair's `upstream` command turns.
+    pub fn with_link_switch(mut self, link: tokio::sync::watch::Sender<bool>) -> Self {
+        self.link = Some(link);
+        self
     }
 
     /// Runs until the command channel closes.
@@ -576,7 +586,11 @@ impl Engine {
                     self.rooms.get(&p.room).and_then(|members| {
                         members
                             .iter()
-                            .find(|m| self.peers.get(m).is_some_and(|q| q.site.id == site))
+                            .find(|m| {
+                                self.peers
+                                    .get(m)
+                                    .is_some_and(|q| q.in_roster() && q.site.id == site)
+                            })
                             .copied()
                     })
                 });
@@ -610,7 +624,7 @@ impl Engine {
     }
 
     fn unmute_reply(&mut self, conn: ConnId, accept: bool) {
-        let Some(p) = self.peers.get(&conn) else {
+        let Some(p) = self.peers.get(&conn).filter(|p| !p.relay && !p.uplink) else {
             return;
         };
         let (room, site) = (p.room.clone(), p.site.id.clone());
@@ -739,6 +753,15 @@ impl Engine {
                 warn!(%id, "a relay named a site already in the room; ignored");
                 continue;
             }
+            // A locked room takes back, through a relay, only sites that were in it.
+            let returning = self
+                .dropped
+                .get(&(room.clone(), id.clone()))
+                .is_some_and(|t| t.elapsed() < RESUME_WINDOW);
+            if parent_side && self.meeting(&room).locked() && !returning {
+                warn!(%id, %room, "room locked: a site behind a relay not let in");
+                continue;
+            }
             // Behind a relay the district hall is no chair of the parent's meeting.
             let role = match (parent_side, rs.role) {
                 (true, Role::Chair) => Role::District,
@@ -814,6 +837,9 @@ impl Engine {
             let Some(x) = self.proxy_of(via, site) else {
                 continue;
             };
+            if sources.contains_key(&mid) {
+                continue;
+            }
             let e = by_member.entry(x).or_default();
             match a.kind {
                 WireKind::Video if e.0.is_none() => e.0 = Some(mid),
@@ -893,6 +919,11 @@ impl Engine {
                 to_parent,
                 to_task,
             } => {
+                if self.link.as_ref().is_some_and(|l| !*l.borrow()) {
+                    // The district chair took the meeting out while this link was dialled.
+                    drop(to_task);
+                    return;
+                }
                 if let Some(old) = self.uplink.as_ref().map(|u| u.conn) {
                     self.remove(old, LeaveReason::Disconnected);
                 }
@@ -1174,6 +1205,8 @@ impl Engine {
             sites: others,
         });
         self.next_seq += 1;
+        // A relay's connection gives no commands and is nobody's chair.
+        let role = if relay { Role::District } else { role };
         let mut peer = Peer::blank(info, role, room.clone(), from, to_client, self.next_seq);
         peer.control = control;
         peer.relay = relay;
@@ -1334,13 +1367,23 @@ impl Engine {
         let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
         let meeting = self.meetings.get(room).cloned().unwrap_or_default();
         let directory = self.cfg.directory.clone();
+        // A site in the room is described as it joined (a site from the parent's room, or
+        // behind a relay, may be missing from this server's directory).
+        let here: HashMap<&str, &SiteInfo> = members
+            .iter()
+            .filter_map(|m| self.peers.get(m))
+            .filter(|p| p.in_roster())
+            .map(|p| (p.site.id.as_str(), &p.site))
+            .collect();
         let info = |s: &str| {
-            directory.site_info(s).unwrap_or(SiteInfo {
-                id: s.into(),
-                name: s.into(),
-                level: Level::Commune,
-                path: Vec::new(),
-                path_names: Vec::new(),
+            here.get(s).map(|i| (*i).clone()).unwrap_or_else(|| {
+                directory.site_info(s).unwrap_or(SiteInfo {
+                    id: s.into(),
+                    name: s.into(),
+                    level: Level::Commune,
+                    path: Vec::new(),
+                    path_names: Vec::new(),
+                })
             })
         };
         let roll = meeting
@@ -1367,16 +1410,17 @@ impl Engine {
             // dialling for the first time has nothing to report).
             if let (Some(connected), Some(c)) = (upstream, newcomer) {
                 if c == *m && (connected || self.uplink_was_up) {
-                    p.send(ServerMessage::Upstream { connected });
+                    let chosen = !connected && self.link.as_ref().is_some_and(|l| !*l.borrow());
+                    p.send(ServerMessage::Upstream { connected, chosen });
                 }
             }
             if newcomer.is_none_or(|c| c == *m) {
                 p.send(ServerMessage::Hands {
-                    queue: meeting.hands_for(&p.site.id, p.role, info),
+                    queue: meeting.hands_for(&p.site.id, self.role_here(p), info),
                     total,
                 });
                 p.send(ServerMessage::Floor {
-                    state: meeting.floor_for(&p.site.id, p.role),
+                    state: meeting.floor_for(&p.site.id, self.role_here(p)),
                 });
             }
             if let (Some(entries), Role::Chair) = (&roll, p.role) {
@@ -1430,7 +1474,7 @@ impl Engine {
         let (room, actor, role, from) = (p.room.clone(), p.site.id.clone(), p.role, p.from);
         let to_actor = p.to_client.clone();
         let target = command.target().map(str::to_string);
-        let result = if role != Role::Chair {
+        let result = if role != Role::Chair || p.relay || p.uplink {
             Err((
                 ErrorCode::Forbidden,
                 format!(
@@ -1438,7 +1482,8 @@ impl Engine {
                     command.name()
                 ),
             ))
-        } else if self.linked(&room).is_some() {
+        } else if self.linked(&room).is_some() && !matches!(command, ChairCommand::Upstream { .. })
+        {
             Err((
                 ErrorCode::Forbidden,
                 "this district is joined to the province meeting: the province chair runs it"
@@ -1556,6 +1601,24 @@ impl Engine {
                 }
                 m.roll_call_mark(site, *is_present, reason.clone());
             }
+            ChairCommand::Upstream { on } => {
+                let relay_room = self.cfg.relay_room.as_deref() == Some(room);
+                let Some(link) = self.link.as_ref().filter(|_| relay_room) else {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        format!(
+                            "this server does not carry room {room} to a parent (no --upstream)"
+                        ),
+                    ));
+                };
+                link.send_replace(*on);
+                info!(%room, on, "the district chair turned the link to the parent");
+                if !*on {
+                    if let Some(id) = self.uplink.as_ref().map(|u| u.conn) {
+                        self.remove(id, LeaveReason::Left);
+                    }
+                }
+            }
             ChairCommand::RollCallExport => {
                 let entries = self
                     .meetings
@@ -1577,9 +1640,19 @@ impl Engine {
     fn sites_with_role(&self, room: &str, role: Role) -> Vec<SiteId> {
         self.peers
             .values()
-            .filter(|p| p.room == room && p.role == role)
+            .filter(|p| p.room == room && p.in_roster() && self.role_here(p) == role)
             .map(|p| p.site.id.clone())
             .collect()
+    }
+
+    /// The role a member acts with in its room now: a relay's own chair is the district's
+    /// chair only while the district meets alone; joined to the parent's meeting it is a
+    /// district there (as the parent sees it), so both servers apply the same floor rules.
+    fn role_here(&self, p: &Peer) -> Role {
+        match p.role {
+            Role::Chair if p.via.is_none() && self.linked(&p.room).is_some() => Role::District,
+            r => r,
+        }
     }
 
     fn offer(&mut self, conn: ConnId, sdp: &str) {
@@ -1893,10 +1966,16 @@ impl Engine {
         if kind == WireKind::Audio {
             // Floor control is enforced here: audio from a site without the floor goes
             // nowhere (and does not count as loudness for audio slots).
+            // (`role_here`, inline: `p` is borrowed mutably.)
+            let linked = self.uplink.as_ref().is_some_and(|u| u.room == room);
+            let role = match p.role {
+                Role::Chair if p.via.is_none() && linked => Role::District,
+                r => r,
+            };
             let allowed = self
                 .meetings
                 .get(&room)
-                .is_none_or(|m| m.may_speak(&p.site.id, p.role));
+                .is_none_or(|m| m.may_speak(&p.site.id, role));
             if !allowed {
                 self.stats
                     .audio_dropped_floor
@@ -1964,7 +2043,10 @@ impl Engine {
         let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
         let meeting = self.meetings.get(room).cloned().unwrap_or_default();
         let relay_site = self.cfg.relay_site.clone();
-        let publishers: Vec<(ConnId, f64, Option<ConnId>)> = members
+        let uplink = self.uplink.as_ref().map(|u| u.conn);
+        // Each publisher: its score, the link it is reached over, and whether it is this
+        // relay's own hall (always among the pictures going up).
+        let publishers: Vec<(ConnId, f64, Option<ConnId>, bool)> = members
             .iter()
             .filter_map(|m| self.peers.get(m).map(|p| (*m, p)))
             .filter(|(_, p)| match kind {
@@ -1980,13 +2062,10 @@ impl Engine {
                         if meeting.spotlight() == Some(p.site.id.as_str()) {
                             score += 1e12;
                         }
-                        // A relay's own hall: always among the pictures it sends up.
-                        if relay_site.as_deref() == Some(p.site.id.as_str()) && p.via.is_none() {
-                            score += 1e10;
-                        }
-                        if p.role == Role::Chair
+                        let role = self.role_here(p);
+                        if role == Role::Chair
                             || (meeting.mode() != diemcau_protocol::FloorMode::Open
-                                && meeting.may_speak(&p.site.id, p.role))
+                                && meeting.may_speak(&p.site.id, role))
                         {
                             score += 1e9;
                         }
@@ -1994,21 +2073,32 @@ impl Engine {
                     }
                     WireKind::Audio => p.loudness,
                 };
-                (m, score, p.via)
+                let hall = relay_site.as_deref() == Some(p.site.id.as_str()) && p.via.is_none();
+                (m, score, p.via, hall)
             })
+            .collect();
+        // A relay's connection that names no site behind it gets nothing.
+        let silent: Vec<ConnId> = members
+            .iter()
+            .filter(|m| {
+                self.peers.get(m).is_some_and(|p| p.relay)
+                    && !self.peers.values().any(|q| q.via == Some(**m))
+            })
+            .copied()
             .collect();
         let mut keyframes = Vec::new();
         for sub in &members {
             let Some(s) = self.peers.get_mut(sub) else {
                 continue;
             };
-            let sound_only = kind == WireKind::Video && s.video_off;
+            let sound_only = kind == WireKind::Video && s.video_off || silent.contains(sub);
+            let up = Some(*sub) == uplink;
             let cands: Vec<slots::Candidate<ConnId>> = publishers
                 .iter()
-                .filter(|(m, _, via)| m != sub && *via != Some(*sub) && !sound_only)
-                .map(|(m, score, _)| slots::Candidate {
+                .filter(|(m, _, via, _)| m != sub && *via != Some(*sub) && !sound_only)
+                .map(|(m, score, _, hall)| slots::Candidate {
                     key: *m,
-                    score: *score,
+                    score: if up && *hall { score + 1e10 } else { *score },
                 })
                 .collect();
             let out = match kind {
@@ -2082,15 +2172,17 @@ impl Engine {
         self.tell_upstream(true);
     }
 
-    /// Tells this relay's own sites (not those of the parent) whether the parent is linked.
+    /// Tells this relay's own sites (not those of the parent) whether the parent is linked
+    /// (and, when not, whether the district chair chose so).
     fn tell_upstream(&self, connected: bool) {
+        let chosen = !connected && self.link.as_ref().is_some_and(|l| !*l.borrow());
         let Some(room) = self.cfg.relay_room.as_deref() else {
             return;
         };
         for m in self.rooms.get(room).into_iter().flatten() {
             if let Some(p) = self.peers.get(m) {
                 if p.in_roster() && p.via.is_none() {
-                    p.send(ServerMessage::Upstream { connected });
+                    p.send(ServerMessage::Upstream { connected, chosen });
                 }
             }
         }
@@ -2170,7 +2262,9 @@ impl Engine {
         if p.in_roster() && matches!(reason, LeaveReason::Left | LeaveReason::Removed) {
             self.meeting(&room).forget(&p.site.id);
         }
-        if p.in_roster() && matches!(reason, LeaveReason::Disconnected | LeaveReason::Dropped) {
+        if (p.in_roster() || p.relay)
+            && matches!(reason, LeaveReason::Disconnected | LeaveReason::Dropped)
+        {
             let now = Instant::now();
             self.dropped
                 .retain(|_, t| now.duration_since(*t) < RESUME_WINDOW);

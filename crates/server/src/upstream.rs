@@ -26,7 +26,7 @@ use futures_util::{SinkExt, StreamExt};
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind};
 use str0m::{Candidate, Rtc, RtcConfig};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
@@ -43,6 +43,9 @@ pub struct UpstreamConfig {
     pub token: Option<String>,
     /// The room carried: the same name here and at the parent.
     pub room: String,
+    /// Join the parent at start; otherwise the district meets alone until its chair gives
+    /// the `upstream {on: true}` command.
+    pub link_at_start: bool,
 }
 
 /// The parent not answering for this long means the link is gone.
@@ -69,36 +72,67 @@ enum LinkError {
     Sdp(String),
 }
 
-/// Keeps the link to the parent up until the server stops.
-pub async fn run(cfg: UpstreamConfig, engine: mpsc::UnboundedSender<Command>, local: SocketAddr) {
+/// Keeps the link to the parent up, while `want` says so, until the server stops.
+pub async fn run(
+    cfg: UpstreamConfig,
+    engine: mpsc::UnboundedSender<Command>,
+    local: SocketAddr,
+    mut want: watch::Receiver<bool>,
+) {
     let mut resume = false;
     let mut lost_at = Instant::now();
     let mut wait = Duration::from_millis(250);
     loop {
+        // The district meets alone until its chair joins it to the parent's meeting.
+        if !*want.borrow_and_update() {
+            while !*want.borrow_and_update() {
+                if want.changed().await.is_err() {
+                    return;
+                }
+            }
+            resume = false;
+            lost_at = Instant::now();
+            wait = Duration::from_millis(250);
+        }
         let started = Instant::now();
-        match link_once(&cfg, &engine, local, resume).await {
-            Ok(()) => return,
+        let result = link_once(&cfg, &engine, local, resume, &mut want).await;
+        // Whatever ended the link, the engine lets it go (a no-op if it already has).
+        let _ = engine.send(Command::Uplink(UplinkEvent::Down));
+        let mut refused = false;
+        match result {
+            Ok(()) => {
+                info!(parent = %cfg.url, "left the parent room; the district meets alone");
+                continue;
+            }
+            Err(_) if !*want.borrow() => continue,
             Err(e) => {
-                let _ = engine.send(Command::Uplink(UplinkEvent::Down));
                 if started.elapsed() > Duration::from_secs(5) {
                     // It had been up: count the backoff from this loss.
                     lost_at = Instant::now();
                     wait = Duration::from_millis(250);
                 }
-                warn!(parent = %cfg.url, "link to the parent room: {e}; dialling again in {wait:?}");
                 // A refusal other than a takeover is not fixed by retrying fast.
                 if let LinkError::Refused { code, .. } = &e {
-                    if !matches!(code, ErrorCode::SiteTaken | ErrorCode::MediaTimeout) {
-                        wait = Duration::from_secs(5);
-                    }
+                    refused = !matches!(code, ErrorCode::SiteTaken | ErrorCode::MediaTimeout);
                 }
+                let next = if refused {
+                    Duration::from_secs(5)
+                } else {
+                    wait
+                };
+                warn!(parent = %cfg.url, "link to the parent room: {e}; dialling again in {next:?}");
             }
         }
         if engine.is_closed() {
             return;
         }
         resume = true;
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(if refused {
+            Duration::from_secs(5)
+        } else {
+            wait
+        })
+        .await;
         wait = if lost_at.elapsed() < Duration::from_secs(60) {
             (wait * 2).min(Duration::from_secs(1))
         } else {
@@ -119,6 +153,7 @@ async fn link_once(
     engine: &mpsc::UnboundedSender<Command>,
     local: SocketAddr,
     resume: bool,
+    want: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let (ws, _) = tokio::time::timeout(CONNECT_LIMIT, tokio_tungstenite::connect_async(&cfg.url))
         .await
@@ -239,13 +274,26 @@ async fn link_once(
                 }
             }
             out = outbox.recv() => {
-                let Some(out) = out else { return Ok(()) };
+                let Some(out) = out else {
+                    // The engine dropped the link: on purpose, or its media failed.
+                    if !*want.borrow() {
+                        break;
+                    }
+                    return Err(LinkError::Lost("the media engine dropped the link".into()));
+                };
                 sink.send(send(&out)).await.map_err(|e| LinkError::Lost(e.to_string()))?;
             }
             note = from_engine.recv() => match note {
                 Some(m) => if let Some(e) = refused(&m) { return Err(e) },
+                // The engine drops the link when the district chair takes the meeting out.
+                None if !*want.borrow() => break,
                 None => return Err(LinkError::Lost("the media engine dropped the link".into())),
             },
+            _ = want.changed() => {
+                if !*want.borrow() {
+                    break;
+                }
+            }
             _ = ping.tick() => {
                 if heard.elapsed() > SILENCE_LIMIT {
                     return Err(LinkError::Lost(format!("no word from the parent for {SILENCE_LIMIT:?}")));
@@ -257,6 +305,10 @@ async fn link_once(
             }
         }
     }
+    // Leaving on purpose: the parent lowers the district's hands and grants.
+    let _ = sink.send(send(&ClientMessage::Leave)).await;
+    let _ = sink.close().await;
+    Ok(())
 }
 
 /// The parent's next readable message, within [`STEP_LIMIT`].

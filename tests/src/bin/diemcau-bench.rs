@@ -488,6 +488,7 @@ fn cascade(rt: &tokio::runtime::Runtime, per: usize) {
                 site: d.clone(),
                 token: None,
                 room: room.into(),
+                link_at_start: true,
             });
             relays.insert(d.clone(), diemcau_server::start(cfg).await.expect("relay"));
         }

@@ -8,9 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use diemcau_client::control::ControlSession;
-use diemcau_client::{JoinOptions, Room, RoomEvent};
+use diemcau_client::{ClientError, JoinOptions, Room, RoomEvent};
 use diemcau_e2e::{dev_server, dev_token, until_verified, wait_for, MEDIA};
-use diemcau_protocol::{ChairCommand, FloorMode, Role, RELAY_UP_AUDIO, RELAY_UP_VIDEO};
+use diemcau_protocol::{
+    ChairCommand, ErrorCode, FloorMode, LeaveReason, Role, RELAY_UP_AUDIO, RELAY_UP_VIDEO,
+};
 use diemcau_server::upstream::UpstreamConfig;
 use diemcau_server::{RunningServer, ServerConfig};
 use tokio::sync::mpsc;
@@ -23,6 +25,15 @@ async fn relay(parent: &RunningServer, district: &str) -> RunningServer {
 }
 
 async fn relay_as(parent: &RunningServer, district: &str, role: Role) -> RunningServer {
+    relay_with(parent, district, role, true).await
+}
+
+async fn relay_with(
+    parent: &RunningServer,
+    district: &str,
+    role: Role,
+    link_at_start: bool,
+) -> RunningServer {
     let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal");
     let mut cfg = ServerConfig::dev(addr);
     cfg.connect_timeout = Duration::from_secs(10);
@@ -31,6 +42,7 @@ async fn relay_as(parent: &RunningServer, district: &str, role: Role) -> Running
         site: district.into(),
         token: Some(dev_token(district, role, ROOM)),
         room: ROOM.into(),
+        link_at_start,
     });
     diemcau_server::start(cfg).await.expect("relay starts")
 }
@@ -305,5 +317,207 @@ async fn a_relay_of_a_relay_carries_a_ward_three_levels_up_and_back() {
     }
     ward.stop();
     district.stop();
+    province.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_district_meets_alone_then_its_chair_joins_it_to_the_province_and_takes_it_out() {
+    diemcau_e2e::test_log();
+    let _media = MEDIA.lock().await;
+    let province = dev_server().await;
+    let district = relay_with(&province, "tp-vinh", Role::District, false).await;
+    let (chair, mut chair_ev) = site(&province, "nghe-an", Role::Chair).await;
+    let (hall, _) = site(&district, "tp-vinh", Role::Chair).await;
+    let (ward, mut ward_ev) = site(&district, "tp-vinh-le-loi", Role::Commune).await;
+    // The district's own meeting, run by its chair.
+    until_verified(&ward, &["tp-vinh"], Duration::from_secs(20)).await;
+    hall.chair(ChairCommand::FloorMode {
+        mode: FloorMode::ChairOnly,
+    })
+    .await
+    .expect("the district chair runs the district-only meeting");
+    assert_eq!(district.stats.uplinks.load(Ordering::Relaxed), 0);
+    assert!(
+        !chair
+            .report()
+            .await
+            .sites_seen
+            .iter()
+            .any(|s| s.starts_with("tp-vinh")),
+        "the province sees nothing of a district meeting alone"
+    );
+
+    // Joined to the province's meeting by its chair.
+    hall.chair(ChairCommand::Upstream { on: true })
+        .await
+        .expect("the district chair joins the meeting to the province's");
+    // Linked, and now the province chair runs it: the province's floor (open) is what the
+    // ward sees (in either order).
+    let (mut linked, mut open) = (false, false);
+    wait_for(
+        &mut ward_ev,
+        Duration::from_secs(10),
+        "linked, and the province's floor",
+        |e| {
+            match e {
+                RoomEvent::Upstream {
+                    connected: true, ..
+                } => linked = true,
+                RoomEvent::Floor { state } => open = state.mode == FloorMode::Open,
+                _ => {}
+            }
+            (linked && open).then_some(())
+        },
+    )
+    .await;
+    until_verified(
+        &chair,
+        &["tp-vinh-le-loi", "tp-vinh"],
+        Duration::from_secs(30),
+    )
+    .await;
+    until_verified(&ward, &["nghe-an"], Duration::from_secs(30)).await;
+    match hall.chair(ChairCommand::LowerAll).await {
+        Err(ClientError::Refused {
+            code: ErrorCode::Forbidden,
+            ..
+        }) => {}
+        other => panic!("a district chair's command in the province's meeting: {other:?}"),
+    }
+
+    // Taken out again: the province sees the district's sites leave; the district goes on.
+    hall.chair(ChairCommand::Upstream { on: false })
+        .await
+        .expect("the district chair takes the meeting out");
+    wait_for(
+        &mut chair_ev,
+        Duration::from_secs(10),
+        "the ward gone",
+        |e| match e {
+            RoomEvent::SiteLeft { site, reason } if site == "tp-vinh-le-loi" => {
+                assert_eq!(*reason, LeaveReason::Left);
+                Some(())
+            }
+            _ => None,
+        },
+    )
+    .await;
+    // Told so, and its own floor mode is back (in either order).
+    let (mut told, mut own) = (false, false);
+    wait_for(
+        &mut ward_ev,
+        Duration::from_secs(10),
+        "told, and the district's floor",
+        |e| {
+            match e {
+                RoomEvent::Upstream {
+                    connected: false,
+                    chosen,
+                } => told = *chosen,
+                RoomEvent::Floor { state } => own = state.mode == FloorMode::ChairOnly,
+                _ => {}
+            }
+            (told && own).then_some(())
+        },
+    )
+    .await;
+    let before = ward.report().await;
+    let seen = |r: &diemcau_client::Report| {
+        r.received
+            .iter()
+            .find(|x| x.site == "tp-vinh")
+            .map_or(0, |x| x.video_frames_verified)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen(&ward.report().await) <= seen(&before) + 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the district meeting goes on after it was taken out"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for r in [chair, hall, ward] {
+        r.leave().await;
+    }
+    district.stop();
+    province.stop();
+}
+
+/// What a relay's connection may not do, and what only it may do.
+#[tokio::test]
+async fn relay_messages_need_a_relay_connection_and_a_relay_gives_no_chair_commands() {
+    use diemcau_e2e::raw::Raw;
+    use diemcau_protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
+    let province = dev_server().await;
+    // A site that did not join as a relay cannot speak for others.
+    let mut site = Raw::connect(&province.url()).await;
+    site.join_as("tp-vinh-le-loi", ROOM, None, false, false)
+        .await;
+    site.send(&ClientMessage::RelayHand {
+        site: "nghe-an".into(),
+        up: true,
+    })
+    .await;
+    let refused = site
+        .wait("forbidden", |m| match m {
+            ServerMessage::Error { code, fatal, .. } => Some((*code, *fatal)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(refused, (ErrorCode::Forbidden, false));
+    // A relay joined with a chair token is still no chair.
+    let mut relay = Raw::connect(&province.url()).await;
+    relay
+        .send(&ClientMessage::Join {
+            v: PROTOCOL_VERSION,
+            room: ROOM.into(),
+            site: "tp-vinh".into(),
+            token: Some(dev_token("tp-vinh", Role::Chair, ROOM)),
+            control: false,
+            resume: false,
+            relay: true,
+        })
+        .await;
+    relay
+        .wait("welcome", |m| {
+            matches!(m, ServerMessage::Welcome { .. }).then_some(())
+        })
+        .await;
+    relay
+        .send(&ClientMessage::Chair {
+            id: 1,
+            command: ChairCommand::Lock { locked: true },
+        })
+        .await;
+    let code = relay
+        .wait("the answer", |m| match m {
+            ServerMessage::Error {
+                code, id: Some(1), ..
+            } => Some(*code),
+            ServerMessage::Ack { id: 1 } => Some(ErrorCode::Internal),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, ErrorCode::Forbidden);
+    // A relay with a commune's token is refused.
+    let mut commune = Raw::connect(&province.url()).await;
+    commune
+        .send(&ClientMessage::Join {
+            v: PROTOCOL_VERSION,
+            room: ROOM.into(),
+            site: "tp-vinh-le-loi".into(),
+            token: Some(dev_token("tp-vinh-le-loi", Role::Commune, ROOM)),
+            control: false,
+            resume: false,
+            relay: true,
+        })
+        .await;
+    let refused = commune
+        .wait("refused", |m| match m {
+            ServerMessage::Error { code, fatal, .. } => Some((*code, *fatal)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(refused, (ErrorCode::Forbidden, true));
     province.stop();
 }

@@ -29,7 +29,8 @@ enum Command {
     /// when refused. ACTION: floor-mode MODE | grant SITE | revoke SITE | mute SITE |
     /// mute-all | ask-unmute SITE | remove SITE | spotlight [SITE] | lock [on|off] |
     /// lower-hand SITE | lower-all | roll-call start | roll-call mark SITE present|absent |
-    /// roll-call export
+    /// roll-call export | upstream on|off (a district relay: join the district's meeting to
+    /// the province's, or take it out)
     Chair(ChairArgs),
     /// The machine-wide settings the desktop app and `join` start from
     /// (`/etc/diemcau/config.toml`, `%ProgramData%\DiemCau\config.toml`).
@@ -280,6 +281,8 @@ fn parse_chair(a: &ChairArgs) -> Result<ChairCommand, String> {
         ["lower-all"] => ChairCommand::LowerAll,
         ["roll-call"] | ["roll-call", "start"] => ChairCommand::RollCallStart,
         ["roll-call", "export"] => ChairCommand::RollCallExport,
+        ["upstream", "on"] => ChairCommand::Upstream { on: true },
+        ["upstream", "off"] => ChairCommand::Upstream { on: false },
         ["roll-call", "mark", s, status] => ChairCommand::RollCallMark {
             site: s.to_string(),
             present: match *status {
@@ -682,9 +685,11 @@ async fn join(args: JoinArgs) -> ExitCode {
                         "[{}] Đường truyền về quá yếu: tạm ngừng nhận hình, vẫn giữ tiếng", target.site),
                     RoomEvent::ReceiveVideoPausedForLink { paused: false } => eprintln!(
                         "[{}] Thử nhận hình trở lại", target.site),
-                    RoomEvent::Upstream { connected: false } => eprintln!(
+                    RoomEvent::Upstream { connected: false, chosen: true } => eprintln!(
+                        "[{}] Huyện đã tách khỏi cuộc họp của tỉnh; cuộc họp của huyện vẫn tiếp tục", target.site),
+                    RoomEvent::Upstream { connected: false, .. } => eprintln!(
                         "[{}] Mất kết nối với tỉnh; cuộc họp của huyện vẫn tiếp tục", target.site),
-                    RoomEvent::Upstream { connected: true } => eprintln!(
+                    RoomEvent::Upstream { connected: true, .. } => eprintln!(
                         "[{}] Đã kết nối với tỉnh", target.site),
                     // Told when the grade changes, not every two seconds.
                     RoomEvent::Quality(q) if last_grade != Some(q.grade) => {
