@@ -246,6 +246,27 @@ async fn two_district_relays_carry_their_communes_into_the_province_meeting() {
         },
     )
     .await;
+    // Spotlight on a commune behind relay B, as seen behind relay A.
+    console
+        .command(ChairCommand::Spotlight {
+            site: Some("dien-chau-dien-ky".into()),
+        })
+        .await
+        .expect("a site behind a relay can be spotlighted");
+    wait_for(
+        &mut le_loi_ev,
+        Duration::from_secs(10),
+        "the spotlight",
+        |e| match e {
+            RoomEvent::Floor { state }
+                if state.spotlight.as_deref() == Some("dien-chau-dien-ky") =>
+            {
+                Some(())
+            }
+            _ => None,
+        },
+    )
+    .await;
     // Roll-call: the sites behind relays are there.
     console
         .command(ChairCommand::RollCallStart)
