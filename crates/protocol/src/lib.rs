@@ -140,6 +140,11 @@ pub enum ClientMessage {
         site: SiteId,
         accept: bool,
     },
+    /// Relay only: a site behind the relay left on purpose (or was removed there): it leaves
+    /// the parent's room as `left`, giving up its hand, grant and spotlight.
+    RelayLeft {
+        site: SiteId,
+    },
     /// Trade the site's enrollment secret (from the installer) for a short-lived token.
     /// Answered with `enrolled` or an error; may come instead of `join` as first message.
     Enroll {
@@ -454,6 +459,7 @@ const CLIENT_TYPES: &[&str] = &[
     "relay_sources",
     "relay_hand",
     "relay_unmute_reply",
+    "relay_left",
 ];
 
 impl ClientMessage {
@@ -624,6 +630,7 @@ mod tests {
                 site: "s".into(),
                 accept: false,
             },
+            ClientMessage::RelayLeft { site: "s".into() },
         ];
         for m in msgs {
             assert_eq!(ClientMessage::decode(&m.encode()), Ok(m));

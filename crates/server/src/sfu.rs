@@ -701,6 +701,11 @@ impl Engine {
                     self.unmute_reply(x, accept);
                 }
             }
+            ClientMessage::RelayLeft { site } => {
+                if let Some(x) = self.proxy_of(conn, &site) {
+                    self.remove(x, LeaveReason::Left);
+                }
+            }
             _ => {}
         }
     }
@@ -2251,9 +2256,8 @@ impl Engine {
             if let (Some(u), LeaveReason::Left | LeaveReason::Removed) =
                 (self.linked(&room), reason)
             {
-                let _ = u.to_parent.send(ClientMessage::RelayHand {
+                let _ = u.to_parent.send(ClientMessage::RelayLeft {
                     site: p.site.id.clone(),
-                    up: false,
                 });
             }
         }

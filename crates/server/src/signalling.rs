@@ -362,7 +362,8 @@ where
             msg @ (ClientMessage::RelaySites { .. }
             | ClientMessage::RelaySources { .. }
             | ClientMessage::RelayHand { .. }
-            | ClientMessage::RelayUnmuteReply { .. }) => {
+            | ClientMessage::RelayUnmuteReply { .. }
+            | ClientMessage::RelayLeft { .. }) => {
                 let _ = engine.send(Command::FromRelay { conn, msg });
             }
             ClientMessage::Leave => {

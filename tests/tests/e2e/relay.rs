@@ -284,8 +284,35 @@ async fn two_district_relays_carry_their_communes_into_the_province_meeting() {
             .unwrap_or_else(|| panic!("{s} not in the roll-call:\n{csv}"));
         assert!(line.contains("present"), "{line}");
     }
+    // Leaving the relay is leaving the province's meeting: the grant goes with it.
+    le_loi.leave().await;
+    let reason = wait_for(
+        &mut chair_ev,
+        Duration::from_secs(10),
+        "the commune gone",
+        |e| match e {
+            RoomEvent::SiteLeft { site, reason } if site == "tp-vinh-le-loi" => Some(*reason),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(reason, LeaveReason::Left);
+    let floor = wait_for(
+        &mut chair_ev,
+        Duration::from_secs(10),
+        "the floor after",
+        |e| match e {
+            RoomEvent::Floor { state } => Some(state.clone()),
+            _ => None,
+        },
+    )
+    .await;
+    assert!(
+        !floor.granted.iter().any(|s| s == "tp-vinh-le-loi"),
+        "a site that left gives up its grant: {floor:?}"
+    );
     console.leave();
-    for r in [chair, le_loi, hung_dung, dien_ky] {
+    for r in [chair, hung_dung, dien_ky] {
         r.leave().await;
     }
     dien_chau.stop();
