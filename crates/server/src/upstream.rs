@@ -155,6 +155,11 @@ async fn link_once(
     resume: bool,
     want: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
+    if cfg.url.starts_with("wss://") {
+        // One crypto provider for the process, as the client does (another crate may bring
+        // ring too, and rustls then refuses to guess). An error means one is installed.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
     let (ws, _) = tokio::time::timeout(CONNECT_LIMIT, tokio_tungstenite::connect_async(&cfg.url))
         .await
         .map_err(|_| LinkError::Timeout("connect"))?

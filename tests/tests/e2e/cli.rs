@@ -552,3 +552,57 @@ async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wss://"), "{err}");
 }
+
+/// A district relay joins a TLS province (`--upstream wss://…`) when the district server
+/// trusts its certificate, and the sites on both sides see each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_links_over_wss_to_a_province_it_trusts() {
+    let _guard = MEDIA.lock().await;
+    let dir = temp_dir("tls-relay");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (_province, url) = diemcau_e2e::spawn_server(&[
+        "--dev".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+    ]);
+    let mut relay = Command::new(workspace_bin("diemcau-server"));
+    relay
+        .args(["--dev", "--listen", "127.0.0.1:0", "--upstream", &url])
+        .args(["--site", "tp-vinh", "--room", "tls"])
+        .env("SSL_CERT_FILE", &cert);
+    let (_relay, line) = diemcau_e2e::desktop::first_line(&mut relay, "the relay");
+    let district = line
+        .strip_prefix("listening ")
+        .expect("the relay's address");
+    let join = |server: &str, site: &str| {
+        let mut c = Command::new(workspace_bin("diemcau-cli"));
+        c.args(["join", "--server", server, "--site", site, "--room", "tls"])
+            .args(["--video", "synthetic:320x180@15", "--audio", "synthetic"])
+            .args(["--duration", "6", "--report", "json"])
+            .env("SSL_CERT_FILE", &cert)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let a = join(&url, "nghe-an");
+    let b = join(district, "tp-vinh-le-loi");
+    let ((ra, _), (rb, eb)) = tokio::task::spawn_blocking(move || (report(a), report(b)))
+        .await
+        .unwrap();
+    for (r, other) in [(&ra, "tp-vinh-le-loi"), (&rb, "nghe-an")] {
+        let o = received_from(r, other);
+        assert!(
+            o["video_frames_verified"].as_u64().unwrap() > 10,
+            "{o}\n{eb}"
+        );
+    }
+    assert!(eb.contains("Đã kết nối với tỉnh"), "{eb}");
+}
