@@ -40,7 +40,18 @@ pub async fn join(
     site: &str,
     room: &str,
 ) -> (Room, mpsc::UnboundedReceiver<RoomEvent>) {
+    join_with(server, site, room, None).await
+}
+
+/// [`join`] with a join token.
+pub async fn join_with(
+    server: &RunningServer,
+    site: &str,
+    room: &str,
+    token: Option<String>,
+) -> (Room, mpsc::UnboundedReceiver<RoomEvent>) {
     let mut opts = JoinOptions::synthetic(site, room);
+    opts.token = token;
     opts.video = diemcau_client::VideoInput::Synthetic {
         width: 320,
         height: 180,
@@ -253,7 +264,7 @@ pub fn spawn_server<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Proc, String) {
 pub mod raw {
     use std::time::Duration;
 
-    use diemcau_protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
+    use diemcau_protocol::{ClientMessage, ErrorCode, ServerMessage, PROTOCOL_VERSION};
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
@@ -327,6 +338,15 @@ pub mod raw {
             }
         }
 
+        /// The next error's code and whether it is fatal.
+        pub async fn error(&mut self, what: &str) -> (ErrorCode, bool) {
+            self.wait(what, |m| match m {
+                ServerMessage::Error { code, fatal, .. } => Some((*code, *fatal)),
+                _ => None,
+            })
+            .await
+        }
+
         /// Sends `join` and returns the first answer (welcome or error).
         pub async fn join(
             &mut self,
@@ -347,6 +367,25 @@ pub mod raw {
             control: bool,
             resume: bool,
         ) -> ServerMessage {
+            self.join_full(site, room, token, control, resume, false)
+                .await
+        }
+
+        /// [`Raw::join`] as a district relay (`relay: true`).
+        pub async fn join_relay(&mut self, site: &str, room: &str, token: &str) -> ServerMessage {
+            self.join_full(site, room, Some(token), false, false, true)
+                .await
+        }
+
+        async fn join_full(
+            &mut self,
+            site: &str,
+            room: &str,
+            token: Option<&str>,
+            control: bool,
+            resume: bool,
+            relay: bool,
+        ) -> ServerMessage {
             self.send(&ClientMessage::Join {
                 v: PROTOCOL_VERSION,
                 room: room.into(),
@@ -354,7 +393,7 @@ pub mod raw {
                 token: token.map(str::to_string),
                 control,
                 resume,
-                relay: false,
+                relay,
             })
             .await;
             self.wait("welcome or error", |m| {

@@ -667,12 +667,19 @@ impl Engine {
         }
     }
 
-    /// The member behind `via` (a relay's connection, or our uplink) with this site id.
-    fn proxy_of(&self, via: ConnId, site: &str) -> Option<ConnId> {
+    /// The members reached over `via` (a relay's connection, or our uplink).
+    fn reached_over(&self, via: ConnId) -> impl Iterator<Item = (ConnId, &Peer)> + '_ {
         self.peers
             .iter()
-            .find(|(_, p)| p.via == Some(via) && p.site.id == site)
-            .map(|(id, _)| *id)
+            .filter(move |(_, p)| p.via == Some(via))
+            .map(|(id, p)| (*id, p))
+    }
+
+    /// The member behind `via` with this site id.
+    fn proxy_of(&self, via: ConnId, site: &str) -> Option<ConnId> {
+        self.reached_over(via)
+            .find(|(_, p)| p.site.id == site)
+            .map(|(id, _)| id)
     }
 
     /// Parent side: a message only a relay's connection may send.
@@ -719,10 +726,8 @@ impl Engine {
         let (room, from, parent_side, relay_site) =
             (v.room.clone(), v.from, v.relay, v.site.id.clone());
         let current: Vec<(ConnId, SiteId)> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.via == Some(via))
-            .map(|(id, p)| (*id, p.site.id.clone()))
+            .reached_over(via)
+            .map(|(id, p)| (id, p.site.id.clone()))
             .collect();
         let mut changed = false;
         for (id, site) in &current {
@@ -780,11 +785,10 @@ impl Engine {
             self.reapply_sources(via);
             self.broadcast_meeting(&room);
             self.dirty.insert(room.clone());
-            if !parent_side {
-                return;
+            if parent_side {
+                // Sites behind a relay below us are behind us too, for our own parent.
+                self.tell_parent_sites(&room);
             }
-            // Sites behind a relay below us are behind us too, for our own parent.
-            self.tell_parent_sites(&room);
         }
     }
 
@@ -853,12 +857,7 @@ impl Engine {
             }
             sources.insert(mid, x);
         }
-        let members: Vec<ConnId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.via == Some(via))
-            .map(|(id, _)| *id)
-            .collect();
+        let members: Vec<ConnId> = self.reached_over(via).map(|(id, _)| id).collect();
         let mut restart = Vec::new();
         for x in members {
             let (video, audio) = by_member.get(&x).copied().unwrap_or_default();
@@ -1755,10 +1754,9 @@ impl Engine {
                     let mut holders: Vec<ConnId> =
                         p.video_slots.iter().filter_map(|s| s.holder).collect();
                     holders.extend(
-                        self.peers
-                            .iter()
-                            .filter(|(_, q)| q.via == Some(id) && q.pub_video.is_some())
-                            .map(|(x, _)| *x),
+                        self.reached_over(id)
+                            .filter(|(_, q)| q.pub_video.is_some())
+                            .map(|(x, _)| x),
                     );
                     for h in holders {
                         self.request_keyframe(h, KeyframeRequestKind::Pli);
@@ -2087,7 +2085,7 @@ impl Engine {
             .iter()
             .filter(|m| {
                 self.peers.get(m).is_some_and(|p| p.relay)
-                    && !self.peers.values().any(|q| q.via == Some(**m))
+                    && self.reached_over(**m).next().is_none()
             })
             .copied()
             .collect();
@@ -2233,12 +2231,7 @@ impl Engine {
         info!(site = %p.site.id, room = %p.room, ?reason, "site left");
         let room = p.room.clone();
         // The sites a relay (or our uplink) carried go with it.
-        let carried: Vec<ConnId> = self
-            .peers
-            .iter()
-            .filter(|(_, q)| q.via == Some(id))
-            .map(|(x, _)| *x)
-            .collect();
+        let carried: Vec<ConnId> = self.reached_over(id).map(|(x, _)| x).collect();
         for x in carried {
             self.remove(x, reason);
         }

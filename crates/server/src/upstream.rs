@@ -98,13 +98,11 @@ pub async fn run(
         let result = link_once(&cfg, &engine, local, resume, &mut want).await;
         // Whatever ended the link, the engine lets it go (a no-op if it already has).
         let _ = engine.send(Command::Uplink(UplinkEvent::Down));
-        let mut refused = false;
         match result {
             Ok(()) => {
                 info!(parent = %cfg.url, "left the parent room; the district meets alone");
-                continue;
             }
-            Err(_) if !*want.borrow() => continue,
+            Err(_) if !*want.borrow() => {}
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(5) {
                     // It had been up: count the backoff from this loss.
@@ -112,32 +110,26 @@ pub async fn run(
                     wait = Duration::from_millis(250);
                 }
                 // A refusal other than a takeover is not fixed by retrying fast.
-                if let LinkError::Refused { code, .. } = &e {
-                    refused = !matches!(code, ErrorCode::SiteTaken | ErrorCode::MediaTimeout);
-                }
+                let refused = matches!(&e, LinkError::Refused { code, .. }
+                    if !matches!(code, ErrorCode::SiteTaken | ErrorCode::MediaTimeout));
                 let next = if refused {
                     Duration::from_secs(5)
                 } else {
                     wait
                 };
                 warn!(parent = %cfg.url, "link to the parent room: {e}; dialling again in {next:?}");
+                if engine.is_closed() {
+                    return;
+                }
+                resume = true;
+                tokio::time::sleep(next).await;
+                wait = if lost_at.elapsed() < Duration::from_secs(60) {
+                    (wait * 2).min(Duration::from_secs(1))
+                } else {
+                    Duration::from_secs(5)
+                };
             }
         }
-        if engine.is_closed() {
-            return;
-        }
-        resume = true;
-        tokio::time::sleep(if refused {
-            Duration::from_secs(5)
-        } else {
-            wait
-        })
-        .await;
-        wait = if lost_at.elapsed() < Duration::from_secs(60) {
-            (wait * 2).min(Duration::from_secs(1))
-        } else {
-            Duration::from_secs(5)
-        };
     }
 }
 
@@ -178,21 +170,9 @@ async fn link_once(
     .await
     .map_err(|e| LinkError::Lost(e.to_string()))?;
     let mut backlog = Vec::new();
-    let refused = |m: &ServerMessage| match m {
-        ServerMessage::Error {
-            code,
-            message,
-            fatal: true,
-            ..
-        } => Some(LinkError::Refused {
-            code: *code,
-            message: message.clone(),
-        }),
-        _ => None,
-    };
     let (video_slots, audio_slots) = loop {
         let m = next_message(&mut stream, "welcome").await?;
-        if let Some(e) = refused(&m) {
+        if let Some(e) = refusal(&m) {
             return Err(e);
         }
         if let ServerMessage::Welcome {
@@ -231,7 +211,7 @@ async fn link_once(
     .map_err(|e| LinkError::Lost(e.to_string()))?;
     let answer = loop {
         let m = next_message(&mut stream, "answer").await?;
-        if let Some(e) = refused(&m) {
+        if let Some(e) = refusal(&m) {
             return Err(e);
         }
         match m {
@@ -278,21 +258,19 @@ async fn link_once(
                     }
                 }
             }
-            out = outbox.recv() => {
-                let Some(out) = out else {
-                    // The engine dropped the link: on purpose, or its media failed.
-                    if !*want.borrow() {
-                        break;
-                    }
-                    return Err(LinkError::Lost("the media engine dropped the link".into()));
-                };
-                sink.send(send(&out)).await.map_err(|e| LinkError::Lost(e.to_string()))?;
-            }
-            note = from_engine.recv() => match note {
-                Some(m) => if let Some(e) = refused(&m) { return Err(e) },
-                // The engine drops the link when the district chair takes the meeting out.
+            // The engine drops both channels with the link: on purpose when the district
+            // chair took the meeting out, else because its media failed.
+            out = outbox.recv() => match out {
+                Some(out) => {
+                    sink.send(send(&out)).await.map_err(|e| LinkError::Lost(e.to_string()))?
+                }
                 None if !*want.borrow() => break,
-                None => return Err(LinkError::Lost("the media engine dropped the link".into())),
+                None => return Err(engine_dropped()),
+            },
+            note = from_engine.recv() => match note {
+                Some(m) => if let Some(e) = refusal(&m) { return Err(e) },
+                None if !*want.borrow() => break,
+                None => return Err(engine_dropped()),
             },
             _ = want.changed() => {
                 if !*want.borrow() {
@@ -335,19 +313,36 @@ where
     }
 }
 
-/// Hands one message from the parent to the engine; a fatal error ends the link.
-fn deliver(engine: &mpsc::UnboundedSender<Command>, m: ServerMessage) -> Result<(), LinkError> {
-    let ev = match m {
-        ServerMessage::Slots { slots } => UplinkEvent::Slots(slots),
-        ServerMessage::RelayMeeting { state, members } => UplinkEvent::Meeting { state, members },
-        ServerMessage::RelayAskUnmute { site, by } => UplinkEvent::AskUnmute { site, by },
-        ServerMessage::RelayRemove { site } => UplinkEvent::Remove { site },
+/// A fatal error from the parent (or the engine) ends the link.
+fn refusal(m: &ServerMessage) -> Option<LinkError> {
+    match m {
         ServerMessage::Error {
             code,
             message,
             fatal: true,
             ..
-        } => return Err(LinkError::Refused { code, message }),
+        } => Some(LinkError::Refused {
+            code: *code,
+            message: message.clone(),
+        }),
+        _ => None,
+    }
+}
+
+fn engine_dropped() -> LinkError {
+    LinkError::Lost("the media engine dropped the link".into())
+}
+
+/// Hands one message from the parent to the engine; a fatal error ends the link.
+fn deliver(engine: &mpsc::UnboundedSender<Command>, m: ServerMessage) -> Result<(), LinkError> {
+    if let Some(e) = refusal(&m) {
+        return Err(e);
+    }
+    let ev = match m {
+        ServerMessage::Slots { slots } => UplinkEvent::Slots(slots),
+        ServerMessage::RelayMeeting { state, members } => UplinkEvent::Meeting { state, members },
+        ServerMessage::RelayAskUnmute { site, by } => UplinkEvent::AskUnmute { site, by },
+        ServerMessage::RelayRemove { site } => UplinkEvent::Remove { site },
         _ => return Ok(()),
     };
     let _ = engine.send(Command::Uplink(ev));

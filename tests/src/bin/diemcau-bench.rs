@@ -452,34 +452,38 @@ fn cascade(rt: &tokio::runtime::Runtime, per: usize) {
         .flat_map(|d| (0..per).map(move |i| (d.clone(), format!("{d}-xa-{i}"))))
         .collect();
     let window = 10.0;
-    let join_all = |targets: Vec<(String, String)>| async move {
-        let mut rooms = Vec::new();
-        // A few at a time: every join runs ICE and DTLS.
-        for chunk in targets.chunks(6) {
-            let joins = chunk.iter().map(|(server, site)| {
-                let mut o = opts(site, room, 320, 180, 5);
-                o.max_video_bitrate_bps = 150_000;
-                Room::connect(server, o)
-            });
-            for r in futures_util::future::join_all(joins).await {
-                rooms.push(r.expect("a commune joins").0);
+    // One phase: the communes join (`server` of each), settle, are measured, and leave.
+    let phase = |targets: Vec<(String, String)>| {
+        let (stats, tid) = (stats.clone(), tid.clone());
+        async move {
+            let mut rooms = Vec::new();
+            // A few at a time: every join runs ICE and DTLS.
+            for chunk in targets.chunks(6) {
+                let joins = chunk.iter().map(|(server, site)| {
+                    let mut o = opts(site, room, 320, 180, 5);
+                    o.max_video_bitrate_bps = 150_000;
+                    Room::connect(server, o)
+                });
+                for r in futures_util::future::join_all(joins).await {
+                    rooms.push(r.expect("a commune joins").0);
+                }
             }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let load = measure(&stats, &tid, window).await;
+            for r in rooms {
+                r.leave().await;
+            }
+            load
         }
-        rooms
     };
     let (flat, relayed, relays) = rt.block_on(async {
-        let rooms = join_all(
+        let flat = phase(
             communes
                 .iter()
                 .map(|(_, c)| (url.clone(), c.clone()))
                 .collect(),
         )
         .await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let flat = measure(&stats, &tid, window).await;
-        for r in rooms {
-            r.leave().await;
-        }
         let mut relays = std::collections::HashMap::new();
         for d in &districts {
             let mut cfg = ServerConfig::dev("127.0.0.1:0".parse().expect("literal"));
@@ -492,18 +496,13 @@ fn cascade(rt: &tokio::runtime::Runtime, per: usize) {
             });
             relays.insert(d.clone(), diemcau_server::start(cfg).await.expect("relay"));
         }
-        let rooms = join_all(
+        let relayed = phase(
             communes
                 .iter()
                 .map(|(d, c)| (relays[d].url(), c.clone()))
                 .collect(),
         )
         .await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let relayed = measure(&stats, &tid, window).await;
-        for r in rooms {
-            r.leave().await;
-        }
         (flat, relayed, relays)
     });
     for (_, r) in relays {

@@ -462,20 +462,23 @@ fn devices_json_lists_cameras_inputs_and_outputs() {
     }
 }
 
-/// `diemcau-server --tls-cert --tls-key`: sites join over `wss://` when they trust the
-/// certificate (here through `SSL_CERT_FILE`, as an installer would add the province's CA to
-/// the system store), see each other's media, and are told in Vietnamese when they do not
-/// trust it; a plain `ws://` connection is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
-    let _guard = MEDIA.lock().await;
-    let dir = temp_dir("tls");
+/// A `--dev` server with a fresh self-signed certificate for localhost and 127.0.0.1: the
+/// temp dir, the certificate (for `SSL_CERT_FILE`), the server and its `wss://` address.
+fn tls_server(
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    diemcau_e2e::Proc,
+    String,
+) {
+    let dir = temp_dir(name);
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
         .expect("certificate");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let (_server, url) = diemcau_e2e::spawn_server(&[
+    let (server, url) = diemcau_e2e::spawn_server(&[
         "--dev".as_ref(),
         "--listen".as_ref(),
         "127.0.0.1:0".as_ref(),
@@ -484,6 +487,17 @@ async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
         "--tls-key".as_ref(),
         key.as_os_str(),
     ]);
+    (dir, cert, server, url)
+}
+
+/// `diemcau-server --tls-cert --tls-key`: sites join over `wss://` when they trust the
+/// certificate (here through `SSL_CERT_FILE`, as an installer would add the province's CA to
+/// the system store), see each other's media, and are told in Vietnamese when they do not
+/// trust it; a plain `ws://` connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
+    let _guard = MEDIA.lock().await;
+    let (dir, cert, _server, url) = tls_server("tls");
     assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
 
     let trusting = |site: &str, duration: &str| {
@@ -558,21 +572,7 @@ async fn signalling_over_tls_joins_trusting_sites_and_refuses_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_links_over_wss_to_a_province_it_trusts() {
     let _guard = MEDIA.lock().await;
-    let dir = temp_dir("tls-relay");
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("certificate");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let (_province, url) = diemcau_e2e::spawn_server(&[
-        "--dev".as_ref(),
-        "--listen".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--tls-cert".as_ref(),
-        cert.as_os_str(),
-        "--tls-key".as_ref(),
-        key.as_os_str(),
-    ]);
+    let (_, cert, _province, url) = tls_server("tls-relay");
     let mut relay = Command::new(workspace_bin("diemcau-server"));
     relay
         .args(["--dev", "--listen", "127.0.0.1:0", "--upstream", &url])

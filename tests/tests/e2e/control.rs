@@ -820,12 +820,7 @@ async fn resume_replaces_a_held_connection_and_re_enters_a_locked_room_only_for_
     assert!(welcome(
         &back.join_as("tp-vinh", room, Some(&t), false, true).await
     ));
-    let told = first
-        .wait("the old connection told", |m| match m {
-            ServerMessage::Error { code, fatal, .. } => Some((*code, *fatal)),
-            _ => None,
-        })
-        .await;
+    let told = first.error("the old connection told").await;
     assert_eq!(told, (ErrorCode::SiteTaken, true));
     // The others saw the old connection go as a drop (hand and floor kept).
     assert_eq!(tp_vinh_left(&mut watcher).await, LeaveReason::Disconnected);

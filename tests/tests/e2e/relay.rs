@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use diemcau_client::control::ControlSession;
-use diemcau_client::{ClientError, JoinOptions, Room, RoomEvent};
-use diemcau_e2e::{dev_server, dev_token, until_verified, wait_for, MEDIA};
+use diemcau_client::{ClientError, Room, RoomEvent};
+use diemcau_e2e::{dev_server, dev_token, join_with, until_verified, wait_for, MEDIA};
 use diemcau_protocol::{
     ChairCommand, ErrorCode, FloorMode, LeaveReason, Role, RELAY_UP_AUDIO, RELAY_UP_VIDEO,
 };
@@ -52,16 +52,7 @@ async fn site(
     site: &str,
     role: Role,
 ) -> (Room, mpsc::UnboundedReceiver<RoomEvent>) {
-    let mut opts = JoinOptions::synthetic(site, ROOM);
-    opts.video = diemcau_client::VideoInput::Synthetic {
-        width: 320,
-        height: 180,
-        fps: 15,
-    };
-    opts.token = Some(dev_token(site, role, ROOM));
-    Room::connect(&server.url(), opts)
-        .await
-        .unwrap_or_else(|e| panic!("{site} could not join: {e}"))
+    join_with(server, site, ROOM, Some(dev_token(site, role, ROOM))).await
 }
 
 /// Waits until `events` has announced every site in `want` (the welcome's list counts).
@@ -495,7 +486,7 @@ async fn a_district_meets_alone_then_its_chair_joins_it_to_the_province_and_take
 #[tokio::test]
 async fn relay_messages_need_a_relay_connection_and_a_relay_gives_no_chair_commands() {
     use diemcau_e2e::raw::Raw;
-    use diemcau_protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
+    use diemcau_protocol::{ClientMessage, ServerMessage};
     let province = dev_server().await;
     // A site that did not join as a relay cannot speak for others.
     let mut site = Raw::connect(&province.url()).await;
@@ -506,31 +497,16 @@ async fn relay_messages_need_a_relay_connection_and_a_relay_gives_no_chair_comma
         up: true,
     })
     .await;
-    let refused = site
-        .wait("forbidden", |m| match m {
-            ServerMessage::Error { code, fatal, .. } => Some((*code, *fatal)),
-            _ => None,
-        })
-        .await;
-    assert_eq!(refused, (ErrorCode::Forbidden, false));
+    assert_eq!(site.error("forbidden").await, (ErrorCode::Forbidden, false));
     // A relay joined with a chair token is still no chair.
     let mut relay = Raw::connect(&province.url()).await;
-    relay
-        .send(&ClientMessage::Join {
-            v: PROTOCOL_VERSION,
-            room: ROOM.into(),
-            site: "tp-vinh".into(),
-            token: Some(dev_token("tp-vinh", Role::Chair, ROOM)),
-            control: false,
-            resume: false,
-            relay: true,
-        })
+    let welcome = relay
+        .join_relay("tp-vinh", ROOM, &dev_token("tp-vinh", Role::Chair, ROOM))
         .await;
-    relay
-        .wait("welcome", |m| {
-            matches!(m, ServerMessage::Welcome { .. }).then_some(())
-        })
-        .await;
+    assert!(
+        matches!(welcome, ServerMessage::Welcome { .. }),
+        "{welcome:?}"
+    );
     relay
         .send(&ClientMessage::Chair {
             id: 1,
@@ -549,23 +525,23 @@ async fn relay_messages_need_a_relay_connection_and_a_relay_gives_no_chair_comma
     assert_eq!(code, ErrorCode::Forbidden);
     // A relay with a commune's token is refused.
     let mut commune = Raw::connect(&province.url()).await;
-    commune
-        .send(&ClientMessage::Join {
-            v: PROTOCOL_VERSION,
-            room: ROOM.into(),
-            site: "tp-vinh-le-loi".into(),
-            token: Some(dev_token("tp-vinh-le-loi", Role::Commune, ROOM)),
-            control: false,
-            resume: false,
-            relay: true,
-        })
-        .await;
     let refused = commune
-        .wait("refused", |m| match m {
-            ServerMessage::Error { code, fatal, .. } => Some((*code, *fatal)),
-            _ => None,
-        })
+        .join_relay(
+            "tp-vinh-le-loi",
+            ROOM,
+            &dev_token("tp-vinh-le-loi", Role::Commune, ROOM),
+        )
         .await;
-    assert_eq!(refused, (ErrorCode::Forbidden, true));
+    assert!(
+        matches!(
+            refused,
+            ServerMessage::Error {
+                code: ErrorCode::Forbidden,
+                fatal: true,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
     province.stop();
 }
