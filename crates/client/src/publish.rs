@@ -30,7 +30,13 @@ pub struct Encoded {
     pub data: Bytes,
     pub keyframe: bool,
     pub duration: Duration,
+    /// Pictures: the simulcast layer (0 = the lowest), whose track carries it.
+    pub layer: usize,
 }
+
+/// A site sends its camera in at most this many layers (simulcast), each on a track of its
+/// own, the lowest first.
+pub const MAX_LAYERS: usize = 3;
 
 /// Counters the publisher keeps.
 #[derive(Debug, Default)]
@@ -43,9 +49,11 @@ pub struct SendCounters {
     pub keyframe_requests: AtomicU64,
     /// Current encoder bitrate (bps).
     pub video_bitrate: AtomicU64,
-    /// The spatial layer being sent: the divisor of the source's size (0 before the first).
+    /// The top layer being sent: the divisor of the source's size (0 before the first).
     pub video_layer: AtomicU64,
-    /// The size of the pictures being sent, `width << 32 | height` (0 before the first).
+    /// How many layers are being sent (simulcast; 0 before the first picture).
+    pub video_layers: AtomicU64,
+    /// The size of the top layer's pictures, `width << 32 | height` (0 before the first).
     pub video_size: AtomicU64,
     /// Times video was paused because the link was too thin for it.
     pub video_pauses: AtomicU64,
@@ -69,7 +77,10 @@ impl SendCounters {
 /// tasks.
 #[derive(Debug, Default)]
 pub struct CaptureControl {
+    /// A keyframe on every layer being sent.
     pub force_keyframe: AtomicBool,
+    /// A keyframe on one layer (the server asked for it on that layer's track).
+    pub layer_keyframe: [AtomicBool; MAX_LAYERS],
     pub stop: AtomicBool,
     /// The person muted the microphone: captured sound is processed but not sent.
     pub mic_muted: AtomicBool,
@@ -135,38 +146,64 @@ pub fn layer_need_bps(pixels: usize, fps: u32) -> f64 {
     p * f64::from(fps) * LAYER_BITS_PER_PIXEL * (p / 230_400.0).powf(-0.25)
 }
 
-/// The spatial layer to send — the divisor of the camera's size: 1 (full), 2 or 4 — for
-/// the encoder's `target_bps`. A layer is used when the target covers what it needs (the
-/// full size never needs more than 80 % of `max_bps`, so a configured cap below a camera's
-/// need still sends it); going up needs [`LAYER_UP_MARGIN`] more. Layers stay at least
-/// 320x180.
-pub fn layer_for(
-    target_bps: u32,
-    (w, h): (usize, usize),
-    fps: u32,
-    current: usize,
-    max_bps: u32,
-) -> usize {
-    let need = |d: usize| {
-        let n = layer_need_bps(w / d * (h / d), fps);
-        if d == 1 {
-            n.min(f64::from(max_bps) * 0.8)
-        } else {
-            n
-        }
-    };
-    let mut best = 1;
-    for d in [1usize, 2, 4]
+/// Below the top layer sent, a layer gets this share of what [`layer_need_bps`] says: it is
+/// a thumbnail, or what a thin downlink gets.
+pub const LOWER_LAYER_SHARE: f64 = 0.6;
+
+/// The layers a camera of this size is sent in (simulcast), as divisors of its size, the
+/// lowest first: each half the width and height of the next, none below 320x180, and at most
+/// `tracks` of them (the top ones).
+pub fn layer_divisors((w, h): (usize, usize), tracks: usize) -> Vec<usize> {
+    let all: Vec<usize> = [4usize, 2, 1]
         .into_iter()
         .filter(|&d| d == 1 || (w / d >= 320 && h / d >= 180))
-    {
-        best = d;
-        let margin = if d < current { LAYER_UP_MARGIN } else { 1.0 };
-        if f64::from(target_bps) >= need(d) * margin {
+        .collect();
+    let skip = all.len().saturating_sub(tracks.max(1));
+    all[skip..].to_vec()
+}
+
+/// The bitrates of the layers to send, lowest first (as many as are sent, at least one), for
+/// the encoders' `target_bps`. The lowest is always sent; each next one when what is left
+/// after the layers below it (at [`LOWER_LAYER_SHARE`] of their need) covers what it needs,
+/// with [`LAYER_UP_MARGIN`] more to start a layer not sent now (`sending` are). The full size
+/// never needs more than 80 % of `max_bps` less the layers below it (so a configured cap
+/// below a camera's need still sends it). The top layer sent gets the rest of the target.
+pub fn send_layers(
+    target_bps: u32,
+    sizes: &[(usize, usize)],
+    fps: u32,
+    sending: usize,
+    max_bps: u32,
+) -> Vec<u32> {
+    let n = sizes.len().max(1);
+    let need = |i: usize| {
+        sizes
+            .get(i)
+            .map_or(0.0, |(w, h)| layer_need_bps(w * h, fps))
+    };
+    let target = f64::from(target_bps);
+    let mut below = 0.0;
+    let mut count = 1;
+    for i in 1..n {
+        below += need(i - 1) * LOWER_LAYER_SHARE;
+        let cap = (f64::from(max_bps) * 0.8 - below).max(need(i - 1));
+        let need_here = if i + 1 == n {
+            need(i).min(cap)
+        } else {
+            need(i)
+        };
+        let margin = if i >= sending { LAYER_UP_MARGIN } else { 1.0 };
+        if target - below < need_here * margin {
             break;
         }
+        count = i + 1;
     }
-    best
+    let mut rates: Vec<u32> = (0..count - 1)
+        .map(|i| (need(i) * LOWER_LAYER_SHARE) as u32)
+        .collect();
+    let lower: u32 = rates.iter().sum();
+    rates.push(target_bps.saturating_sub(lower).min(max_bps).max(1));
+    rates
 }
 
 /// Clears the thin-link flags when the video thread ends.
@@ -327,6 +364,20 @@ impl VideoGate {
 /// Opens the source used when the camera goes away (the labelled test pattern).
 pub type VideoFallback = Box<dyn FnOnce() -> Result<Box<dyn VideoSource>, SourceError> + Send>;
 
+/// Per picture: the layers of a source of this size, with the sizes they are sent at.
+fn layers_of(source: &dyn VideoSource, tracks: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
+    let (w, h) = source.size();
+    let divisors = layer_divisors((w, h), tracks);
+    let sizes = divisors
+        .iter()
+        .map(|d| ((w / d) & !1, (h / d) & !1))
+        .collect();
+    (divisors, sizes)
+}
+
+/// Runs the video capture/encode loop until `control.stop`: each picture is encoded once per
+/// layer sent ([`send_layers`]), into `out` with its layer, the lowest first. A layer stopped
+/// and started again starts with a keyframe (a fresh encoder).
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_video_thread(
     mut source: Box<dyn VideoSource>,
@@ -339,37 +390,21 @@ pub fn spawn_video_thread(
     errors: mpsc::UnboundedSender<String>,
     events: mpsc::UnboundedSender<crate::RoomEvent>,
     self_view: bool,
+    tracks: usize,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("video-capture".into())
         .spawn(move || {
             let fps = source.fps();
-            let start_bps = video_share(
-                f64::from_bits(bwe_bps.load(Ordering::Relaxed)),
-                max_bitrate_bps,
-            );
-            let mut enc = match VideoEncoder::new(start_bps, fps as f32) {
-                Ok(e) => e,
-                Err(e) => {
-                    let _ = errors.send(format!("H.264 encoder: {e}"));
-                    return;
-                }
-            };
-            counters
-                .video_bitrate
-                .store(u64::from(start_bps), Ordering::Relaxed);
-            counters.video_layer.store(1, Ordering::Relaxed);
-            {
-                let (w, h) = source.size();
-                counters
-                    .video_size
-                    .store(pack_size(w, h), Ordering::Relaxed);
-            }
             let duration = Duration::from_secs_f64(1.0 / f64::from(fps.max(1)));
+            let (mut divisors, mut sizes) = layers_of(source.as_ref(), tracks);
+            let mut encoders: Vec<Option<VideoEncoder>> = divisors.iter().map(|_| None).collect();
+            // How many layers are sent, and the divisor the source draws itself (1: full
+            // size, scaled here) as asked and as done.
+            let mut sending = 0;
+            let mut drawn_asked = 1;
+            let mut drawn = 1;
             let mut was_off = false;
-            // The layer being sent, and whether the source draws it itself.
-            let mut divisor = 1;
-            let mut native = true;
             let mut gate = VideoGate::default();
             // When the current pause began, and the paused time before it (ms).
             let mut paused_at: Option<(Instant, u64)> = None;
@@ -406,11 +441,11 @@ pub fn spawn_video_thread(
                                     s.describe()
                                 ));
                                 source = s;
-                                native = source.scale_down(divisor);
-                                let (w, h) = source.size();
-                                counters
-                                    .video_size
-                                    .store(pack_size(w / divisor, h / divisor), Ordering::Relaxed);
+                                (divisors, sizes) = layers_of(source.as_ref(), tracks);
+                                encoders = divisors.iter().map(|_| None).collect();
+                                sending = 0;
+                                drawn_asked = 1;
+                                drawn = 1;
                                 continue;
                             }
                             Err(e2) => {
@@ -458,78 +493,94 @@ pub fn spawn_video_thread(
                     continue;
                 }
                 let target = video_share(gate.usable(now, estimate), max_bitrate_bps);
-                let layer = layer_for(target, source.size(), fps, divisor, max_bitrate_bps);
-                if layer != divisor {
-                    // A new size: a fresh encoder, whose first picture is a keyframe.
-                    match VideoEncoder::new(target, fps as f32) {
-                        Ok(e) => {
-                            let (w, h) = source.size();
-                            info!(
-                                from = divisor,
-                                to = layer,
-                                target,
-                                "video layer {}x{}",
-                                w / layer,
-                                h / layer
-                            );
-                            enc = e;
-                            divisor = layer;
-                            native = source.scale_down(divisor);
-                            counters
-                                .video_layer
-                                .store(divisor as u64, Ordering::Relaxed);
-                            counters
-                                .video_size
-                                .store(pack_size(w / layer, h / layer), Ordering::Relaxed);
-                            counters
-                                .video_bitrate
-                                .store(u64::from(target), Ordering::Relaxed);
-                            // This picture was read at the old size.
-                            continue;
+                let rates = send_layers(target, &sizes, fps, sending, max_bitrate_bps);
+                if rates.len() != sending {
+                    let (w, h) = sizes[rates.len() - 1];
+                    info!(
+                        from = sending,
+                        to = rates.len(),
+                        target,
+                        "video layers: top {w}x{h}"
+                    );
+                    sending = rates.len();
+                    counters
+                        .video_layers
+                        .store(sending as u64, Ordering::Relaxed);
+                    counters
+                        .video_layer
+                        .store(divisors[sending - 1] as u64, Ordering::Relaxed);
+                    counters
+                        .video_size
+                        .store(pack_size(w, h), Ordering::Relaxed);
+                }
+                counters
+                    .video_bitrate
+                    .store(rates.iter().map(|r| u64::from(*r)).sum(), Ordering::Relaxed);
+                // The source draws the lowest layer itself when that is all that is sent.
+                let draw = if sending == 1 { divisors[0] } else { 1 };
+                if draw != drawn_asked {
+                    drawn_asked = draw;
+                    drawn = if source.scale_down(draw) { draw } else { 1 };
+                    // This picture was read at the old size.
+                    continue;
+                }
+                let force_all = control.force_keyframe.swap(false, Ordering::Relaxed);
+                for (i, slot) in encoders.iter_mut().enumerate() {
+                    let asked = control.layer_keyframe[i].swap(false, Ordering::Relaxed);
+                    let Some(&rate) = rates.get(i) else {
+                        // Not sent: started again later with a fresh encoder.
+                        if slot.take().is_some() {
+                            debug!(layer = i, "video layer stopped");
                         }
-                        Err(e) => warn!("encoder for a new layer: {e}"),
-                    }
-                }
-                let cur = enc.bitrate_bps();
-                if target.abs_diff(cur) * 100 > cur * 15 {
-                    match enc.set_bitrate(target) {
-                        Ok(()) => {
-                            debug!(from = cur, to = target, "video bitrate");
-                            counters
-                                .video_bitrate
-                                .store(u64::from(target), Ordering::Relaxed);
-                        }
-                        Err(e) => warn!("bitrate change failed: {e}"),
-                    }
-                }
-                if control.force_keyframe.swap(false, Ordering::Relaxed) {
-                    enc.force_keyframe();
-                }
-                let frame = if divisor > 1 && !native {
-                    diemcau_media::VideoFrame {
-                        picture: frame.picture.downscaled(divisor),
-                        captured_us: frame.captured_us,
-                    }
-                } else {
-                    frame
-                };
-                match enc.encode(&frame.picture) {
-                    Ok(Some(au)) => {
-                        let e = Encoded {
-                            data: Bytes::from(au.data),
-                            keyframe: au.keyframe,
-                            duration,
-                        };
-                        // Full queue: the writer is behind or not connected yet. Drop the
-                        // frame and ask for a keyframe so the stream restarts cleanly.
-                        if out.try_send(e).is_err() {
-                            control.force_keyframe.store(true, Ordering::Relaxed);
+                        continue;
+                    };
+                    let enc = match slot {
+                        Some(e) => e,
+                        None => match VideoEncoder::new(rate, fps as f32) {
+                            Ok(e) => slot.insert(e),
+                            Err(e) => {
+                                let _ = errors.send(format!("H.264 encoder: {e}"));
+                                return;
+                            }
+                        },
+                    };
+                    let cur = enc.bitrate_bps();
+                    if rate.abs_diff(cur) * 100 > cur * 15 {
+                        match enc.set_bitrate(rate) {
+                            Ok(()) => debug!(layer = i, from = cur, to = rate, "video bitrate"),
+                            Err(e) => warn!("bitrate change failed: {e}"),
                         }
                     }
-                    Ok(None) => {}
-                    Err(e) => {
-                        let _ = errors.send(format!("H.264 encoder: {e}"));
-                        return;
+                    if force_all || asked {
+                        enc.force_keyframe();
+                    }
+                    let scale = (divisors[i] / drawn).max(1);
+                    let scaled;
+                    let picture = if scale > 1 {
+                        scaled = frame.picture.downscaled(scale);
+                        &scaled
+                    } else {
+                        &frame.picture
+                    };
+                    match enc.encode(picture) {
+                        Ok(Some(au)) => {
+                            let e = Encoded {
+                                data: Bytes::from(au.data),
+                                keyframe: au.keyframe,
+                                duration,
+                                layer: i,
+                            };
+                            // Full queue: the writer is behind or not connected yet. Drop
+                            // the frame and ask for a keyframe so the layer restarts cleanly.
+                            if out.try_send(e).is_err() {
+                                control.layer_keyframe[i].store(true, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = errors.send(format!("H.264 encoder: {e}"));
+                            return;
+                        }
                     }
                 }
                 // The picture is done with once encoded: the self view takes it, no copy.
@@ -597,6 +648,7 @@ pub fn spawn_audio_thread(
                             data: Bytes::from(pkt),
                             keyframe: false,
                             duration: Duration::from_millis(20),
+                            layer: 0,
                         });
                     }
                     Err(e) => {
@@ -620,10 +672,13 @@ async fn negotiated_pt(sender: &Arc<dyn RtpSender>) -> Option<u8> {
         .map(|c| c.payload_type)
 }
 
-/// Waits for the media path, then writes samples from `input` into `track`.
+/// A local track and its sender: one per simulcast layer for pictures, one for sound.
+pub type LocalTrack = (Arc<TrackLocalStaticSample>, Arc<dyn RtpSender>);
+
+/// Waits for the media path, then writes samples from `input` into `tracks` (a picture into
+/// its layer's track).
 pub async fn write_track(
-    track: Arc<TrackLocalStaticSample>,
-    sender: Arc<dyn RtpSender>,
+    tracks: Vec<LocalTrack>,
     mut state: watch::Receiver<RTCPeerConnectionState>,
     input: Arc<tokio::sync::Mutex<mpsc::Receiver<Encoded>>>,
     video: Option<Arc<CaptureControl>>,
@@ -639,37 +694,47 @@ pub async fn write_track(
     {
         return;
     }
-    let Some(pt) = negotiated_pt(&sender).await else {
-        warn!("no codec negotiated for a local track; not sending it");
-        return;
-    };
-    let Some(&ssrc) = track.ssrcs().await.first() else {
-        return;
-    };
-    // Start from a fresh keyframe: whatever queued before the connection is stale.
+    let mut outs = Vec::new();
+    for (track, sender) in tracks {
+        let Some(pt) = negotiated_pt(&sender).await else {
+            warn!("no codec negotiated for a local track; not sending it");
+            return;
+        };
+        let Some(&ssrc) = track.ssrcs().await.first() else {
+            return;
+        };
+        outs.push((track, ssrc, pt));
+    }
+    // Start from a fresh keyframe on every layer: whatever queued before the connection is
+    // stale.
     while input.try_recv().is_ok() {}
-    let mut waiting_keyframe = false;
+    let mut waiting_keyframe = vec![video.is_some(); outs.len()];
     if let Some(v) = &video {
         v.force_keyframe.store(true, Ordering::Relaxed);
-        waiting_keyframe = true;
     }
     while let Some(e) = input.recv().await {
-        if waiting_keyframe && !e.keyframe {
+        let Some((track, ssrc, pt)) = outs.get(e.layer) else {
+            continue;
+        };
+        if waiting_keyframe[e.layer] && !e.keyframe {
             continue;
         }
-        waiting_keyframe = false;
+        waiting_keyframe[e.layer] = false;
         let len = e.data.len() as u64;
         let sample = Sample {
             data: e.data,
             duration: e.duration,
             ..Sample::new(Instant::now())
         };
-        if let Err(err) = track.write_sample(ssrc, pt, &sample, &[]).await {
+        if let Err(err) = track.write_sample(*ssrc, *pt, &sample, &[]).await {
             debug!("write_sample: {err}");
             break;
         }
         if video.is_some() {
-            counters.video_frames.fetch_add(1, Ordering::Relaxed);
+            // A picture counts once (on the lowest layer, which every picture sent is in).
+            if e.layer == 0 {
+                counters.video_frames.fetch_add(1, Ordering::Relaxed);
+            }
             counters.video_bytes.fetch_add(len, Ordering::Relaxed);
             if e.keyframe {
                 counters.video_keyframes.fetch_add(1, Ordering::Relaxed);
@@ -681,16 +746,19 @@ pub async fn write_track(
     }
 }
 
-/// Turns PLI/FIR arriving for our video track into a keyframe on the next frame.
+/// Turns PLI/FIR arriving for a layer's track into a keyframe on that layer's next picture.
 pub async fn answer_keyframe_requests(
     track: Arc<TrackLocalStaticSample>,
+    layer: usize,
     control: Arc<CaptureControl>,
     counters: Arc<SendCounters>,
 ) {
     while let Some(ev) = track.poll().await {
         if let TrackLocalEvent::OnRtcpPacket(_) = ev {
             counters.keyframe_requests.fetch_add(1, Ordering::Relaxed);
-            control.force_keyframe.store(true, Ordering::Relaxed);
+            if let Some(flag) = control.layer_keyframe.get(layer) {
+                flag.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -743,6 +811,7 @@ mod tests {
             etx,
             mpsc::unbounded_channel().0,
             false,
+            1,
         );
         let mut frames = 0;
         while frames < 10 {
@@ -761,22 +830,42 @@ mod tests {
     }
 
     #[test]
-    fn layers_follow_the_target_with_a_margin_going_up() {
-        let vga = (640, 360);
-        // 640x360@15 needs ~276 kbit/s; 320x180 is the floor for it.
-        assert_eq!(layer_for(400_000, vga, 15, 1, 1_500_000), 1);
-        assert_eq!(layer_for(250_000, vga, 15, 1, 1_500_000), 2);
-        assert_eq!(layer_for(60_000, vga, 15, 1, 1_500_000), 2);
-        // Coming back up needs 10 % more than the layer needs.
-        assert_eq!(layer_for(290_000, vga, 15, 2, 1_500_000), 2);
-        assert_eq!(layer_for(310_000, vga, 15, 2, 1_500_000), 1);
-        // 1280x720@30 needs more than 80 % of a 1.5 Mbit/s cap: the cap is what it needs.
-        let hd = (1280, 720);
-        assert_eq!(layer_for(1_250_000, hd, 30, 1, 1_500_000), 1);
-        assert_eq!(layer_for(1_000_000, hd, 30, 1, 1_500_000), 2);
-        assert_eq!(layer_for(200_000, hd, 30, 1, 1_500_000), 4);
-        // A 320x180 camera has no lower layer.
-        assert_eq!(layer_for(10_000, (320, 180), 15, 1, 1_500_000), 1);
+    fn layers_are_halvings_down_to_320x180_at_most_the_tracks() {
+        assert_eq!(layer_divisors((1280, 720), 3), vec![4, 2, 1]);
+        assert_eq!(layer_divisors((1280, 720), 2), vec![2, 1]);
+        assert_eq!(layer_divisors((640, 360), 3), vec![2, 1]);
+        assert_eq!(layer_divisors((640, 480), 3), vec![2, 1]);
+        assert_eq!(layer_divisors((320, 180), 3), vec![1]);
+        assert_eq!(layer_divisors((160, 90), 3), vec![1]);
+        assert_eq!(layer_divisors((1280, 720), 0), vec![1]);
+    }
+
+    #[test]
+    fn layers_are_sent_lowest_first_as_the_target_allows_with_a_margin_to_start_one() {
+        let vga = [(320, 180), (640, 360)];
+        // 320x180@15 needs ~98 kbit/s (59 as a lower layer), 640x360@15 ~276.
+        assert_eq!(send_layers(250_000, &vga, 15, 2, 1_500_000), vec![250_000]);
+        assert_eq!(send_layers(60_000, &vga, 15, 1, 1_500_000), vec![60_000]);
+        let two = send_layers(400_000, &vga, 15, 1, 1_500_000);
+        assert_eq!(two.len(), 2, "{two:?}");
+        assert_eq!(two[0], 58_650);
+        assert_eq!(two.iter().sum::<u32>(), 400_000);
+        // Starting the top layer needs 10 % more than it needs; keeping it does not.
+        assert_eq!(send_layers(350_000, &vga, 15, 1, 1_500_000).len(), 1);
+        assert_eq!(send_layers(350_000, &vga, 15, 2, 1_500_000).len(), 2);
+        assert_eq!(send_layers(320_000, &vga, 15, 2, 1_500_000).len(), 1);
+        // 1280x720@30 needs more than the 1.5 Mbit/s cap leaves: the cap is what it needs.
+        let hd = [(320, 180), (640, 360), (1280, 720)];
+        let three = send_layers(1_350_000, &hd, 30, 2, 1_500_000);
+        assert_eq!(three.len(), 3, "{three:?}");
+        assert_eq!(three.iter().sum::<u32>(), 1_350_000);
+        assert_eq!(send_layers(1_000_000, &hd, 30, 3, 1_500_000).len(), 2);
+        assert_eq!(send_layers(200_000, &hd, 30, 3, 1_500_000), vec![200_000]);
+        // One layer: it takes the whole target, up to the cap.
+        assert_eq!(
+            send_layers(2_000_000, &[(320, 180)], 15, 1, 1_500_000),
+            vec![1_500_000]
+        );
     }
 
     #[test]

@@ -21,9 +21,12 @@ pub struct Sent {
     pub keyframe_requests: u64,
     /// Encoder bitrate when leaving (bps).
     pub video_bitrate_bps: u64,
-    /// The spatial layer sent when leaving: the divisor of the source's size (1 = full).
+    /// The top spatial layer sent when leaving: the divisor of the source's size (1 = full).
     #[serde(default)]
     pub video_layer: u64,
+    /// How many layers were being sent when leaving (simulcast).
+    #[serde(default)]
+    pub video_layers: u64,
     /// Times pictures were paused because the link was too thin (sound only meanwhile).
     #[serde(default)]
     pub video_pauses: u64,

@@ -93,8 +93,12 @@ pub struct JoinOptions {
     pub secret: Option<String>,
     pub video: VideoInput,
     pub audio: AudioInput,
-    /// Upper bound for the video encoder; the congestion controller sets it lower.
+    /// Upper bound for the video encoders (all layers); the congestion controller sets it
+    /// lower.
     pub max_video_bitrate_bps: u32,
+    /// At most this many picture layers (simulcast; 1 sends one stream whose size follows
+    /// the uplink). A camera is sent in fewer when it is small: none below 320x180.
+    pub video_layers: usize,
     /// Offer UDP and/or TCP candidates.
     pub udp: bool,
     pub tcp: bool,
@@ -124,6 +128,7 @@ impl JoinOptions {
             },
             audio: AudioInput::Synthetic,
             max_video_bitrate_bps: 1_500_000,
+            video_layers: publish::MAX_LAYERS,
             udp: true,
             tcp: true,
             speaker: SpeakerOutput::None,
@@ -175,6 +180,8 @@ struct Shared {
     last_rtt_us: AtomicU64,
     /// Encoded pictures and sound from the capture threads, read by the current connection.
     video_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
+    /// Picture tracks offered: one per layer the camera as asked for is sent in.
+    video_tracks: usize,
     audio_in: Option<Arc<AsyncMutex<mpsc::Receiver<Encoded>>>>,
     /// Sites seen in the room, with their place in the tree (ancestors, root first).
     sites_seen: Mutex<BTreeMap<SiteId, Vec<SiteId>>>,
@@ -439,7 +446,14 @@ impl Room {
             down_lost: Default::default(),
             psnr_every: options.psnr_every,
         });
-        let (video_tx, video_rx) = mpsc::channel(4);
+        let (video_tx, video_rx) = mpsc::channel(4 * publish::MAX_LAYERS);
+        let video_tracks = match options.video {
+            VideoInput::None => 0,
+            VideoInput::Synthetic { width, height, .. }
+            | VideoInput::Camera { width, height, .. } => {
+                publish::layer_divisors((width, height), options.video_layers).len()
+            }
+        };
         let (audio_tx, audio_rx) = mpsc::channel(25);
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -456,6 +470,7 @@ impl Room {
             down_pauses: AtomicU64::new(0),
             last_rtt_us: AtomicU64::new(0),
             video_in: send_video.then(|| Arc::new(AsyncMutex::new(video_rx))),
+            video_tracks,
             audio_in: send_audio.then(|| Arc::new(AsyncMutex::new(audio_rx))),
             sites_seen: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(Vec::new()),
@@ -561,6 +576,7 @@ impl Room {
                 err_tx.clone(),
                 events_tx.clone(),
                 options.deliver_video,
+                shared.video_tracks,
             ));
         }
         if send_audio {
@@ -689,6 +705,7 @@ impl Room {
                 keyframe_requests: ld(&shared.counters.keyframe_requests),
                 video_bitrate_bps: ld(&shared.counters.video_bitrate),
                 video_layer: ld(&shared.counters.video_layer),
+                video_layers: ld(&shared.counters.video_layers),
                 video_pauses: ld(&shared.counters.video_pauses),
                 video_paused_ms: ld(&shared.counters.video_paused_ms),
             },
@@ -994,23 +1011,34 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         })
     };
     let stream = format!("site-{}", options.site);
+    // Pictures: a send m-line per layer, the lowest first (the server takes each further
+    // one as the next layer up); then sound.
     let mut local = Vec::new();
-    for (kind, id, input) in [
-        (RtpCodecKind::Video, "video", &shared.video_in),
-        (RtpCodecKind::Audio, "audio", &shared.audio_in),
+    for (kind, tracks, input) in [
+        (RtpCodecKind::Video, shared.video_tracks, &shared.video_in),
+        (RtpCodecKind::Audio, 1, &shared.audio_in),
     ] {
         let Some(input) = input else { continue };
-        let t = peer::sample_track(kind, id, &stream)?;
-        let tr = pc
-            .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
-            .await
-            .map_err(ClientError::webrtc)?;
-        let sender = tr
-            .sender()
-            .await
-            .map_err(ClientError::webrtc)?
-            .ok_or_else(|| ClientError::WebRtc(format!("{id} transceiver has no sender")))?;
-        local.push((kind, t, sender, input.clone()));
+        let mut layers = Vec::new();
+        for layer in 0..tracks {
+            let id = match (kind, layer) {
+                (RtpCodecKind::Video, 0) => "video".to_string(),
+                (RtpCodecKind::Video, n) => format!("video-{n}"),
+                _ => "audio".to_string(),
+            };
+            let t = peer::sample_track(kind, &id, &stream)?;
+            let tr = pc
+                .add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, sendonly())
+                .await
+                .map_err(ClientError::webrtc)?;
+            let sender = tr
+                .sender()
+                .await
+                .map_err(ClientError::webrtc)?
+                .ok_or_else(|| ClientError::WebRtc(format!("{id} transceiver has no sender")))?;
+            layers.push((t, sender));
+        }
+        local.push((kind, layers, input.clone()));
     }
     for (kind, n) in [
         (
@@ -1070,18 +1098,20 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
 
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let mut tasks = Tasks::default();
-    for (kind, track, sender, input) in local {
+    for (kind, tracks, input) in local {
         let video = kind == RtpCodecKind::Video;
         if video {
-            tasks.push(tokio::spawn(publish::answer_keyframe_requests(
-                track.clone(),
-                shared.capture_control.clone(),
-                shared.counters.clone(),
-            )));
+            for (layer, (track, _)) in tracks.iter().enumerate() {
+                tasks.push(tokio::spawn(publish::answer_keyframe_requests(
+                    track.clone(),
+                    layer,
+                    shared.capture_control.clone(),
+                    shared.counters.clone(),
+                )));
+            }
         }
         tasks.push(tokio::spawn(publish::write_track(
-            track,
-            sender,
+            tracks,
             peer.state.clone(),
             input,
             video.then(|| shared.capture_control.clone()),

@@ -273,6 +273,11 @@ pub struct VideoCheck {
     /// Gaps in the frame numbers of verified frames.
     pub lost: u64,
     pub last_frame: Option<u32>,
+    /// The size of the last verified picture.
+    pub last_size: Option<(usize, usize)>,
+    /// The last picture again at another size: the server moved to another layer of the
+    /// sender (simulcast) on a keyframe of the picture it had just forwarded.
+    pub layer_repeats: u64,
     /// Glass-to-glass latency samples in microseconds.
     pub latencies_us: Vec<u32>,
     pub psnr_sum: f64,
@@ -300,7 +305,11 @@ impl VideoCheck {
             }
         }
         self.verified += 1;
+        let size = (pic.width, pic.height);
+        let resized = self.last_size.is_some_and(|z| z != size);
+        self.last_size = Some(size);
         match self.last_frame {
+            Some(last) if s.frame == last && resized => self.layer_repeats += 1,
             Some(last) if s.frame <= last => self.out_of_order += 1,
             Some(last) => {
                 self.lost += u64::from(s.frame - last - 1);

@@ -23,7 +23,7 @@ use diemcau_protocol::{
     MeetingSnapshot, RelaySite, Role, ServerMessage, SiteId, SiteInfo, SlotAssignment,
     PROTOCOL_VERSION, RELAY_UP_AUDIO, RELAY_UP_VIDEO,
 };
-use str0m::bwe::Bitrate;
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::SdpOffer;
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid};
 use str0m::net::{DatagramRecv, Protocol, Receive, TcpType};
@@ -190,6 +190,71 @@ struct OutSlot {
     holder: Option<ConnId>,
     /// Hold video until the holder's next keyframe (after a switch or loss).
     need_keyframe: bool,
+    /// Video: the holder's layer being forwarded, and the one chosen for this slot
+    /// ([`Engine::choose_layers`]); the slot moves to it on that layer's next keyframe.
+    layer: usize,
+    want: usize,
+    /// Video: added to the holder's RTP time, so a layer switch keeps the slot's timestamps
+    /// running on (each layer has its own timestamp base).
+    shift: i64,
+    /// The last frame written: its (shifted) RTP time and arrival.
+    last_out: Option<(i64, Instant)>,
+}
+
+impl OutSlot {
+    fn new(mid: Mid, video: bool) -> Self {
+        OutSlot {
+            mid,
+            holder: None,
+            need_keyframe: video,
+            layer: 0,
+            want: 0,
+            shift: 0,
+            last_out: None,
+        }
+    }
+
+    /// A new holder: nothing forwarded of it yet, from its lowest layer until chosen.
+    fn hold(&mut self, holder: Option<ConnId>, video: bool) {
+        self.holder = holder;
+        self.need_keyframe = video;
+        self.layer = 0;
+        self.want = 0;
+        self.shift = 0;
+        self.last_out = None;
+    }
+}
+
+/// One spatial layer a site publishes: one of its send video m-lines (simulcast), all of
+/// the same camera, the lowest first.
+struct PubLayer {
+    mid: Mid,
+    /// Payload bytes since the last loudness tick, and the bitrate they average to.
+    bytes: u64,
+    rate_bps: f64,
+    last_frame: Option<Instant>,
+    last_keyframe_request: Option<Instant>,
+    /// A keyframe request that came inside the throttle gap, sent when the gap ends.
+    keyframe_pending: Option<KeyframeRequestKind>,
+}
+
+impl PubLayer {
+    fn new(mid: Mid) -> Self {
+        PubLayer {
+            mid,
+            bytes: 0,
+            rate_bps: 0.0,
+            last_frame: None,
+            last_keyframe_request: None,
+            keyframe_pending: None,
+        }
+    }
+
+    /// The layer carried a frame lately (a publisher stops its top layers on a thin uplink).
+    fn live(&self, now: Instant) -> bool {
+        self.last_frame
+            .is_some_and(|t| now.saturating_duration_since(t) < LAYER_LIVE)
+    }
 }
 
 struct Peer {
@@ -206,16 +271,18 @@ struct Peer {
     created: Instant,
     connected: bool,
     pub_audio: Option<Mid>,
-    pub_video: Option<Mid>,
+    /// The pictures it publishes: one layer, or up to [`MAX_LAYERS`] (simulcast).
+    video: Vec<PubLayer>,
+    /// Subscriber: the bandwidth estimate towards it (str0m's TWCC estimator), bit/s.
+    egress_bps: Option<f64>,
+    /// Subscriber: the (minimum, desired) bitrates last given to its estimator.
+    bwe_asked: (u64, u64),
     video_slots: Vec<OutSlot>,
     audio_slots: Vec<OutSlot>,
     /// Exponentially averaged audio payload bytes per 500 ms (Opus with DTX sends almost
     /// nothing in silence, so this follows speech).
     loudness: f64,
     audio_bytes: u64,
-    last_keyframe_request: Option<Instant>,
-    /// A keyframe request that came inside the throttle gap, sent when the gap ends.
-    keyframe_pending: Option<KeyframeRequestKind>,
     /// The site asked for sound only (`receive_video` off): its video slots stay empty.
     video_off: bool,
     /// A relay's connection (parent side): not in the roster; carries the media of the
@@ -261,13 +328,13 @@ impl Peer {
             created: now,
             connected: false,
             pub_audio: None,
-            pub_video: None,
+            video: Vec::new(),
+            egress_bps: None,
+            bwe_asked: (0, 0),
             video_slots: Vec::new(),
             audio_slots: Vec::new(),
             loudness: 0.0,
             audio_bytes: 0,
-            last_keyframe_request: None,
-            keyframe_pending: None,
             video_off: false,
             relay: false,
             uplink: false,
@@ -277,6 +344,11 @@ impl Peer {
             in_active: HashMap::new(),
             declared: Vec::new(),
         }
+    }
+
+    /// The m-line of its lowest picture layer.
+    fn pub_video(&self) -> Option<Mid> {
+        self.video.first().map(|l| l.mid)
     }
 
     /// A site in the room's roster (not a control session, a relay's or our uplink).
@@ -353,6 +425,87 @@ const RESUME_WINDOW: Duration = Duration::from_secs(15 * 60);
 const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(1000);
 const LOUDNESS_TICK: Duration = Duration::from_millis(500);
 
+/// A site sends at most this many picture layers (its send video m-lines beyond are unused).
+pub const MAX_LAYERS: usize = 3;
+/// A layer without a frame for this long is taken as stopped (its publisher's uplink is thin).
+const LAYER_LIVE: Duration = Duration::from_millis(1500);
+/// Going up a layer needs this much more room in the subscriber's estimate than the step
+/// costs, so an estimate near a boundary does not flap between layers.
+const LAYER_UP_MARGIN: f64 = 1.25;
+/// Of a subscriber's estimate, what pictures may use: sound and RTP/RTCP overhead come first.
+fn video_budget(estimate_bps: f64, audio_slots: usize) -> f64 {
+    (estimate_bps * 0.9 - 40_000.0 * audio_slots as f64).max(0.0)
+}
+
+/// One picture slot of a subscriber, for [`plan_layers`].
+#[derive(Debug, Clone)]
+struct LayerAsk {
+    /// The holder's layers, lowest first: (measured bitrate, still sent).
+    layers: Vec<(f64, bool)>,
+    /// The layer forwarded now.
+    current: usize,
+    /// The subscriber's first-ranked picture (its speaker view): it may take the top layer;
+    /// the others (thumbnails) take the lowest.
+    main: bool,
+}
+
+/// What [`plan_layers`] chose: a layer per slot, and the picture bitrates to tell the
+/// subscriber's estimator (what the choice uses plus the next step it could not afford, and
+/// what it would use with room for every slot's best layer).
+#[derive(Debug, Clone, PartialEq)]
+struct LayerPlan {
+    wants: Vec<usize>,
+    minimum: f64,
+    desired: f64,
+}
+
+/// Chooses a layer for each of a subscriber's picture slots (in rank order) within `budget`
+/// (bit/s for pictures; `None` when not estimated yet): every slot its lowest layer still
+/// sent, then, in rank order, a layer up at a time while the step fits. Going above the
+/// layer forwarded now needs [`LAYER_UP_MARGIN`] times the step, so a choice does not flap.
+fn plan_layers(slots: &[LayerAsk], budget: Option<f64>) -> LayerPlan {
+    let top = |a: &LayerAsk| {
+        if a.main {
+            a.layers.len().saturating_sub(1)
+        } else {
+            0
+        }
+    };
+    let rate = |a: &LayerAsk, l: usize| a.layers.get(l).map_or(0.0, |x| x.0);
+    let lowest = |a: &LayerAsk| a.layers.iter().position(|x| x.1).unwrap_or(0);
+    let best = |a: &LayerAsk| {
+        (0..=top(a))
+            .rev()
+            .find(|l| a.layers.get(*l).is_some_and(|x| x.1))
+            .unwrap_or(lowest(a))
+    };
+    let mut wants: Vec<usize> = slots.iter().map(lowest).collect();
+    let mut used: f64 = slots.iter().zip(&wants).map(|(a, w)| rate(a, *w)).sum();
+    let desired = slots.iter().map(|a| rate(a, best(a))).sum();
+    let mut blocked: Option<f64> = None;
+    for (n, a) in slots.iter().enumerate() {
+        while let Some(next) = (wants[n] + 1..=top(a)).find(|l| a.layers[*l].1) {
+            let step = rate(a, next) - rate(a, wants[n]);
+            let margin = if next > a.current {
+                LAYER_UP_MARGIN
+            } else {
+                1.0
+            };
+            if budget.is_some_and(|b| used + step * margin > b) {
+                blocked.get_or_insert(step * margin);
+                break;
+            }
+            used += step;
+            wants[n] = next;
+        }
+    }
+    LayerPlan {
+        wants,
+        minimum: used + blocked.unwrap_or(0.0),
+        desired,
+    }
+}
+
 fn rtc_config() -> RtcConfig {
     let mut cfg = RtcConfig::new()
         .set_ice_lite(true)
@@ -421,7 +574,10 @@ impl Engine {
 
     fn next_deadline(&self) -> Instant {
         let now = Instant::now();
-        let pending = self.peers.values().any(|p| p.keyframe_pending.is_some());
+        let pending = self
+            .peers
+            .values()
+            .any(|p| p.video.iter().any(|l| l.keyframe_pending.is_some()));
         let cap = now + Duration::from_millis(if pending { 20 } else { 100 });
         self.peers
             .values()
@@ -461,12 +617,18 @@ impl Engine {
         if now - self.last_loudness_tick >= LOUDNESS_TICK {
             self.last_loudness_tick = now;
             let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+            let per_s = 1.0 / LOUDNESS_TICK.as_secs_f64();
             for p in self.peers.values_mut() {
                 p.loudness = 0.5 * p.loudness + 0.5 * p.audio_bytes as f64;
                 p.audio_bytes = 0;
+                for l in &mut p.video {
+                    l.rate_bps = 0.5 * l.rate_bps + 0.5 * (l.bytes * 8) as f64 * per_s;
+                    l.bytes = 0;
+                }
             }
             for r in rooms {
                 self.reassign(&r, WireKind::Audio);
+                self.choose_layers(&r);
             }
         }
         self.process_events();
@@ -864,10 +1026,11 @@ impl Engine {
             let Some(p) = self.peers.get_mut(&x) else {
                 continue;
             };
-            if p.pub_video != video && video.is_some() {
+            if p.pub_video() != video && video.is_some() {
                 restart.push(x);
             }
-            p.pub_video = video;
+            // A member reached over a link sends one layer: the m-line that carries it.
+            p.video = video.into_iter().map(PubLayer::new).collect();
             p.pub_audio = audio;
         }
         if let Some(v) = self.peers.get_mut(&via) {
@@ -877,7 +1040,7 @@ impl Engine {
         // A picture that moved to another m-line starts a new stream: decoders need a
         // keyframe.
         for x in restart {
-            self.hold_for_keyframe(&room, x);
+            self.hold_for_keyframe(&room, x, None);
             self.request_keyframe(x, KeyframeRequestKind::Pli);
         }
         self.dirty.insert(room);
@@ -895,14 +1058,15 @@ impl Engine {
         }
     }
 
-    /// Holds every subscriber's slot carrying `publisher` until its next keyframe.
-    fn hold_for_keyframe(&mut self, room: &str, publisher: ConnId) {
+    /// Holds every subscriber's slot carrying `publisher` (its `layer`, or any) until its
+    /// next keyframe.
+    fn hold_for_keyframe(&mut self, room: &str, publisher: ConnId, layer: Option<usize>) {
         for m in self.rooms.get(room).into_iter().flatten() {
             if let Some(s) = self.peers.get_mut(m) {
                 for slot in s
                     .video_slots
                     .iter_mut()
-                    .filter(|s| s.holder == Some(publisher))
+                    .filter(|s| s.holder == Some(publisher) && layer.is_none_or(|l| l == s.layer))
                 {
                     slot.need_keyframe = true;
                 }
@@ -951,13 +1115,14 @@ impl Engine {
                 );
                 p.uplink = true;
                 p.rtc = Some(*rtc);
-                let slot = |mid, video| OutSlot {
-                    mid,
-                    holder: None,
-                    need_keyframe: video,
-                };
-                p.video_slots = up_video.into_iter().map(|m| slot(m, true)).collect();
-                p.audio_slots = up_audio.into_iter().map(|m| slot(m, false)).collect();
+                p.video_slots = up_video
+                    .into_iter()
+                    .map(|m| OutSlot::new(m, true))
+                    .collect();
+                p.audio_slots = up_audio
+                    .into_iter()
+                    .map(|m| OutSlot::new(m, false))
+                    .collect();
                 self.peers.insert(id, p);
                 self.rooms.entry(room.clone()).or_default().push(id);
                 let local = self.meetings.get(&room).cloned().unwrap_or_default();
@@ -1755,7 +1920,7 @@ impl Engine {
                         p.video_slots.iter().filter_map(|s| s.holder).collect();
                     holders.extend(
                         self.reached_over(id)
-                            .filter(|(_, q)| q.pub_video.is_some())
+                            .filter(|(_, q)| !q.video.is_empty())
                             .map(|(x, _)| x),
                     );
                     for h in holders {
@@ -1803,26 +1968,19 @@ impl Engine {
                     (Direction::RecvOnly, MediaKind::Audio) if p.pub_audio.is_none() => {
                         p.pub_audio = Some(m.mid)
                     }
-                    (Direction::RecvOnly, MediaKind::Video) if p.pub_video.is_none() => {
-                        p.pub_video = Some(m.mid)
+                    // Each further picture m-line is a higher layer of the same camera.
+                    (Direction::RecvOnly, MediaKind::Video) if p.video.len() < MAX_LAYERS => {
+                        p.video.push(PubLayer::new(m.mid))
                     }
                     (Direction::SendOnly, MediaKind::Video)
                         if p.video_slots.len() < usize::from(self.cfg.video_slots) =>
                     {
-                        p.video_slots.push(OutSlot {
-                            mid: m.mid,
-                            holder: None,
-                            need_keyframe: true,
-                        })
+                        p.video_slots.push(OutSlot::new(m.mid, true))
                     }
                     (Direction::SendOnly, MediaKind::Audio)
                         if p.audio_slots.len() < usize::from(self.cfg.audio_slots) =>
                     {
-                        p.audio_slots.push(OutSlot {
-                            mid: m.mid,
-                            holder: None,
-                            need_keyframe: false,
-                        })
+                        p.audio_slots.push(OutSlot::new(m.mid, false))
                     }
                     (dir, kind) => {
                         debug!(site = %p.site.id, ?dir, ?kind, mid = %m.mid, "m-line not used")
@@ -1831,44 +1989,88 @@ impl Engine {
             }
             Event::MediaData(d) => self.forward(id, d),
             Event::KeyframeRequest(req) => {
+                // The layer the slot forwards, or the one it is moving to.
                 let holder = self.peers.get(&id).and_then(|p| {
                     p.video_slots
                         .iter()
                         .find(|s| s.mid == req.mid)
-                        .and_then(|s| s.holder)
+                        .and_then(|s| Some((s.holder?, s.want)))
                 });
-                if let Some(h) = holder {
-                    self.request_keyframe(h, req.kind);
+                if let Some((h, layer)) = holder {
+                    self.request_layer_keyframe(h, layer, req.kind);
+                }
+            }
+            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.egress_bps = Some(estimate.as_f64());
                 }
             }
             _ => {}
         }
     }
 
-    /// Asks a publisher for a keyframe. Requests closer together than
+    /// Asks a publisher for a keyframe on each of its layers some subscriber takes or waits
+    /// for (the lowest when none does).
+    fn request_keyframe(&mut self, publisher: ConnId, kind: KeyframeRequestKind) {
+        for layer in self.layers_in_use(publisher) {
+            self.request_layer_keyframe(publisher, layer, kind);
+        }
+    }
+
+    /// The layers of `publisher` forwarded to, or chosen for, some subscriber's slot.
+    fn layers_in_use(&self, publisher: ConnId) -> Vec<usize> {
+        let Some(p) = self.peers.get(&publisher) else {
+            return Vec::new();
+        };
+        let mut layers: Vec<usize> = self
+            .rooms
+            .get(&p.room)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| self.peers.get(m))
+            .flat_map(|s| s.video_slots.iter())
+            .filter(|x| x.holder == Some(publisher))
+            .flat_map(|x| [x.layer, x.want])
+            .filter(|l| *l < p.video.len())
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        if layers.is_empty() && !p.video.is_empty() {
+            layers.push(0);
+        }
+        layers
+    }
+
+    /// Asks a publisher for a keyframe on one layer. Requests closer together than
     /// [`KEYFRAME_REQUEST_GAP`] are merged into one sent when the gap ends, never dropped:
     /// a subscriber whose slot waits for a keyframe would otherwise wait for the periodic one.
-    fn request_keyframe(&mut self, publisher: ConnId, kind: KeyframeRequestKind) {
+    fn request_layer_keyframe(
+        &mut self,
+        publisher: ConnId,
+        layer: usize,
+        kind: KeyframeRequestKind,
+    ) {
         let now = Instant::now();
         let Some(p) = self.peers.get_mut(&publisher) else {
             return;
         };
-        let Some(mid) = p.pub_video else {
-            return;
-        };
         // A site behind a relay is asked through the relay's connection.
         let owner = p.via.unwrap_or(publisher);
-        if p.last_keyframe_request
+        let Some(l) = p.video.get_mut(layer) else {
+            return;
+        };
+        let mid = l.mid;
+        if l.last_keyframe_request
             .is_some_and(|t| now - t < KEYFRAME_REQUEST_GAP)
         {
             // FIR outranks PLI when merging.
-            if p.keyframe_pending != Some(KeyframeRequestKind::Fir) {
-                p.keyframe_pending = Some(kind);
+            if l.keyframe_pending != Some(KeyframeRequestKind::Fir) {
+                l.keyframe_pending = Some(kind);
             }
             return;
         }
-        p.keyframe_pending = None;
-        p.last_keyframe_request = Some(now);
+        l.keyframe_pending = None;
+        l.last_keyframe_request = Some(now);
         self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
         self.with_rtc(owner, move |rtc| {
             let Some(mut w) = rtc.writer(mid) else {
@@ -1892,19 +2094,21 @@ impl Engine {
 
     /// Sends merged keyframe requests whose throttle gap has ended.
     fn flush_keyframe_requests(&mut self, now: Instant) {
-        let due: Vec<(ConnId, KeyframeRequestKind)> = self
+        let due: Vec<(ConnId, usize, KeyframeRequestKind)> = self
             .peers
             .iter()
-            .filter_map(|(id, p)| {
-                let kind = p.keyframe_pending?;
-                let free = p
-                    .last_keyframe_request
-                    .is_none_or(|t| now - t >= KEYFRAME_REQUEST_GAP);
-                free.then_some((*id, kind))
+            .flat_map(|(id, p)| {
+                p.video.iter().enumerate().filter_map(move |(i, l)| {
+                    let kind = l.keyframe_pending?;
+                    let free = l
+                        .last_keyframe_request
+                        .is_none_or(|t| now - t >= KEYFRAME_REQUEST_GAP);
+                    free.then_some((*id, i, kind))
+                })
             })
             .collect();
-        for (id, kind) in due {
-            self.request_keyframe(id, kind);
+        for (id, layer, kind) in due {
+            self.request_layer_keyframe(id, layer, kind);
         }
     }
 
@@ -1958,10 +2162,13 @@ impl Engine {
             return;
         };
         let via = p.via;
-        let kind = if Some(d.mid) == p.pub_video {
-            WireKind::Video
+        let (kind, layer) = if let Some(i) = p.video.iter().position(|l| l.mid == d.mid) {
+            let l = &mut p.video[i];
+            l.bytes += d.data.len() as u64;
+            l.last_frame = Some(Instant::now());
+            (WireKind::Video, i)
         } else if Some(d.mid) == p.pub_audio {
-            WireKind::Audio
+            (WireKind::Audio, 0)
         } else {
             return;
         };
@@ -1989,8 +2196,8 @@ impl Engine {
         }
         if kind == WireKind::Video && !d.contiguous {
             // A frame was lost before us: subscribers' decoders need a fresh start.
-            self.hold_for_keyframe(&room, from);
-            self.request_keyframe(from, KeyframeRequestKind::Pli);
+            self.hold_for_keyframe(&room, from, Some(layer));
+            self.request_layer_keyframe(from, layer, KeyframeRequestKind::Pli);
         }
         let keyframe = kind == WireKind::Video && d.is_keyframe();
         let members: Vec<ConnId> = self.rooms.get(&room).cloned().unwrap_or_default();
@@ -2012,15 +2219,34 @@ impl Engine {
             let Some(slot) = slots.iter_mut().find(|s| s.holder == Some(from)) else {
                 continue;
             };
-            if slot.need_keyframe {
+            if slot.layer != layer {
+                // Another layer: taken at its keyframe when it is the one chosen.
+                if !(slot.want == layer && keyframe) {
+                    continue;
+                }
+                slot.layer = layer;
+                slot.need_keyframe = false;
+                // The new layer's timestamps go on from the old one's by the time between.
+                slot.shift = match slot.last_out {
+                    Some((out, at)) => {
+                        let gap = d.network_time.saturating_duration_since(at);
+                        let ticks = (gap.as_secs_f64() * f64::from(d.time.denom())) as i64;
+                        out + ticks.max(1) - d.time.numer() as i64
+                    }
+                    None => 0,
+                };
+            } else if slot.need_keyframe {
                 if !keyframe {
                     continue;
                 }
                 slot.need_keyframe = false;
             }
+            let out = d.time.numer() as i64 + slot.shift;
+            slot.last_out = Some((out, d.network_time));
             let mid = slot.mid;
             let data = d.data.clone();
-            let (params, wallclock, time) = (d.params, d.network_time, d.time);
+            let time = str0m::media::MediaTime::new(out.max(0) as u64, d.time.frequency());
+            let (params, wallclock) = (d.params, d.network_time);
             let len = data.len() as u64;
             let stats = self.stats.clone();
             self.with_rtc(sub, move |rtc| {
@@ -2053,27 +2279,12 @@ impl Engine {
             .iter()
             .filter_map(|m| self.peers.get(m).map(|p| (*m, p)))
             .filter(|(_, p)| match kind {
-                WireKind::Video => p.pub_video.is_some(),
+                WireKind::Video => !p.video.is_empty(),
                 WireKind::Audio => p.pub_audio.is_some(),
             })
             .map(|(m, p)| {
                 let score = match kind {
-                    // Spotlight first, then the floor holders and the chair, then the
-                    // earlier joiners.
-                    WireKind::Video => {
-                        let mut score = -(p.join_seq as f64);
-                        if meeting.spotlight() == Some(p.site.id.as_str()) {
-                            score += 1e12;
-                        }
-                        let role = self.role_here(p);
-                        if role == Role::Chair
-                            || (meeting.mode() != diemcau_protocol::FloorMode::Open
-                                && meeting.may_speak(&p.site.id, role))
-                        {
-                            score += 1e9;
-                        }
-                        score
-                    }
+                    WireKind::Video => self.video_score(&meeting, p),
                     WireKind::Audio => p.loudness,
                 };
                 let hall = relay_site.as_deref() == Some(p.site.id.as_str()) && p.via.is_none();
@@ -2128,18 +2339,137 @@ impl Engine {
                 continue;
             }
             for i in changed {
-                out[i].holder = holders[i];
-                out[i].need_keyframe = kind == WireKind::Video;
-                if let (Some(h), WireKind::Video) = (holders[i], kind) {
-                    keyframes.push(h);
+                out[i].hold(holders[i], kind == WireKind::Video);
+                if holders[i].is_some() && kind == WireKind::Video {
+                    keyframes.push((*sub, i));
                 }
             }
             self.send_slots(*sub);
         }
-        keyframes.sort_unstable();
-        keyframes.dedup();
-        for h in keyframes {
-            self.request_keyframe(h, KeyframeRequestKind::Pli);
+        if kind == WireKind::Video {
+            // New holders start on the layer chosen for them (asked for below).
+            self.choose_layers(room);
+        }
+        // Each new holder is asked for a keyframe of the layer its slot waits for.
+        let mut asks: Vec<(ConnId, usize)> = keyframes
+            .into_iter()
+            .filter_map(|(sub, i)| {
+                let slot = self.peers.get(&sub)?.video_slots.get(i)?;
+                Some((slot.holder?, slot.want))
+            })
+            .collect();
+        asks.sort_unstable();
+        asks.dedup();
+        for (h, layer) in asks {
+            self.request_layer_keyframe(h, layer, KeyframeRequestKind::Pli);
+        }
+    }
+
+    /// How a publisher ranks for pictures: spotlight first, then the floor holders and the
+    /// chair, then the earlier joiners.
+    fn video_score(&self, meeting: &Meeting, p: &Peer) -> f64 {
+        let mut score = -(p.join_seq as f64);
+        if meeting.spotlight() == Some(p.site.id.as_str()) {
+            score += 1e12;
+        }
+        let role = self.role_here(p);
+        if role == Role::Chair
+            || (meeting.mode() != diemcau_protocol::FloorMode::Open
+                && meeting.may_speak(&p.site.id, role))
+        {
+            score += 1e9;
+        }
+        score
+    }
+
+    /// Chooses, for every subscriber's picture slots in a room, which layer of its holder to
+    /// forward. The picture ranked first among a subscriber's (its speaker view) may take the
+    /// top layer, the others (thumbnails) the lowest; all within what the subscriber's
+    /// bandwidth estimate leaves for pictures, lowest layers first. A layer its publisher has
+    /// stopped sending is not chosen. The estimator is told the rate the choice would like, so
+    /// it probes towards it.
+    fn choose_layers(&mut self, room: &str) {
+        let now = Instant::now();
+        let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
+        let meeting = self.meetings.get(room).cloned().unwrap_or_default();
+        // Each publisher's rank and, per layer, (rate, live).
+        let publishers: HashMap<ConnId, (f64, Vec<(f64, bool)>)> = members
+            .iter()
+            .filter_map(|m| Some((*m, self.peers.get(m)?)))
+            .filter(|(_, p)| !p.video.is_empty())
+            .map(|(m, p)| {
+                let layers = p.video.iter().map(|l| (l.rate_bps, l.live(now))).collect();
+                (m, (self.video_score(&meeting, p), layers))
+            })
+            .collect();
+        let mut asks = Vec::new();
+        for sub in &members {
+            let Some(s) = self.peers.get_mut(sub) else {
+                continue;
+            };
+            if s.video_slots.iter().all(|x| x.holder.is_none()) {
+                continue;
+            }
+            let mut order: Vec<usize> = (0..s.video_slots.len())
+                .filter(|i| {
+                    s.video_slots[*i]
+                        .holder
+                        .is_some_and(|h| publishers.contains_key(&h))
+                })
+                .collect();
+            let rank = |i: &usize| {
+                let h = s.video_slots[*i].holder.expect("filtered on holders");
+                -publishers[&h].0
+            };
+            order.sort_by(|a, b| rank(a).total_cmp(&rank(b)));
+            let budget = s.egress_bps.map(|e| video_budget(e, s.audio_slots.len()));
+            let choice = plan_layers(
+                &order
+                    .iter()
+                    .enumerate()
+                    .map(|(n, i)| {
+                        let x = &s.video_slots[*i];
+                        let h = x.holder.expect("filtered on holders");
+                        LayerAsk {
+                            layers: publishers[&h].1.clone(),
+                            current: x.layer,
+                            main: n == 0,
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+                budget,
+            );
+            for (i, want) in order.iter().zip(choice.wants) {
+                let x = &mut s.video_slots[*i];
+                if x.want != want {
+                    x.want = want;
+                    if x.layer != want {
+                        asks.push((x.holder.expect("filtered on holders"), want));
+                    }
+                }
+                if x.need_keyframe && x.last_out.is_none() {
+                    // Nothing of it forwarded yet: start on the chosen layer.
+                    x.layer = want;
+                }
+            }
+            // In steps of 25 kbit/s: the measured rates move a little every tick.
+            let step = |v: f64| (v / 25_000.0).round() as u64 * 25_000;
+            let asked = (step(choice.minimum), step(choice.desired));
+            if s.rtc.is_some() && s.bwe_asked != asked {
+                s.bwe_asked = asked;
+                let audio = 40_000.0 * s.audio_slots.len() as f64;
+                let to_estimate = |v: f64| Bitrate::bps(((v + audio) / 0.9) as u64);
+                let (min, desired) = (to_estimate(asked.0 as f64), to_estimate(asked.1 as f64));
+                self.with_rtc(*sub, move |rtc| {
+                    rtc.bwe().set_bitrate(min, desired);
+                    Ok(())
+                });
+            }
+        }
+        asks.sort_unstable();
+        asks.dedup();
+        for (h, layer) in asks {
+            self.request_layer_keyframe(h, layer, KeyframeRequestKind::Pli);
         }
     }
 
@@ -2333,4 +2663,71 @@ fn unix_ms() -> u64 {
 /// Compares secrets without an early exit on the first differing byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(layers: &[(f64, bool)], current: usize, main: bool) -> LayerAsk {
+        LayerAsk {
+            layers: layers.to_vec(),
+            current,
+            main,
+        }
+    }
+
+    /// A 640x360 camera in two layers: 320x180 at 60 kbit/s, 640x360 at 300.
+    const TWO: [(f64, bool); 2] = [(60_000.0, true), (300_000.0, true)];
+
+    #[test]
+    fn the_speaker_view_takes_the_top_layer_and_thumbnails_the_lowest() {
+        let slots = [ask(&TWO, 0, true), ask(&TWO, 0, false), ask(&TWO, 0, false)];
+        let plan = plan_layers(&slots, None);
+        assert_eq!(plan.wants, vec![1, 0, 0]);
+        assert_eq!(plan.desired, 420_000.0);
+        assert_eq!(plan.minimum, 420_000.0);
+        // Room for the thumbnails and the step up, with its margin.
+        assert_eq!(plan_layers(&slots, Some(500_000.0)).wants, vec![1, 0, 0]);
+    }
+
+    #[test]
+    fn a_thin_estimate_keeps_the_lowest_layers_and_asks_to_probe_for_the_next_step() {
+        let slots = [ask(&TWO, 0, true), ask(&TWO, 0, false)];
+        // 120 for the thumbnails; the step (240) needs 300 with the margin: not there.
+        let plan = plan_layers(&slots, Some(400_000.0));
+        assert_eq!(plan.wants, vec![0, 0]);
+        assert_eq!(plan.minimum, 120_000.0 + 300_000.0);
+        assert_eq!(plan.desired, 360_000.0);
+        // Forwarded already: keeping it needs no margin (no flapping at the boundary).
+        let slots = [ask(&TWO, 1, true), ask(&TWO, 0, false)];
+        assert_eq!(plan_layers(&slots, Some(400_000.0)).wants, vec![1, 0]);
+        assert_eq!(plan_layers(&slots, Some(350_000.0)).wants, vec![0, 0]);
+        // Below even the lowest layers: they are kept (the site decides to go sound-only).
+        assert_eq!(plan_layers(&slots, Some(50_000.0)).wants, vec![0, 0]);
+    }
+
+    #[test]
+    fn a_layer_the_publisher_stopped_is_not_chosen() {
+        let thin = [(60_000.0, true), (300_000.0, false)];
+        let plan = plan_layers(&[ask(&thin, 1, true)], None);
+        assert_eq!(plan.wants, vec![0]);
+        // Only the top one still comes (the lowest stalled): that one.
+        let odd = [(60_000.0, false), (300_000.0, true)];
+        assert_eq!(plan_layers(&[ask(&odd, 0, false)], None).wants, vec![1]);
+        // A single-layer publisher.
+        assert_eq!(
+            plan_layers(&[ask(&[(200_000.0, true)], 0, true)], Some(1.0)).wants,
+            vec![0]
+        );
+    }
+
+    #[test]
+    fn three_layers_climb_one_step_at_a_time_within_the_budget() {
+        let hd = [(100_000.0, true), (300_000.0, true), (900_000.0, true)];
+        let slots = [ask(&hd, 0, true)];
+        assert_eq!(plan_layers(&slots, Some(200_000.0)).wants, vec![0]);
+        assert_eq!(plan_layers(&slots, Some(360_000.0)).wants, vec![1]);
+        assert_eq!(plan_layers(&slots, Some(1_200_000.0)).wants, vec![2]);
+    }
 }

@@ -128,9 +128,14 @@ struct JoinArgs {
     /// Report format on stdout when leaving: json | none
     #[arg(long, default_value = "json", value_parser = ["json", "none"])]
     report: String,
-    /// Upper bound for the video bitrate (kbit/s).
+    /// Upper bound for the video bitrate (kbit/s), all layers together.
     #[arg(long, default_value_t = 1500)]
     max_video_kbps: u32,
+    /// At most this many picture layers (simulcast: 320x180, 640x360, 1280x720 of a 720p
+    /// camera; a smaller camera is sent in fewer). 1 sends one stream whose size follows the
+    /// uplink.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    layers: u8,
     /// Offer only TCP candidates (as if UDP were blocked).
     #[arg(long)]
     tcp_only: bool,
@@ -569,6 +574,7 @@ async fn join(args: JoinArgs) -> ExitCode {
     opts.video = video;
     opts.audio = audio;
     opts.max_video_bitrate_bps = args.max_video_kbps.saturating_mul(1000);
+    opts.video_layers = usize::from(args.layers);
     opts.udp = !args.tcp_only;
     if args.audio_only {
         opts.video = VideoInput::None;
