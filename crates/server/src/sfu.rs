@@ -450,8 +450,9 @@ struct LayerAsk {
 }
 
 /// What [`plan_layers`] chose: a layer per slot, and the picture bitrates to tell the
-/// subscriber's estimator (what the choice uses plus the next step it could not afford, and
-/// what it would use with room for every slot's best layer).
+/// subscriber's estimator: what the choice uses (`minimum`: no padding beyond the media, so a
+/// thin downlink is not filled up), and what it would use with room for every slot's best
+/// layer (`desired`: str0m probes towards it now and then while the link is not full).
 #[derive(Debug, Clone, PartialEq)]
 struct LayerPlan {
     wants: Vec<usize>,
@@ -482,7 +483,6 @@ fn plan_layers(slots: &[LayerAsk], budget: Option<f64>) -> LayerPlan {
     let mut wants: Vec<usize> = slots.iter().map(lowest).collect();
     let mut used: f64 = slots.iter().zip(&wants).map(|(a, w)| rate(a, *w)).sum();
     let desired = slots.iter().map(|a| rate(a, best(a))).sum();
-    let mut blocked: Option<f64> = None;
     for (n, a) in slots.iter().enumerate() {
         while let Some(next) = (wants[n] + 1..=top(a)).find(|l| a.layers[*l].1) {
             let step = rate(a, next) - rate(a, wants[n]);
@@ -492,7 +492,6 @@ fn plan_layers(slots: &[LayerAsk], budget: Option<f64>) -> LayerPlan {
                 1.0
             };
             if budget.is_some_and(|b| used + step * margin > b) {
-                blocked.get_or_insert(step * margin);
                 break;
             }
             used += step;
@@ -501,7 +500,7 @@ fn plan_layers(slots: &[LayerAsk], budget: Option<f64>) -> LayerPlan {
     }
     LayerPlan {
         wants,
-        minimum: used + blocked.unwrap_or(0.0),
+        minimum: used,
         desired,
     }
 }
@@ -2422,7 +2421,9 @@ impl Engine {
                 -publishers[&h].0
             };
             order.sort_by(|a, b| rank(a).total_cmp(&rank(b)));
-            let budget = s.egress_bps.map(|e| video_budget(e, s.audio_slots.len()));
+            // Sound first: as much as the sounds it receives now take.
+            let sounds = s.audio_slots.iter().filter(|x| x.holder.is_some()).count();
+            let budget = s.egress_bps.map(|e| video_budget(e, sounds));
             let choice = plan_layers(
                 &order
                     .iter()
@@ -2457,7 +2458,7 @@ impl Engine {
             let asked = (step(choice.minimum), step(choice.desired));
             if s.rtc.is_some() && s.bwe_asked != asked {
                 s.bwe_asked = asked;
-                let audio = 40_000.0 * s.audio_slots.len() as f64;
+                let audio = 40_000.0 * sounds as f64;
                 let to_estimate = |v: f64| Bitrate::bps(((v + audio) / 0.9) as u64);
                 let (min, desired) = (to_estimate(asked.0 as f64), to_estimate(asked.1 as f64));
                 self.with_rtc(*sub, move |rtc| {
@@ -2692,12 +2693,12 @@ mod tests {
     }
 
     #[test]
-    fn a_thin_estimate_keeps_the_lowest_layers_and_asks_to_probe_for_the_next_step() {
+    fn a_thin_estimate_keeps_the_lowest_layers_and_asks_for_more_without_padding() {
         let slots = [ask(&TWO, 0, true), ask(&TWO, 0, false)];
         // 120 for the thumbnails; the step (240) needs 300 with the margin: not there.
         let plan = plan_layers(&slots, Some(400_000.0));
         assert_eq!(plan.wants, vec![0, 0]);
-        assert_eq!(plan.minimum, 120_000.0 + 300_000.0);
+        assert_eq!(plan.minimum, 120_000.0);
         assert_eq!(plan.desired, 360_000.0);
         // Forwarded already: keeping it needs no margin (no flapping at the boundary).
         let slots = [ask(&TWO, 1, true), ask(&TWO, 0, false)];

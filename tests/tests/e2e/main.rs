@@ -7,3 +7,4 @@ mod cli;
 mod control;
 mod media;
 mod relay;
+mod simulcast;
