@@ -454,7 +454,7 @@ fn with_a_thin_downlink_the_site_stops_receiving_pictures_keeps_the_sound_and_ta
     let link = EmulatedLink::create();
     let (_server, url) = spawn_server(&["--dev", "--listen", &format!("{}:0", link.host_ip)]);
     // The province sends pictures and sound; the commune sends nothing and its downlink is
-    // far too thin for the province's pictures (no simulcast: the server cannot send less).
+    // far too thin for the province's pictures (320x180: there is no lower layer to send).
     let (mut province, _ep) = site(here(), &url, "nghe-an", 150, &[]);
     let thin = Shape {
         rate_kbit: Some(128),
@@ -501,6 +501,106 @@ fn with_a_thin_downlink_the_site_stops_receiving_pictures_keeps_the_sound_and_ta
         speech >= 0.8,
         "sound while pictures are off: {:.1} %",
         speech * 100.0
+    );
+}
+
+#[test]
+fn on_a_thin_downlink_a_site_gets_the_low_layer_while_a_site_with_room_gets_the_top_one_then_the_top_when_it_lifts(
+) {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    let link = EmulatedLink::create();
+    let (_server, url) = spawn_server(&["--dev", "--listen", &format!("{}:0", link.host_ip)]);
+    // The province sends its 640x360 camera in two layers (its uplink is the machine's);
+    // tp-vinh, beside it, and the commune, behind a thin downlink, only receive.
+    let (mut province, _ep) = site(
+        here(),
+        &url,
+        "nghe-an",
+        150,
+        &["--video", "synthetic:640x360@15"],
+    );
+    let (mut district, mut ed) = site(
+        here(),
+        &url,
+        "tp-vinh",
+        140,
+        &["--video", "none", "--audio", "none"],
+    );
+    let thin = Shape {
+        rate_kbit: Some(350),
+        delay: Duration::from_millis(40),
+        queue: Duration::from_millis(500),
+        ..Shape::default()
+    };
+    link.shape(Shape::default(), thin);
+    let (mut commune, mut ec) = site(
+        link.command(&workspace_bin("diemcau-cli")),
+        &url,
+        "xa-chau-tien",
+        130,
+        &["--video", "none", "--audio", "none"],
+    );
+    let joined = Instant::now();
+    let size = |l: &str| l.contains("Hình từ nghe-an: ");
+    // The commune settles on the 320x180 layer: its downlink has room for that and the
+    // sound, not for 640x360.
+    ec.wait(Duration::from_secs(60), "the low layer", |l| {
+        l.contains("Hình từ nghe-an: 320x180")
+    });
+    let low_after = joined.elapsed();
+    thirty_more_pictures(&mut ec, "nghe-an");
+    let (speech, window, ()) = speech_over(&mut ec, "nghe-an", Duration::from_secs(10), || ());
+    let low_now = ec.last(size);
+    assert!(
+        low_now
+            .as_deref()
+            .is_some_and(|l| l.contains("Hình từ nghe-an: 320x180")),
+        "still on the low layer: {low_now:?}"
+    );
+    // Meanwhile tp-vinh, with room, has the province's top layer.
+    let top_there = ed.last(size);
+    assert!(
+        top_there
+            .as_deref()
+            .is_some_and(|l| l.contains("Hình từ nghe-an: 640x360")),
+        "tp-vinh has the top layer: {top_there:?}"
+    );
+    // The downlink lifts: the server's estimate grows (it probes) and the commune gets the
+    // top layer.
+    link.shape_both(Shape::default());
+    let lifted = Instant::now();
+    ec.wait(Duration::from_secs(40), "the top layer", |l| {
+        l.contains("Hình từ nghe-an: 640x360")
+    });
+    let top_after = lifted.elapsed();
+    thirty_more_pictures(&mut ec, "nghe-an");
+    stop(&commune);
+    let rc = report(&mut commune);
+    stop(&district);
+    let rd = report(&mut district);
+    stop(&province);
+    let rp = report(&mut province);
+    let got = received_from(&rc, "nghe-an");
+    eprintln!(
+        "low layer {low_after:?} after joining; the province's sound on it {:.1} % of 50 frames/s over {window:.0} s; top layer {top_after:?} after the lift; the commune got {}, tp-vinh {}; the province sent {} layers; pictures turned off for the downlink {} times",
+        speech * 100.0,
+        got["layers"],
+        received_from(&rd, "nghe-an")["layers"],
+        rp["sent"]["video_layers"],
+        rc["video_receive_pauses"],
+    );
+    assert_eq!(rp["sent"]["video_layers"], 2, "{rp}");
+    assert_eq!(got["video_decode_errors"], 0, "{got}");
+    // Safety nets (figures in docs/benchmarks.md): the sound fits beside the low layer, and
+    // the top layer comes back.
+    assert!(
+        speech >= 0.9,
+        "sound beside the low layer: {:.1} %",
+        speech * 100.0
+    );
+    assert!(
+        top_after <= Duration::from_secs(30),
+        "top after {top_after:?}"
     );
 }
 
