@@ -133,8 +133,13 @@ pub async fn run(
     }
 }
 
+/// The link's own `Rtc`: the same codecs as the sites', and a bandwidth estimate of its own
+/// (TWCC, fed back by the parent), within which the engine chooses the layers it sends up.
 fn client_rtc() -> Rtc {
-    let mut cfg = RtcConfig::new().clear_codecs().enable_opus(true, false);
+    let mut cfg = RtcConfig::new()
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_bwe(Some(str0m::bwe::Bitrate::kbps(1_000)));
     cfg.codec_config()
         .add_h264(108.into(), Some(109.into()), true, 0x42e01f);
     cfg.build(Instant::now())

@@ -7,12 +7,14 @@ use std::time::Duration;
 use diemcau_client::{JoinOptions, Report, Room, RoomEvent};
 use diemcau_e2e::{dev_server, dev_token, test_log, wait_for, MEDIA};
 use diemcau_protocol::{ChairCommand, Role};
+use diemcau_server::upstream::UpstreamConfig;
+use diemcau_server::{RunningServer, ServerConfig};
 use tokio::sync::mpsc;
 
 const ROOM: &str = "lop-mau";
 
 async fn join_640(
-    server: &diemcau_server::RunningServer,
+    server: &RunningServer,
     site: &str,
     role: Role,
 ) -> (Room, mpsc::UnboundedReceiver<RoomEvent>) {
@@ -178,4 +180,69 @@ async fn one_layer_when_asked_and_a_small_camera_sends_one() {
     a.leave().await;
     b.leave().await;
     server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_go_through_a_district_relay_chosen_by_the_relay_for_its_uplink() {
+    test_log();
+    let _guard = MEDIA.lock().await;
+    let province = dev_server().await;
+    let mut cfg = ServerConfig::dev("127.0.0.1:0".parse().expect("literal"));
+    cfg.connect_timeout = Duration::from_secs(10);
+    cfg.upstream = Some(UpstreamConfig {
+        url: province.url(),
+        site: "tp-vinh".into(),
+        token: Some(dev_token("tp-vinh", Role::District, ROOM)),
+        room: ROOM.into(),
+        link_at_start: true,
+    });
+    let relay = diemcau_server::start(cfg).await.expect("relay starts");
+    let (chair, mut ce) = join_640(&province, "nghe-an", Role::Chair).await;
+    let (_hall, _eh) = join_640(&relay, "tp-vinh", Role::District).await;
+    let (le_loi, _el) = join_640(&relay, "tp-vinh-le-loi", Role::Commune).await;
+    let limit = Duration::from_secs(40);
+
+    // Up: the relay sends its hall's top layer (its hall ranks first on its uplink) and the
+    // commune's lowest. Down: the province's chair, top layer, ranks first for the commune;
+    // its own district hall, beside it on the relay, is a thumbnail.
+    until_sizes(
+        &chair,
+        &[("tp-vinh", "640x360"), ("tp-vinh-le-loi", "320x180")],
+        limit,
+    )
+    .await;
+    until_sizes(
+        &le_loi,
+        &[("nghe-an", "640x360"), ("tp-vinh", "320x180")],
+        limit,
+    )
+    .await;
+
+    // A spotlight on the commune: the relay sends its top layer up instead.
+    chair
+        .chair(ChairCommand::Spotlight {
+            site: Some("tp-vinh-le-loi".into()),
+        })
+        .await
+        .expect("the chair may spotlight");
+    wait_for(&mut ce, Duration::from_secs(10), "the spotlight", |e| {
+        matches!(e, RoomEvent::Floor { state } if state.spotlight.as_deref() == Some("tp-vinh-le-loi"))
+            .then_some(())
+    })
+    .await;
+    until_sizes(
+        &chair,
+        &[("tp-vinh-le-loi", "640x360"), ("tp-vinh", "320x180")],
+        limit,
+    )
+    .await;
+    let r = chair.report().await;
+    for x in &r.received {
+        assert_eq!(x.video_decode_errors, 0, "from {}: {x:?}", x.site);
+        assert_eq!(x.video_frames_out_of_order, 0, "from {}: {x:?}", x.site);
+    }
+    chair.leave().await;
+    le_loi.leave().await;
+    relay.stop();
+    province.stop();
 }
