@@ -36,6 +36,11 @@ pub struct Shape {
     pub queue: Duration,
     /// Every packet dropped.
     pub blackout: bool,
+    /// The DTLS handshake's last flight to the first UDP port that gets one is dropped, every
+    /// time it is sent: `ChangeCipherSpec` and encrypted handshake records (epoch 1 and up,
+    /// the `Finished` message). The sender's side of the handshake is then done and the
+    /// receiver's never is.
+    pub stall_first_dtls: bool,
 }
 
 impl Default for Shape {
@@ -47,6 +52,7 @@ impl Default for Shape {
             loss_pct: 0.0,
             queue: Duration::from_millis(200),
             blackout: false,
+            stall_first_dtls: false,
         }
     }
 }
@@ -77,6 +83,30 @@ pub struct EmulatedLink {
     down: Arc<Direction>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Once a second from the start: (seconds, bytes delivered up, down, the rate limits
+    /// then), cumulative.
+    samples: Arc<Mutex<Vec<Sample>>>,
+}
+
+/// One of [`EmulatedLink`]'s once-a-second samples.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: f64,
+    up: u64,
+    down: u64,
+    up_limit: Option<u32>,
+    down_limit: Option<u32>,
+}
+
+/// What crossed the link in one second, and the limits then.
+#[derive(Debug, Clone, Copy)]
+pub struct Second {
+    /// The second's end, from the link's creation.
+    pub at: f64,
+    pub up_kbit: f64,
+    pub down_kbit: f64,
+    pub up_limit: Option<u32>,
+    pub down_limit: Option<u32>,
 }
 
 /// Opens a TUN device named `name` (no packet information header), non-blocking.
@@ -129,6 +159,30 @@ fn write_packet(mut fd: &File, pkt: &[u8]) {
     let _ = fd.write(pkt);
 }
 
+/// For an IPv4 UDP packet carrying a DTLS record: its destination port, and whether the
+/// record belongs to a handshake's last flight (`ChangeCipherSpec`, or a handshake record of
+/// epoch above 0: `Finished`).
+fn dtls_record(pkt: &[u8]) -> Option<(u16, bool)> {
+    let ihl = usize::from(*pkt.first()? & 0x0f) * 4;
+    if pkt.first()? >> 4 != 4 || *pkt.get(9)? != 17 {
+        return None;
+    }
+    let udp = pkt.get(ihl..)?;
+    let port = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
+    let rec = udp.get(8..)?;
+    // RFC 7983: a first byte in 20..=63 is DTLS; then version (2 bytes), epoch (2 bytes).
+    if !(20..=63).contains(rec.first()?) {
+        return None;
+    }
+    let epoch = u16::from_be_bytes([*rec.get(3)?, *rec.get(4)?]);
+    let last_flight = match rec.first()? {
+        20 => true,
+        22 => epoch > 0,
+        _ => false,
+    };
+    Some((port, last_flight))
+}
+
 /// Packets on the wire, with the time each leaves it.
 type InFlight = VecDeque<(Instant, Vec<u8>)>;
 
@@ -146,6 +200,8 @@ fn carry(
             let mut buf = vec![0u8; 65536];
             // When the last packet finishes crossing the rate limit, and leaves the link.
             let (mut wire_free, mut last_out) = (Instant::now(), Instant::now());
+            // The port whose DTLS handshake is stalled (`Shape::stall_first_dtls`).
+            let mut stalled: Option<u16> = None;
             while !stop.load(Ordering::Relaxed) {
                 let Some(n) = read_packet(&from, &mut buf) else {
                     continue;
@@ -158,6 +214,14 @@ fn carry(
                 if s.blackout || rand::random::<f64>() * 100.0 < s.loss_pct {
                     c.lost += 1;
                     continue;
+                }
+                if s.stall_first_dtls {
+                    if let Some((port, true)) = dtls_record(&buf[..n]) {
+                        if *stalled.get_or_insert(port) == port {
+                            c.lost += 1;
+                            continue;
+                        }
+                    }
                 }
                 let sent = match s.rate_kbit {
                     Some(k) => {
@@ -235,6 +299,29 @@ impl EmulatedLink {
         let mut threads = Vec::new();
         threads.extend(carry(a.clone(), b.clone(), up.clone(), stop.clone()));
         threads.extend(carry(b, a, down.clone(), stop.clone()));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (up, down, stop, samples) =
+                (up.clone(), down.clone(), stop.clone(), samples.clone());
+            threads.push(std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut next = start;
+                while !stop.load(Ordering::Relaxed) {
+                    next += Duration::from_secs(1);
+                    while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let sample = Sample {
+                        at: start.elapsed().as_secs_f64(),
+                        up: up.counts.lock().unwrap().delivered_bytes,
+                        down: down.counts.lock().unwrap().delivered_bytes,
+                        up_limit: up.shape.lock().unwrap().rate_kbit,
+                        down_limit: down.shape.lock().unwrap().rate_kbit,
+                    };
+                    samples.lock().unwrap().push(sample);
+                }
+            }));
+        }
         EmulatedLink {
             ns,
             host_ip,
@@ -243,7 +330,28 @@ impl EmulatedLink {
             down,
             stop,
             threads,
+            samples,
         }
+    }
+
+    /// What crossed the link each second so far (kbit/s each way), with the limits then:
+    /// how closely the senders track the emulated limit.
+    pub fn seconds(&self) -> Vec<Second> {
+        let samples = self.samples.lock().unwrap().clone();
+        samples
+            .windows(2)
+            .map(|w| {
+                let dt = (w[1].at - w[0].at).max(1e-3);
+                let kbit = |a: u64, b: u64| (b - a) as f64 * 8.0 / dt / 1000.0;
+                Second {
+                    at: w[1].at,
+                    up_kbit: kbit(w[0].up, w[1].up),
+                    down_kbit: kbit(w[0].down, w[1].down),
+                    up_limit: w[1].up_limit,
+                    down_limit: w[1].down_limit,
+                }
+            })
+            .collect()
     }
 
     /// Shapes what the site sends (uplink) and what it receives (downlink).

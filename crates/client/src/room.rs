@@ -307,6 +307,13 @@ pub const UDP_GRACE: Duration = Duration::from_secs(6);
 /// How long the media path (ICE and DTLS) may take in all, as the server allows.
 const MEDIA_LIMIT: Duration = Duration::from_secs(18);
 
+/// A connection whose media path has not come up this long after it was opened is given up
+/// and opened again (with `resume`). On a lossy link the server's last DTLS flight can be
+/// lost for good: the server's side of the handshake is done, so its media timeout never
+/// fires, and webrtc-rs's side waits forever (seen on a 5 % loss link, about one join in
+/// six).
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(20);
+
 /// How long one reconnect attempt may wait for the server's TCP handshake before trying again
 /// (a SYN lost in an outage is otherwise retried by the kernel only after 1, 3, 7 s…).
 const RECONNECT_DIAL: Duration = Duration::from_millis(1500);
@@ -1098,6 +1105,22 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
 
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let mut tasks = Tasks::default();
+    {
+        let (shared, mut state) = (shared.clone(), peer.state.clone());
+        tasks.push(tokio::spawn(async move {
+            let up = tokio::time::timeout(
+                HANDSHAKE_LIMIT,
+                state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+            )
+            .await;
+            if up.is_err() {
+                tracing::warn!(
+                    "the media path did not come up within {HANDSHAKE_LIMIT:?}; opening it again"
+                );
+                lost(&shared, id, "media handshake stalled");
+            }
+        }));
+    }
     for (kind, tracks, input) in local {
         let video = kind == RtpCodecKind::Video;
         if video {

@@ -26,6 +26,10 @@ fn main() {
         codec(640, 360, 1_000_000);
         codec(1280, 720, 2_500_000);
     }
+    if want("simulcast") {
+        simulcast_cost(640, 360);
+        simulcast_cost(1280, 720);
+    }
     if want("aec") {
         aec();
     }
@@ -258,6 +262,63 @@ fn codec(w: usize, h: usize, bps: u32) {
         mean(&dec_ms),
         f64::from(percentile(&dec_ms, 95.0).unwrap_or(0)) / 1000.0,
         bytes as f64 * 8.0 * 30.0 / f64::from(n) / 1000.0
+    );
+}
+
+/// What simulcast costs the sender: each picture encoded once per layer (box-filtered from
+/// the full size, as the video thread does), against the full size alone, at the rates the
+/// layers get at 15 fps on a link with room for all of them (`publish::send_layers`).
+fn simulcast_cost(w: usize, h: usize) {
+    use diemcau_client::publish::{layer_divisors, send_layers};
+    let n = 300u32;
+    let pics: Vec<_> = (0..n)
+        .map(|i| {
+            let stamp = Stamp {
+                frame: i,
+                time_us: i,
+                site_tag: site_tag("bench"),
+            };
+            test_picture(w, h, stamp)
+        })
+        .collect();
+    let divisors = layer_divisors((w, h), 3);
+    let sizes: Vec<(usize, usize)> = divisors.iter().map(|d| (w / d, h / d)).collect();
+    let rates = send_layers(1_500_000, &sizes, 15, divisors.len(), 1_500_000);
+    let run = |layers: &[(usize, u32)]| {
+        let mut encs: Vec<VideoEncoder> = layers
+            .iter()
+            .map(|(_, bps)| VideoEncoder::new(*bps, 15.0).expect("encoder"))
+            .collect();
+        let mut us = Vec::new();
+        for p in &pics {
+            let t = Instant::now();
+            for ((d, _), enc) in layers.iter().zip(&mut encs) {
+                let scaled;
+                let pic = if *d > 1 {
+                    scaled = p.downscaled(*d);
+                    &scaled
+                } else {
+                    p
+                };
+                enc.encode(pic).expect("encode");
+            }
+            us.push(t.elapsed().as_micros() as u32);
+        }
+        us.iter().map(|&x| f64::from(x)).sum::<f64>() / us.len() as f64 / 1000.0
+    };
+    let all: Vec<(usize, u32)> = divisors
+        .iter()
+        .copied()
+        .zip(rates.iter().copied())
+        .collect();
+    let one = run(&[(1, 1_500_000)]);
+    let layered = run(&all);
+    println!(
+        "simulcast {w}x{h}: {} layers {:?} at {:?} bit/s: {layered:.2} ms a picture against {one:.2} ms for the full size alone ({:.0} % more)",
+        all.len(),
+        sizes,
+        rates,
+        (layered / one - 1.0) * 100.0
     );
 }
 

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use diemcau_e2e::link::{EmulatedLink, Shape};
+use diemcau_e2e::link::{EmulatedLink, Second, Shape};
 use diemcau_e2e::netns::NetNs;
 use diemcau_e2e::{
     cli_join_args, dev_token, received_from, spawn_server, workspace_bin, Proc, StderrLines,
@@ -146,6 +146,48 @@ fn says_again(lines: &mut StderrLines, stopped: &str, again: &str) {
         said.as_deref().is_some_and(|l| l.contains(again)),
         "the site says {again:?}: {said:?}"
     );
+}
+
+/// Bitrate tracking, one way (`pick`: a second's rate and its limit), from the first second
+/// that carried anything: while limited, the median and the 10th–90th percentiles of what
+/// crossed each second against the limit; and every second as it went.
+fn tracking(seconds: &[Second], pick: impl Fn(&Second) -> (f64, Option<u32>)) -> String {
+    // From the first second that carried anything (the site joins after the link is made).
+    let first = seconds.iter().position(|s| pick(s).0 > 5.0).unwrap_or(0);
+    let seconds = &seconds[first..];
+    let limited: Vec<(f64, u32)> = seconds
+        .iter()
+        .filter_map(|s| {
+            let (kbit, limit) = pick(s);
+            Some((kbit, limit?))
+        })
+        .collect();
+    let Some(&(_, limit)) = limited.last() else {
+        return "never limited".into();
+    };
+    let mut rates: Vec<f64> = limited.iter().map(|x| x.0).collect();
+    rates.sort_by(f64::total_cmp);
+    let at = |q: f64| rates[((rates.len() - 1) as f64 * q).round() as usize];
+    let lift = seconds
+        .iter()
+        .rposition(|s| pick(s).1.is_some())
+        .map_or(0, |i| i + 1);
+    let series: Vec<String> = seconds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mark = if i == lift { "| " } else { "" };
+            format!("{mark}{:.0}", pick(s).0)
+        })
+        .collect();
+    format!(
+        "limit {limit} kbit/s: median {:.0} (p10 {:.0}, p90 {:.0}) over {} s; per second (| = lifted): {}",
+        at(0.5),
+        at(0.1),
+        at(0.9),
+        rates.len(),
+        series.join(" ")
+    )
 }
 
 #[test]
@@ -348,6 +390,10 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     let rp = report(&mut province);
     let (up, down) = link.counts();
     let got = received_from(&rp, "xa-chau-tien");
+    eprintln!(
+        "uplink tracking: {}",
+        tracking(&link.seconds(), |s| (s.up_kbit, s.up_limit))
+    );
     let sent = rc["sent"]["audio_frames"].as_u64().unwrap() as f64;
     let heard = got["audio_frames"].as_u64().unwrap() as f64;
     let repaired = got["audio_frames_repaired"].as_u64().unwrap() as f64;
@@ -582,6 +628,10 @@ fn on_a_thin_downlink_a_site_gets_the_low_layer_while_a_site_with_room_gets_the_
     let rp = report(&mut province);
     let got = received_from(&rc, "nghe-an");
     eprintln!(
+        "downlink tracking: {}",
+        tracking(&link.seconds(), |s| (s.down_kbit, s.down_limit))
+    );
+    eprintln!(
         "low layer {low_after:?} after joining; the province's sound on it {:.1} % of 50 frames/s over {window:.0} s; top layer {top_after:?} after the lift; the commune got {}, tp-vinh {}; the province sent {} layers; pictures turned off for the downlink {} times",
         speech * 100.0,
         got["layers"],
@@ -601,6 +651,67 @@ fn on_a_thin_downlink_a_site_gets_the_low_layer_while_a_site_with_room_gets_the_
     assert!(
         top_after <= Duration::from_secs(30),
         "top after {top_after:?}"
+    );
+}
+
+#[test]
+fn a_site_whose_media_handshake_stalls_opens_its_connection_again_by_itself() {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    let link = EmulatedLink::create();
+    let (_server, url) = logged_server(
+        Command::new("sh"),
+        "stall-server",
+        &["--dev", "--listen", &format!("{}:0", link.host_ip)],
+    );
+    let (mut province, mut ep) = site(
+        here(),
+        &url,
+        "nghe-an",
+        90,
+        &["--video", "none", "--audio", "none"],
+    );
+    // The server's last DTLS flight never reaches the commune's first connection: the server
+    // is done with the handshake (so its media timeout never fires) and the commune never is,
+    // as a lossy link does now and then.
+    link.shape(
+        Shape::default(),
+        Shape {
+            stall_first_dtls: true,
+            ..Shape::default()
+        },
+    );
+    let (mut commune, mut ec) = site(
+        link.command(&workspace_bin("diemcau-cli")),
+        &url,
+        "xa-chau-tien",
+        80,
+        &[],
+    );
+    let started = Instant::now();
+    ec.wait(Duration::from_secs(40), "the stall noticed", |l| {
+        l.contains("media handshake stalled")
+    });
+    let noticed = started.elapsed();
+    ec.wait(Duration::from_secs(20), "connected again", |l| {
+        l.contains("Đã kết nối lại")
+    });
+    thirty_more_pictures(&mut ep, "xa-chau-tien");
+    let seen = started.elapsed();
+    stop(&commune);
+    let rc = report(&mut commune);
+    stop(&province);
+    let rp = report(&mut province);
+    eprintln!(
+        "stall noticed {noticed:?} after the site started; its pictures verified at the province {seen:?} after; reconnects {}",
+        rc["reconnects"]
+    );
+    assert_eq!(rc["reconnects"], 1, "{rc}");
+    assert!(
+        received_from(&rp, "xa-chau-tien")["video_frames_verified"]
+            .as_u64()
+            .unwrap()
+            > 30,
+        "{rp}"
     );
 }
 
