@@ -525,6 +525,23 @@ pub fn spawn_video_thread(
                     continue;
                 }
                 let force_all = control.force_keyframe.swap(false, Ordering::Relaxed);
+                // The pictures of the layers below the drawn size, each halved from the one
+                // above it where it can be (cheaper than from the full size every time).
+                let mut pictures: Vec<Option<diemcau_media::I420Frame>> = vec![None; sending];
+                for i in (0..sending).rev() {
+                    let scale = (divisors[i] / drawn).max(1);
+                    if scale == 1 {
+                        continue;
+                    }
+                    let above = (i + 1 < sending).then(|| (divisors[i + 1] / drawn).max(1));
+                    pictures[i] = Some(match above {
+                        Some(a) if a * 2 == scale => match &pictures[i + 1] {
+                            Some(p) => p.halved(),
+                            None => frame.picture.halved(),
+                        },
+                        _ => frame.picture.downscaled(scale),
+                    });
+                }
                 for (i, slot) in encoders.iter_mut().enumerate() {
                     let asked = control.layer_keyframe[i].swap(false, Ordering::Relaxed);
                     let Some(&rate) = rates.get(i) else {
@@ -554,14 +571,10 @@ pub fn spawn_video_thread(
                     if force_all || asked {
                         enc.force_keyframe();
                     }
-                    let scale = (divisors[i] / drawn).max(1);
-                    let scaled;
-                    let picture = if scale > 1 {
-                        scaled = frame.picture.downscaled(scale);
-                        &scaled
-                    } else {
-                        &frame.picture
-                    };
+                    let picture = pictures
+                        .get(i)
+                        .and_then(Option::as_ref)
+                        .unwrap_or(&frame.picture);
                     match enc.encode(picture) {
                         Ok(Some(au)) => {
                             let e = Encoded {

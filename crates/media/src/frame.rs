@@ -42,9 +42,19 @@ impl I420Frame {
     }
 
     /// The picture `divisor` times smaller each way (a box filter; sizes rounded down to
-    /// even), for a lower spatial layer.
+    /// even), for a lower spatial layer. A power of two is halved that many times (each
+    /// halving is a 2x2 average, the same box filter and several times faster).
     pub fn downscaled(&self, divisor: usize) -> I420Frame {
         let d = divisor.max(1);
+        if d > 1 && d.is_power_of_two() {
+            let mut out = self.halved();
+            let mut left = d / 2;
+            while left > 1 {
+                out = out.halved();
+                left /= 2;
+            }
+            return out;
+        }
         let (w, h) = ((self.width / d) & !1, (self.height / d) & !1);
         let (cw, ch) = Self::chroma_size(w, h);
         let (scw, _) = Self::chroma_size(self.width, self.height);
@@ -59,6 +69,33 @@ impl I420Frame {
                     }
                     out.push((sum / (d * d)) as u8);
                 }
+            }
+            out
+        };
+        I420Frame {
+            width: w,
+            height: h,
+            y: plane(&self.y, self.width, w, h),
+            u: plane(&self.u, scw, cw, ch),
+            v: plane(&self.v, scw, cw, ch),
+        }
+    }
+
+    /// The picture half as large each way (each pixel the rounded mean of a 2x2 block; sizes
+    /// rounded down to even).
+    pub fn halved(&self) -> I420Frame {
+        let (w, h) = ((self.width / 2) & !1, (self.height / 2) & !1);
+        let (cw, ch) = Self::chroma_size(w, h);
+        let (scw, _) = Self::chroma_size(self.width, self.height);
+        let plane = |src: &[u8], stride: usize, ow: usize, oh: usize| {
+            let mut out = Vec::with_capacity(ow * oh);
+            for y in 0..oh {
+                let r0 = &src[2 * y * stride..][..2 * ow];
+                let r1 = &src[(2 * y + 1) * stride..][..2 * ow];
+                out.extend(r0.chunks_exact(2).zip(r1.chunks_exact(2)).map(|(a, b)| {
+                    ((u16::from(a[0]) + u16::from(a[1]) + u16::from(b[0]) + u16::from(b[1]) + 2)
+                        / 4) as u8
+                }));
             }
             out
         };
@@ -118,4 +155,54 @@ pub fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(w: usize, h: usize) -> I420Frame {
+        let mut f = I420Frame::black(w, h);
+        for (i, v) in f.y.iter_mut().enumerate() {
+            *v = (i % 251) as u8;
+        }
+        for (i, v) in f.u.iter_mut().enumerate() {
+            *v = (i * 7 % 256) as u8;
+        }
+        f
+    }
+
+    #[test]
+    fn halving_averages_2x2_blocks_and_a_power_of_two_is_halved_again() {
+        let f = ramp(8, 4);
+        let h = f.halved();
+        assert_eq!((h.width, h.height), (4, 2));
+        // The first block: 0, 1 (row 0) and 8, 9 (row 1): (18 + 2) / 4 = 5.
+        assert_eq!(h.y[0], 5);
+        let mean = |x: usize, y: usize| {
+            let p = |xx: usize, yy: usize| u16::from(f.y[yy * 8 + xx]);
+            ((p(2 * x, 2 * y)
+                + p(2 * x + 1, 2 * y)
+                + p(2 * x, 2 * y + 1)
+                + p(2 * x + 1, 2 * y + 1)
+                + 2)
+                / 4) as u8
+        };
+        for y in 0..2 {
+            for x in 0..4 {
+                assert_eq!(h.y[y * 4 + x], mean(x, y));
+            }
+        }
+        assert_eq!((h.u.len(), h.v.len()), (2, 2));
+        assert_eq!(f.downscaled(4), f.halved().halved());
+        // 1280x720 → 640x360 → 320x180, with their chroma.
+        let big = ramp(1280, 720).downscaled(4);
+        assert_eq!(
+            (big.width, big.height, big.y.len(), big.u.len()),
+            (320, 180, 57_600, 14_400)
+        );
+        // Any other divisor is a plain box filter.
+        let third = ramp(12, 6).downscaled(3);
+        assert_eq!((third.width, third.height), (4, 2));
+    }
 }

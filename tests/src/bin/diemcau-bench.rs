@@ -265,8 +265,8 @@ fn codec(w: usize, h: usize, bps: u32) {
     );
 }
 
-/// What simulcast costs the sender: each picture encoded once per layer (box-filtered from
-/// the full size, as the video thread does), against the full size alone, at the rates the
+/// What simulcast costs the sender: each picture encoded once per layer (each layer halved
+/// from the one above, as the video thread does), against the full size alone, at the rates the
 /// layers get at 15 fps on a link with room for all of them (`publish::send_layers`).
 fn simulcast_cost(w: usize, h: usize) {
     use diemcau_client::publish::{layer_divisors, send_layers};
@@ -292,15 +292,23 @@ fn simulcast_cost(w: usize, h: usize) {
         let mut us = Vec::new();
         for p in &pics {
             let t = Instant::now();
-            for ((d, _), enc) in layers.iter().zip(&mut encs) {
-                let scaled;
-                let pic = if *d > 1 {
-                    scaled = p.downscaled(*d);
-                    &scaled
-                } else {
-                    p
-                };
-                enc.encode(pic).expect("encode");
+            // As the video thread does: each layer halved from the one above it.
+            let mut scaled: Vec<Option<diemcau_media::I420Frame>> = vec![None; layers.len()];
+            for i in (0..layers.len()).rev() {
+                let d = layers[i].0;
+                if d == 1 {
+                    continue;
+                }
+                let above = layers.get(i + 1).map(|x| x.0);
+                scaled[i] = Some(match above {
+                    Some(a) if a * 2 == d => scaled[i + 1]
+                        .as_ref()
+                        .map_or_else(|| p.halved(), |x| x.halved()),
+                    _ => p.downscaled(d),
+                });
+            }
+            for (i, enc) in encs.iter_mut().enumerate() {
+                enc.encode(scaled[i].as_ref().unwrap_or(p)).expect("encode");
             }
             us.push(t.elapsed().as_micros() as u32);
         }
