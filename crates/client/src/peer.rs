@@ -78,6 +78,10 @@ pub fn opus_codec() -> RTCRtpCodec {
 pub struct LinkStats {
     /// Of what was sent, the share lost, in parts per million, plus one (0 until known).
     loss_ppm: AtomicU64,
+    /// Packets the far end's transport-wide feedback has reported on, and of those the ones
+    /// it reported lost (what the controller's loss figure is made of).
+    pub reported: AtomicU64,
+    pub reported_lost: AtomicU64,
 }
 
 impl LinkStats {
@@ -115,6 +119,11 @@ impl<E: BandwidthEstimator> ReportingEstimator<E> {
 impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
         self.inner.on_reports(now, reports);
+        let lost = reports.iter().filter(|r| !r.arrived).count() as u64;
+        self.link
+            .reported
+            .fetch_add(reports.len() as u64, Ordering::Relaxed);
+        self.link.reported_lost.fetch_add(lost, Ordering::Relaxed);
         self.publish();
         self.link.record(&self.inner.stats());
     }

@@ -206,6 +206,40 @@ pub fn send_layers(
     rates
 }
 
+/// One stream (`--layers 1`, no simulcast): the size to send it at — the divisor of the
+/// camera's size: 1 (full), 2 or 4 — for the encoder's `target_bps`. A layer is used when the target covers what it needs (the
+/// full size never needs more than 80 % of `max_bps`, so a configured cap below a camera's
+/// need still sends it); going up needs [`LAYER_UP_MARGIN`] more. Layers stay at least
+/// 320x180.
+pub fn layer_for(
+    target_bps: u32,
+    (w, h): (usize, usize),
+    fps: u32,
+    current: usize,
+    max_bps: u32,
+) -> usize {
+    let need = |d: usize| {
+        let n = layer_need_bps(w / d * (h / d), fps);
+        if d == 1 {
+            n.min(f64::from(max_bps) * 0.8)
+        } else {
+            n
+        }
+    };
+    let mut best = 1;
+    for d in [1usize, 2, 4]
+        .into_iter()
+        .filter(|&d| d == 1 || (w / d >= 320 && h / d >= 180))
+    {
+        best = d;
+        let margin = if d < current { LAYER_UP_MARGIN } else { 1.0 };
+        if f64::from(target_bps) >= need(d) * margin {
+            break;
+        }
+    }
+    best
+}
+
 /// Clears the thin-link flags when the video thread ends.
 struct ClearLinkFlags(Arc<CaptureControl>, Arc<SendCounters>);
 
@@ -493,6 +527,26 @@ pub fn spawn_video_thread(
                     continue;
                 }
                 let target = video_share(gate.usable(now, estimate), max_bitrate_bps);
+                if tracks <= 1 {
+                    // One stream: its size follows the target, with a fresh encoder (whose
+                    // first picture is a keyframe) for each new size.
+                    let (w, h) = source.size();
+                    let d = layer_for(target, (w, h), fps, divisors[0], max_bitrate_bps);
+                    if d != divisors[0] {
+                        info!(
+                            from = divisors[0],
+                            to = d,
+                            target,
+                            "video size {}x{}",
+                            w / d,
+                            h / d
+                        );
+                        divisors = vec![d];
+                        sizes = vec![((w / d) & !1, (h / d) & !1)];
+                        encoders = vec![None];
+                        sending = 0;
+                    }
+                }
                 let rates = send_layers(target, &sizes, fps, sending, max_bitrate_bps);
                 if rates.len() != sending {
                     let (w, h) = sizes[rates.len() - 1];
@@ -840,6 +894,25 @@ mod tests {
             "{notice}"
         );
         assert!(erx.try_recv().is_err(), "told once");
+    }
+
+    #[test]
+    fn one_stream_follows_the_target_with_a_margin_going_up() {
+        let vga = (640, 360);
+        // 640x360@15 needs ~276 kbit/s; 320x180 is the floor for it.
+        assert_eq!(layer_for(400_000, vga, 15, 1, 1_500_000), 1);
+        assert_eq!(layer_for(250_000, vga, 15, 1, 1_500_000), 2);
+        assert_eq!(layer_for(60_000, vga, 15, 1, 1_500_000), 2);
+        // Coming back up needs 10 % more than the layer needs.
+        assert_eq!(layer_for(290_000, vga, 15, 2, 1_500_000), 2);
+        assert_eq!(layer_for(310_000, vga, 15, 2, 1_500_000), 1);
+        // 1280x720@30 needs more than 80 % of a 1.5 Mbit/s cap: the cap is what it needs.
+        let hd = (1280, 720);
+        assert_eq!(layer_for(1_250_000, hd, 30, 1, 1_500_000), 1);
+        assert_eq!(layer_for(1_000_000, hd, 30, 1, 1_500_000), 2);
+        assert_eq!(layer_for(200_000, hd, 30, 1, 1_500_000), 4);
+        // A 320x180 camera has no lower layer.
+        assert_eq!(layer_for(10_000, (320, 180), 15, 1, 1_500_000), 1);
     }
 
     #[test]

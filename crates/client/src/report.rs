@@ -108,6 +108,12 @@ pub struct Report {
     /// Of what this site sent, the share the server reported lost (smoothed, percent).
     #[serde(default)]
     pub uplink_loss_pct: Option<f64>,
+    /// Packets the server's transport-wide feedback reported on, over the meeting, and of
+    /// those the ones it reported lost.
+    #[serde(default)]
+    pub uplink_packets_reported: u64,
+    #[serde(default)]
+    pub uplink_packets_reported_lost: u64,
     /// The hand queue as this site last saw it.
     pub hand_queue: Vec<Hand>,
     /// The floor as this site last saw it.

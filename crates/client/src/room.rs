@@ -737,6 +737,8 @@ impl Room {
                 us => Some(us as f64 / 1000.0),
             },
             uplink_loss_pct: shared.link.loss_pct(),
+            uplink_packets_reported: ld(&shared.link.reported),
+            uplink_packets_reported_lost: ld(&shared.link.reported_lost),
             hand_queue: meeting.hands,
             floor: meeting.floor,
         }

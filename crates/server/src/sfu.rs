@@ -425,6 +425,9 @@ const RESUME_WINDOW: Duration = Duration::from_secs(15 * 60);
 const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(1000);
 const LOUDNESS_TICK: Duration = Duration::from_millis(500);
 
+/// Where each connection's bandwidth estimate starts (bit/s).
+const BWE_START_BPS: u64 = 1_000_000;
+
 /// A site sends at most this many picture layers (its send video m-lines beyond are unused).
 pub const MAX_LAYERS: usize = 3;
 /// A layer without a frame for this long is taken as stopped (its publisher's uplink is thin).
@@ -435,6 +438,14 @@ const LAYER_UP_MARGIN: f64 = 1.25;
 /// Of a subscriber's estimate, what pictures may use: sound and RTP/RTCP overhead come first.
 fn video_budget(estimate_bps: f64, audio_slots: usize) -> f64 {
     (estimate_bps * 0.9 - 40_000.0 * audio_slots as f64).max(0.0)
+}
+
+/// A publisher as [`Engine::choose_layers`] ranks it: its score, whether it is this relay's
+/// own hall, and per layer (measured bitrate, still sent).
+struct Ranked {
+    score: f64,
+    hall: bool,
+    layers: Vec<(f64, bool)>,
 }
 
 /// One picture slot of a subscriber, for [`plan_layers`].
@@ -510,7 +521,7 @@ fn rtc_config() -> RtcConfig {
         .set_ice_lite(true)
         .clear_codecs()
         .enable_opus(true, false)
-        .enable_bwe(Some(Bitrate::kbps(1_000)));
+        .enable_bwe(Some(Bitrate::bps(BWE_START_BPS)));
     cfg.codec_config()
         .add_h264(108.into(), Some(109.into()), true, 0x42e01f);
     cfg
@@ -627,7 +638,7 @@ impl Engine {
             }
             for r in rooms {
                 self.reassign(&r, WireKind::Audio);
-                self.choose_layers(&r);
+                self.choose_layers(&r, true);
             }
         }
         self.process_events();
@@ -1028,8 +1039,11 @@ impl Engine {
             if p.pub_video() != video && video.is_some() {
                 restart.push(x);
             }
-            // A member reached over a link sends one layer: the m-line that carries it.
-            p.video = video.into_iter().map(PubLayer::new).collect();
+            // A member reached over a link sends one layer: the m-line that carries it (its
+            // state — keyframe requests, rate — kept while the m-line stays the same).
+            if p.pub_video() != video {
+                p.video = video.into_iter().map(PubLayer::new).collect();
+            }
             p.pub_audio = audio;
         }
         if let Some(v) = self.peers.get_mut(&via) {
@@ -1988,15 +2002,18 @@ impl Engine {
             }
             Event::MediaData(d) => self.forward(id, d),
             Event::KeyframeRequest(req) => {
-                // The layer the slot forwards, or the one it is moving to.
+                // The layer the slot forwards, and the one it is moving to.
                 let holder = self.peers.get(&id).and_then(|p| {
                     p.video_slots
                         .iter()
                         .find(|s| s.mid == req.mid)
-                        .and_then(|s| Some((s.holder?, s.want)))
+                        .and_then(|s| Some((s.holder?, s.layer, s.want)))
                 });
-                if let Some((h, layer)) = holder {
+                if let Some((h, layer, want)) = holder {
                     self.request_layer_keyframe(h, layer, req.kind);
+                    if want != layer {
+                        self.request_layer_keyframe(h, want, req.kind);
+                    }
                 }
             }
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
@@ -2193,12 +2210,25 @@ impl Engine {
             }
             p.audio_bytes += d.data.len() as u64;
         }
-        if kind == WireKind::Video && !d.contiguous {
-            // A frame was lost before us: subscribers' decoders need a fresh start.
-            self.hold_for_keyframe(&room, from, Some(layer));
-            self.request_layer_keyframe(from, layer, KeyframeRequestKind::Pli);
-        }
         let keyframe = kind == WireKind::Video && d.is_keyframe();
+        if keyframe {
+            // A merged request for this layer is answered already.
+            if let Some(l) = self
+                .peers
+                .get_mut(&from)
+                .and_then(|p| p.video.get_mut(layer))
+            {
+                l.keyframe_pending = None;
+            }
+        }
+        if kind == WireKind::Video && !d.contiguous && !keyframe {
+            // A frame was lost before us: subscribers' decoders need a fresh start (a layer
+            // no one takes is not asked: its keyframes would cost a thin uplink for nothing).
+            self.hold_for_keyframe(&room, from, Some(layer));
+            if self.layers_in_use(from).contains(&layer) {
+                self.request_layer_keyframe(from, layer, KeyframeRequestKind::Pli);
+            }
+        }
         let members: Vec<ConnId> = self.rooms.get(&room).cloned().unwrap_or_default();
         // Never back over the link it came from.
         for sub in members
@@ -2347,7 +2377,7 @@ impl Engine {
         }
         if kind == WireKind::Video {
             // New holders start on the layer chosen for them (asked for below).
-            self.choose_layers(room);
+            self.choose_layers(room, false);
         }
         // Each new holder is asked for a keyframe of the layer its slot waits for.
         let mut asks: Vec<(ConnId, usize)> = keyframes
@@ -2387,18 +2417,34 @@ impl Engine {
     /// bandwidth estimate leaves for pictures, lowest layers first. A layer its publisher has
     /// stopped sending is not chosen. The estimator is told the rate the choice would like, so
     /// it probes towards it.
-    fn choose_layers(&mut self, room: &str) {
+    ///
+    /// On the 500 ms tick (`tick`) a slot still waiting for a keyframe (of a new layer or a
+    /// new holder) asks again, so one lost request does not leave it waiting for the
+    /// encoder's periodic keyframe (requests are throttled per layer).
+    fn choose_layers(&mut self, room: &str, tick: bool) {
         let now = Instant::now();
         let members: Vec<ConnId> = self.rooms.get(room).cloned().unwrap_or_default();
         let meeting = self.meetings.get(room).cloned().unwrap_or_default();
-        // Each publisher's rank and, per layer, (rate, live).
-        let publishers: HashMap<ConnId, (f64, Vec<(f64, bool)>)> = members
+        let uplink = self.uplink.as_ref().map(|u| u.conn);
+        let relay_site = self.cfg.relay_site.clone();
+        // Each publisher's rank (with the relay's own hall first on the uplink, as in
+        // `reassign`) and, per layer, (rate, live).
+        let publishers: HashMap<ConnId, Ranked> = members
             .iter()
             .filter_map(|m| Some((*m, self.peers.get(m)?)))
             .filter(|(_, p)| !p.video.is_empty())
             .map(|(m, p)| {
                 let layers = p.video.iter().map(|l| (l.rate_bps, l.live(now))).collect();
-                (m, (self.video_score(&meeting, p), layers))
+                let hall = relay_site.as_deref() == Some(p.site.id.as_str()) && p.via.is_none();
+                let score = self.video_score(&meeting, p);
+                (
+                    m,
+                    Ranked {
+                        score,
+                        hall,
+                        layers,
+                    },
+                )
             })
             .collect();
         let mut asks = Vec::new();
@@ -2416,14 +2462,22 @@ impl Engine {
                         .is_some_and(|h| publishers.contains_key(&h))
                 })
                 .collect();
+            let up = Some(*sub) == uplink;
             let rank = |i: &usize| {
                 let h = s.video_slots[*i].holder.expect("filtered on holders");
-                -publishers[&h].0
+                let r = &publishers[&h];
+                -(if up && r.hall {
+                    r.score + 1e10
+                } else {
+                    r.score
+                })
             };
             order.sort_by(|a, b| rank(a).total_cmp(&rank(b)));
             // Sound first: as much as the sounds it receives now take.
             let sounds = s.audio_slots.iter().filter(|x| x.holder.is_some()).count();
-            let budget = s.egress_bps.map(|e| video_budget(e, sounds));
+            // Before the first estimate, the estimator's own start.
+            let estimate = s.egress_bps.unwrap_or(BWE_START_BPS as f64);
+            let budget = Some(video_budget(estimate, sounds));
             let choice = plan_layers(
                 &order
                     .iter()
@@ -2432,7 +2486,7 @@ impl Engine {
                         let x = &s.video_slots[*i];
                         let h = x.holder.expect("filtered on holders");
                         LayerAsk {
-                            layers: publishers[&h].1.clone(),
+                            layers: publishers[&h].layers.clone(),
                             current: x.layer,
                             main: n == 0,
                         }
@@ -2442,15 +2496,18 @@ impl Engine {
             );
             for (i, want) in order.iter().zip(choice.wants) {
                 let x = &mut s.video_slots[*i];
-                if x.want != want {
-                    x.want = want;
-                    if x.layer != want {
-                        asks.push((x.holder.expect("filtered on holders"), want));
-                    }
-                }
-                if x.need_keyframe && x.last_out.is_none() {
-                    // Nothing of it forwarded yet: start on the chosen layer.
+                let h = x.holder.expect("filtered on holders");
+                // Nothing of this holder forwarded yet: it starts on the chosen layer (the
+                // reassignment that gave it the slot asks for its keyframe).
+                let fresh = x.need_keyframe && x.last_out.is_none();
+                if fresh {
                     x.layer = want;
+                }
+                let changed = x.want != want;
+                x.want = want;
+                let waiting = x.layer != want || x.need_keyframe;
+                if (changed && !fresh && x.layer != want) || (tick && waiting) {
+                    asks.push((h, want));
                 }
             }
             // In steps of 25 kbit/s: the measured rates move a little every tick.
@@ -2458,9 +2515,11 @@ impl Engine {
             let asked = (step(choice.minimum), step(choice.desired));
             if s.rtc.is_some() && s.bwe_asked != asked {
                 s.bwe_asked = asked;
+                // The minimum is the pictures' own rate, below what is sent with the sound,
+                // so it never calls for padding; the desired rate is in estimate terms.
                 let audio = 40_000.0 * sounds as f64;
-                let to_estimate = |v: f64| Bitrate::bps(((v + audio) / 0.9) as u64);
-                let (min, desired) = (to_estimate(asked.0 as f64), to_estimate(asked.1 as f64));
+                let min = Bitrate::bps(asked.0);
+                let desired = Bitrate::bps(((asked.1 as f64 + audio) / 0.9) as u64);
                 self.with_rtc(*sub, move |rtc| {
                     rtc.bwe().set_bitrate(min, desired);
                     Ok(())

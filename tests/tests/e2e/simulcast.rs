@@ -198,8 +198,9 @@ async fn layers_go_through_a_district_relay_chosen_by_the_relay_for_its_uplink()
     });
     let relay = diemcau_server::start(cfg).await.expect("relay starts");
     let (chair, mut ce) = join_640(&province, "nghe-an", Role::Chair).await;
-    let (_hall, _eh) = join_640(&relay, "tp-vinh", Role::District).await;
+    // The commune joins before its district's hall: the hall still goes up first.
     let (le_loi, _el) = join_640(&relay, "tp-vinh-le-loi", Role::Commune).await;
+    let (_hall, _eh) = join_640(&relay, "tp-vinh", Role::District).await;
     let limit = Duration::from_secs(40);
 
     // Up: the relay sends its hall's top layer (its hall ranks first on its uplink) and the
