@@ -82,6 +82,9 @@ pub struct LinkStats {
     /// it reported lost (what the controller's loss figure is made of).
     pub reported: AtomicU64,
     pub reported_lost: AtomicU64,
+    /// Of those reported lost, the ones in runs taken as lost feedback and left out of the
+    /// estimate ([`without_lost_feedback`]).
+    pub left_out: AtomicU64,
 }
 
 impl LinkStats {
@@ -116,14 +119,53 @@ impl<E: BandwidthEstimator> ReportingEstimator<E> {
     }
 }
 
+/// Of a run of packets reported lost, this many in a row or more are taken as a lost
+/// feedback rather than lost packets (see [`without_lost_feedback`]).
+pub const LOST_FEEDBACK_RUN: usize = 5;
+
+/// The reports without the runs of [`LOST_FEEDBACK_RUN`] or more consecutive packets
+/// reported lost.
+///
+/// webrtc-rs's send history reports every packet below the newest one acknowledged that no
+/// feedback mentioned as lost. A TWCC feedback lost on the way back (the downlink loses too)
+/// therefore reads as every packet it covered lost: a burst that pushes GCC's smoothed loss
+/// over its 10 % threshold and cuts the target, again and again on a link losing 5 % each
+/// way, until pictures pause. Independent loss of a few per cent practically never takes
+/// five packets in a row; such a run is left out of the count (neither lost nor received).
+/// Loss that really comes in runs — a queue overflowing — also builds delay, which GCC's
+/// delay half sees.
+pub fn without_lost_feedback(reports: &[PacketReport]) -> Vec<PacketReport> {
+    let mut keep = Vec::with_capacity(reports.len());
+    let mut run: Vec<PacketReport> = Vec::new();
+    for r in reports {
+        if r.arrived {
+            if run.len() < LOST_FEEDBACK_RUN {
+                keep.append(&mut run);
+            }
+            run.clear();
+            keep.push(r.clone());
+        } else {
+            run.push(r.clone());
+        }
+    }
+    if run.len() < LOST_FEEDBACK_RUN {
+        keep.append(&mut run);
+    }
+    keep
+}
+
 impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
-        self.inner.on_reports(now, reports);
+        let kept = without_lost_feedback(reports);
+        self.inner.on_reports(now, &kept);
         let lost = reports.iter().filter(|r| !r.arrived).count() as u64;
         self.link
             .reported
             .fetch_add(reports.len() as u64, Ordering::Relaxed);
         self.link.reported_lost.fetch_add(lost, Ordering::Relaxed);
+        self.link
+            .left_out
+            .fetch_add((reports.len() - kept.len()) as u64, Ordering::Relaxed);
         self.publish();
         self.link.record(&self.inner.stats());
     }
@@ -409,4 +451,125 @@ pub fn sample_track(
     Ok(Arc::new(
         TrackLocalStaticSample::new(Instant::now(), track).map_err(ClientError::webrtc)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn;
+
+    /// Feeds `estimator` 40 s of a 200 kbit/s stream of 80 packets a second, reported a
+    /// dozen at a time every 150 ms over a path with a constant delay. `lost(id)` drops a
+    /// packet; `feedback_lost(n)` drops the n-th feedback, whose packets then come in the
+    /// next one as lost, as webrtc-rs's send history reports them. Returns the lowest target
+    /// after the first 5 s.
+    fn lowest_target(
+        estimator: &mut dyn BandwidthEstimator,
+        lost: impl Fn(u64) -> bool,
+        feedback_lost: impl Fn(u64) -> bool,
+    ) -> f64 {
+        let t0 = Instant::now();
+        let mut lowest = f64::MAX;
+        let mut id = 0u64;
+        let mut pending: Vec<PacketReport> = Vec::new();
+        for step in 0..(40_000 / 150) {
+            let now = t0 + Duration::from_millis(150 * step);
+            for k in 0..12u64 {
+                id += 1;
+                let sent = now - Duration::from_millis(150 - 12 * k);
+                pending.push(PacketReport {
+                    ssrc: 1,
+                    id,
+                    rtp_sequence_number: id as u16,
+                    is_twcc: true,
+                    twcc_sequence_number: id as u16,
+                    size: 312,
+                    arrived: !lost(id),
+                    departure: sent,
+                    arrival: (!lost(id))
+                        .then(|| sent.duration_since(t0) + Duration::from_millis(40)),
+                    ecn: Ecn::NotEct,
+                });
+            }
+            if feedback_lost(step) {
+                // Never acknowledged: reported with the next feedback as lost.
+                for p in &mut pending {
+                    p.arrived = false;
+                    p.arrival = None;
+                }
+                continue;
+            }
+            estimator.on_reports(now, &std::mem::take(&mut pending));
+            if step * 150 > 5_000 {
+                lowest = lowest.min(estimator.target_bitrate());
+            }
+        }
+        lowest
+    }
+
+    fn ours(start: f64) -> ReportingEstimator<Gcc> {
+        ReportingEstimator {
+            inner: Gcc::new(start, BWE_MIN_BPS, BWE_MAX_BPS),
+            target: Arc::new(AtomicU64::new(0)),
+            link: Arc::new(LinkStats::default()),
+        }
+    }
+
+    /// 5 % of packets, at (pseudo-)random.
+    fn five_percent(id: u64) -> bool {
+        (id.wrapping_mul(2_654_435_761) >> 7) % 100 < 5
+    }
+
+    #[test]
+    fn a_lost_feedback_is_not_taken_for_lost_packets_but_real_loss_still_cuts() {
+        let start = 300_000.0;
+        // Every 20th feedback lost (5 % of them, as on the 256 kbit/s test link), on top of
+        // 5 % of the packets.
+        let every_20th = |n: u64| n % 20 == 7;
+        let raw = lowest_target(
+            &mut Gcc::new(start, BWE_MIN_BPS, BWE_MAX_BPS),
+            five_percent,
+            every_20th,
+        );
+        let kept = lowest_target(&mut ours(start), five_percent, every_20th);
+        assert!(raw < start * 0.5, "GCC alone: {raw}");
+        assert!(
+            kept >= start * 0.9,
+            "without lost feedback: {kept} (GCC alone {raw})"
+        );
+        // Loss of 20 % of the packets is cut either way.
+        let heavy = lowest_target(&mut ours(start), |id| id % 5 == 0, |_| false);
+        assert!(heavy < start * 0.5, "20 % loss: {heavy}");
+    }
+
+    #[test]
+    fn only_runs_of_five_or_more_lost_are_left_out() {
+        let t = Instant::now();
+        let r = |id: u64, arrived: bool| PacketReport {
+            ssrc: 1,
+            id,
+            rtp_sequence_number: id as u16,
+            is_twcc: true,
+            twcc_sequence_number: id as u16,
+            size: 100,
+            arrived,
+            departure: t,
+            arrival: arrived.then_some(Duration::ZERO),
+            ecn: Ecn::NotEct,
+        };
+        let pattern = [
+            true, false, false, false, false, true, false, false, false, false, false, true, false,
+        ];
+        let reports: Vec<PacketReport> = pattern
+            .iter()
+            .enumerate()
+            .map(|(i, a)| r(i as u64, *a))
+            .collect();
+        let kept: Vec<u64> = without_lost_feedback(&reports)
+            .iter()
+            .map(|x| x.id)
+            .collect();
+        // The run of four stays; the run of five goes; a trailing single loss stays.
+        assert_eq!(kept, vec![0, 1, 2, 3, 4, 5, 11, 12]);
+    }
 }

@@ -114,6 +114,10 @@ pub struct Report {
     pub uplink_packets_reported: u64,
     #[serde(default)]
     pub uplink_packets_reported_lost: u64,
+    /// Of those reported lost, the ones in runs of five or more, taken as a lost feedback
+    /// rather than lost packets and left out of the bandwidth estimate.
+    #[serde(default)]
+    pub uplink_packets_left_out: u64,
     /// The hand queue as this site last saw it.
     pub hand_queue: Vec<Hand>,
     /// The floor as this site last saw it.

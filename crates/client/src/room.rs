@@ -739,6 +739,7 @@ impl Room {
             uplink_loss_pct: shared.link.loss_pct(),
             uplink_packets_reported: ld(&shared.link.reported),
             uplink_packets_reported_lost: ld(&shared.link.reported_lost),
+            uplink_packets_left_out: ld(&shared.link.left_out),
             hand_queue: meeting.hands,
             floor: meeting.floor,
         }

@@ -391,10 +391,11 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     let (up, down) = link.counts();
     let got = received_from(&rp, "xa-chau-tien");
     eprintln!(
-        "uplink tracking: {}; the server's feedback reported {} of {} of the commune's packets lost",
+        "uplink tracking: {}; the server's feedback reported {} of {} of the commune's packets lost, {} of them in runs taken as lost feedback",
         tracking(&link.seconds(), |s| (s.up_kbit, s.up_limit)),
         rc["uplink_packets_reported_lost"],
         rc["uplink_packets_reported"],
+        rc["uplink_packets_left_out"],
     );
     let sent = rc["sent"]["audio_frames"].as_u64().unwrap() as f64;
     let heard = got["audio_frames"].as_u64().unwrap() as f64;
