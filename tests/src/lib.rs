@@ -83,6 +83,15 @@ pub async fn wait_for<T>(
     }
 }
 
+/// Waits (10 s at most) until `events` show the spotlight on `site`.
+pub async fn until_spotlight(events: &mut mpsc::UnboundedReceiver<RoomEvent>, site: &str) {
+    wait_for(events, Duration::from_secs(10), "the spotlight", |e| {
+        matches!(e, RoomEvent::Floor { state } if state.spotlight.as_deref() == Some(site))
+            .then_some(())
+    })
+    .await;
+}
+
 /// Path of a binary built from this workspace (`cargo test --workspace` builds them).
 pub fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/e2e-HASH (a test) or target/<profile>/diemcau-bench (a binary)

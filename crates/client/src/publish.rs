@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use diemcau_media::processing::AudioProcessor;
-use diemcau_media::{AudioEncoder, AudioSource, SourceError, VideoEncoder, VideoSource};
+use diemcau_media::{AudioEncoder, AudioSource, I420Frame, SourceError, VideoEncoder, VideoSource};
 use rtc::media::Sample;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -400,13 +400,39 @@ pub type VideoFallback = Box<dyn FnOnce() -> Result<Box<dyn VideoSource>, Source
 
 /// Per picture: the layers of a source of this size, with the sizes they are sent at.
 fn layers_of(source: &dyn VideoSource, tracks: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
-    let (w, h) = source.size();
-    let divisors = layer_divisors((w, h), tracks);
-    let sizes = divisors
+    let divisors = layer_divisors(source.size(), tracks);
+    let sizes = layer_sizes(source.size(), &divisors);
+    (divisors, sizes)
+}
+
+/// The sizes a picture of `(w, h)` is sent at for these divisors (rounded down to even, as
+/// [`I420Frame::downscaled`] makes them).
+fn layer_sizes((w, h): (usize, usize), divisors: &[usize]) -> Vec<(usize, usize)> {
+    divisors
         .iter()
         .map(|d| ((w / d) & !1, (h / d) & !1))
-        .collect();
-    (divisors, sizes)
+        .collect()
+}
+
+/// The pictures of the layers, lowest first, for their `scales` (divisors of `picture`'s
+/// size): `None` where the scale is 1 (the picture itself), and each one twice smaller than
+/// the one above halved from it, which is cheaper than from the full size every time.
+pub fn layer_pictures(picture: &I420Frame, scales: &[usize]) -> Vec<Option<I420Frame>> {
+    let mut pictures: Vec<Option<I420Frame>> = vec![None; scales.len()];
+    for i in (0..scales.len()).rev() {
+        let scale = scales[i].max(1);
+        if scale == 1 {
+            continue;
+        }
+        let above = scales.get(i + 1).map(|a| (*a).max(1));
+        pictures[i] = Some(match above {
+            Some(a) if a * 2 == scale => pictures[i + 1]
+                .as_ref()
+                .map_or_else(|| picture.halved(), I420Frame::halved),
+            _ => picture.downscaled(scale),
+        });
+    }
+    pictures
 }
 
 /// Runs the video capture/encode loop until `control.stop`: each picture is encoded once per
@@ -542,7 +568,7 @@ pub fn spawn_video_thread(
                             h / d
                         );
                         divisors = vec![d];
-                        sizes = vec![((w / d) & !1, (h / d) & !1)];
+                        sizes = layer_sizes((w, h), &divisors);
                         encoders = vec![None];
                         sending = 0;
                     }
@@ -579,23 +605,9 @@ pub fn spawn_video_thread(
                     continue;
                 }
                 let force_all = control.force_keyframe.swap(false, Ordering::Relaxed);
-                // The pictures of the layers below the drawn size, each halved from the one
-                // above it where it can be (cheaper than from the full size every time).
-                let mut pictures: Vec<Option<diemcau_media::I420Frame>> = vec![None; sending];
-                for i in (0..sending).rev() {
-                    let scale = (divisors[i] / drawn).max(1);
-                    if scale == 1 {
-                        continue;
-                    }
-                    let above = (i + 1 < sending).then(|| (divisors[i + 1] / drawn).max(1));
-                    pictures[i] = Some(match above {
-                        Some(a) if a * 2 == scale => match &pictures[i + 1] {
-                            Some(p) => p.halved(),
-                            None => frame.picture.halved(),
-                        },
-                        _ => frame.picture.downscaled(scale),
-                    });
-                }
+                // The pictures of the layers sent, scaled from the size the source drew.
+                let scales: Vec<usize> = divisors[..sending].iter().map(|d| d / drawn).collect();
+                let pictures = layer_pictures(&frame.picture, &scales);
                 for (i, slot) in encoders.iter_mut().enumerate() {
                     let asked = control.layer_keyframe[i].swap(false, Ordering::Relaxed);
                     let Some(&rate) = rates.get(i) else {
@@ -913,6 +925,24 @@ mod tests {
         assert_eq!(layer_for(200_000, hd, 30, 1, 1_500_000), 4);
         // A 320x180 camera has no lower layer.
         assert_eq!(layer_for(10_000, (320, 180), 15, 1, 1_500_000), 1);
+    }
+
+    #[test]
+    fn layer_pictures_are_halved_from_the_layer_above() {
+        let full = SyntheticCamera::new(1280, 720, 15, "x")
+            .unwrap()
+            .frame_now()
+            .picture;
+        let p = layer_pictures(&full, &[4, 2, 1]);
+        assert!(p[2].is_none(), "the top layer is the picture itself");
+        let half = p[1].as_ref().unwrap();
+        assert_eq!(*half, full.halved());
+        assert_eq!(*p[0].as_ref().unwrap(), half.halved());
+        // Not a halving of the layer above: scaled from the picture.
+        let p = layer_pictures(&full, &[4, 1]);
+        let quarter = p[0].as_ref().unwrap();
+        assert_eq!(*quarter, full.downscaled(4));
+        assert_eq!((quarter.width, quarter.height), (320, 180));
     }
 
     #[test]

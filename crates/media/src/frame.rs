@@ -55,10 +55,7 @@ impl I420Frame {
             }
             return out;
         }
-        let (w, h) = ((self.width / d) & !1, (self.height / d) & !1);
-        let (cw, ch) = Self::chroma_size(w, h);
-        let (scw, _) = Self::chroma_size(self.width, self.height);
-        let plane = |src: &[u8], stride: usize, ow: usize, oh: usize| {
+        self.scaled_by(d, |src, stride, ow, oh| {
             let mut out = Vec::with_capacity(ow * oh);
             for y in 0..oh {
                 for x in 0..ow {
@@ -71,23 +68,13 @@ impl I420Frame {
                 }
             }
             out
-        };
-        I420Frame {
-            width: w,
-            height: h,
-            y: plane(&self.y, self.width, w, h),
-            u: plane(&self.u, scw, cw, ch),
-            v: plane(&self.v, scw, cw, ch),
-        }
+        })
     }
 
     /// The picture half as large each way (each pixel the rounded mean of a 2x2 block; sizes
     /// rounded down to even).
     pub fn halved(&self) -> I420Frame {
-        let (w, h) = ((self.width / 2) & !1, (self.height / 2) & !1);
-        let (cw, ch) = Self::chroma_size(w, h);
-        let (scw, _) = Self::chroma_size(self.width, self.height);
-        let plane = |src: &[u8], stride: usize, ow: usize, oh: usize| {
+        self.scaled_by(2, |src, stride, ow, oh| {
             let mut out = Vec::with_capacity(ow * oh);
             for y in 0..oh {
                 let r0 = &src[2 * y * stride..][..2 * ow];
@@ -98,7 +85,19 @@ impl I420Frame {
                 }));
             }
             out
-        };
+        })
+    }
+
+    /// The picture `d` times smaller each way (sizes rounded down to even), each plane made
+    /// by `plane(source plane, its stride, output width, output height)`.
+    fn scaled_by(
+        &self,
+        d: usize,
+        plane: impl Fn(&[u8], usize, usize, usize) -> Vec<u8>,
+    ) -> I420Frame {
+        let (w, h) = ((self.width / d) & !1, (self.height / d) & !1);
+        let (cw, ch) = Self::chroma_size(w, h);
+        let (scw, _) = Self::chroma_size(self.width, self.height);
         I420Frame {
             width: w,
             height: h,

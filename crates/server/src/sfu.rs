@@ -2182,6 +2182,10 @@ impl Engine {
             let l = &mut p.video[i];
             l.bytes += d.data.len() as u64;
             l.last_frame = Some(Instant::now());
+            if d.is_keyframe() {
+                // A merged request for this layer is answered already.
+                l.keyframe_pending = None;
+            }
             (WireKind::Video, i)
         } else if Some(d.mid) == p.pub_audio {
             (WireKind::Audio, 0)
@@ -2211,16 +2215,6 @@ impl Engine {
             p.audio_bytes += d.data.len() as u64;
         }
         let keyframe = kind == WireKind::Video && d.is_keyframe();
-        if keyframe {
-            // A merged request for this layer is answered already.
-            if let Some(l) = self
-                .peers
-                .get_mut(&from)
-                .and_then(|p| p.video.get_mut(layer))
-            {
-                l.keyframe_pending = None;
-            }
-        }
         if kind == WireKind::Video && !d.contiguous && !keyframe {
             // A frame was lost before us: subscribers' decoders need a fresh start (a layer
             // no one takes is not asked: its keyframes would cost a thin uplink for nothing).

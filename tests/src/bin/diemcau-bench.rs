@@ -269,7 +269,7 @@ fn codec(w: usize, h: usize, bps: u32) {
 /// from the one above, as the video thread does), against the full size alone, at the rates the
 /// layers get at 15 fps on a link with room for all of them (`publish::send_layers`).
 fn simulcast_cost(w: usize, h: usize) {
-    use diemcau_client::publish::{layer_divisors, send_layers};
+    use diemcau_client::publish::{layer_divisors, layer_pictures, send_layers};
     let n = 300u32;
     let pics: Vec<_> = (0..n)
         .map(|i| {
@@ -292,21 +292,9 @@ fn simulcast_cost(w: usize, h: usize) {
         let mut us = Vec::new();
         for p in &pics {
             let t = Instant::now();
-            // As the video thread does: each layer halved from the one above it.
-            let mut scaled: Vec<Option<diemcau_media::I420Frame>> = vec![None; layers.len()];
-            for i in (0..layers.len()).rev() {
-                let d = layers[i].0;
-                if d == 1 {
-                    continue;
-                }
-                let above = layers.get(i + 1).map(|x| x.0);
-                scaled[i] = Some(match above {
-                    Some(a) if a * 2 == d => scaled[i + 1]
-                        .as_ref()
-                        .map_or_else(|| p.halved(), |x| x.halved()),
-                    _ => p.downscaled(d),
-                });
-            }
+            // As the video thread does.
+            let scales: Vec<usize> = layers.iter().map(|(d, _)| *d).collect();
+            let scaled = layer_pictures(p, &scales);
             for (i, enc) in encs.iter_mut().enumerate() {
                 enc.encode(scaled[i].as_ref().unwrap_or(p)).expect("encode");
             }

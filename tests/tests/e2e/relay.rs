@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use diemcau_client::control::ControlSession;
 use diemcau_client::{ClientError, Room, RoomEvent};
-use diemcau_e2e::{dev_server, dev_token, join_with, until_verified, wait_for, MEDIA};
+use diemcau_e2e::{
+    dev_server, dev_token, join_with, until_spotlight, until_verified, wait_for, MEDIA,
+};
 use diemcau_protocol::{
     ChairCommand, ErrorCode, FloorMode, LeaveReason, Role, RELAY_UP_AUDIO, RELAY_UP_VIDEO,
 };
@@ -244,20 +246,7 @@ async fn two_district_relays_carry_their_communes_into_the_province_meeting() {
         })
         .await
         .expect("a site behind a relay can be spotlighted");
-    wait_for(
-        &mut le_loi_ev,
-        Duration::from_secs(10),
-        "the spotlight",
-        |e| match e {
-            RoomEvent::Floor { state }
-                if state.spotlight.as_deref() == Some("dien-chau-dien-ky") =>
-            {
-                Some(())
-            }
-            _ => None,
-        },
-    )
-    .await;
+    until_spotlight(&mut le_loi_ev, "dien-chau-dien-ky").await;
     // Roll-call: the sites behind relays are there.
     console
         .command(ChairCommand::RollCallStart)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use diemcau_client::{JoinOptions, Report, Room, RoomEvent};
-use diemcau_e2e::{dev_server, dev_token, test_log, wait_for, MEDIA};
+use diemcau_e2e::{dev_server, dev_token, test_log, until_spotlight, MEDIA};
 use diemcau_protocol::{ChairCommand, Role};
 use diemcau_server::upstream::UpstreamConfig;
 use diemcau_server::{RunningServer, ServerConfig};
@@ -73,6 +73,34 @@ async fn until_sizes(room: &Room, expect: &[(&str, &str)], timeout: Duration) {
     }
 }
 
+/// The chair puts the spotlight on `site`, and its own view shows it.
+async fn spotlight(chair: &Room, events: &mut mpsc::UnboundedReceiver<RoomEvent>, site: &str) {
+    chair
+        .chair(ChairCommand::Spotlight {
+            site: Some(site.into()),
+        })
+        .await
+        .expect("the chair may spotlight");
+    until_spotlight(events, site).await;
+}
+
+/// Every move between layers was clean: each picture received decoded, none out of order
+/// (a picture repeated at the new size is not out of order).
+fn assert_clean_moves(r: &Report) {
+    for x in &r.received {
+        assert_eq!(
+            x.video_decode_errors, 0,
+            "{} from {}: {x:?}",
+            r.site, x.site
+        );
+        assert_eq!(
+            x.video_frames_out_of_order, 0,
+            "{} from {}: {x:?}",
+            r.site, x.site
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_speaker_view_gets_the_top_layer_and_thumbnails_the_lowest_and_a_spotlight_swaps_them()
 {
@@ -111,17 +139,7 @@ async fn the_speaker_view_gets_the_top_layer_and_thumbnails_the_lowest_and_a_spo
 
     // A spotlight on dien-chau: it becomes the speaker view everywhere, on its top layer,
     // and the chair's picture goes down to a thumbnail at tp-vinh.
-    province
-        .chair(ChairCommand::Spotlight {
-            site: Some("dien-chau".into()),
-        })
-        .await
-        .expect("the chair may spotlight");
-    wait_for(&mut pe, Duration::from_secs(10), "the spotlight", |e| {
-        matches!(e, RoomEvent::Floor { state } if state.spotlight.as_deref() == Some("dien-chau"))
-            .then_some(())
-    })
-    .await;
+    spotlight(&province, &mut pe, "dien-chau").await;
     until_sizes(
         &tp_vinh,
         &[("dien-chau", "640x360"), ("nghe-an", "320x180")],
@@ -139,17 +157,8 @@ async fn the_speaker_view_gets_the_top_layer_and_thumbnails_the_lowest_and_a_spo
     // each stream verified throughout (a picture repeated at the new size is not a loss).
     for room in [&tp_vinh, &dien_chau, &province] {
         let r = room.report().await;
+        assert_clean_moves(&r);
         for x in &r.received {
-            assert_eq!(
-                x.video_decode_errors, 0,
-                "{} from {}: {x:?}",
-                r.site, x.site
-            );
-            assert_eq!(
-                x.video_frames_out_of_order, 0,
-                "{} from {}: {x:?}",
-                r.site, x.site
-            );
             assert!(
                 x.video_frames_verified as f64 >= 0.95 * x.video_frames as f64,
                 "{} from {}: {x:?}",
@@ -220,28 +229,14 @@ async fn layers_go_through_a_district_relay_chosen_by_the_relay_for_its_uplink()
     .await;
 
     // A spotlight on the commune: the relay sends its top layer up instead.
-    chair
-        .chair(ChairCommand::Spotlight {
-            site: Some("tp-vinh-le-loi".into()),
-        })
-        .await
-        .expect("the chair may spotlight");
-    wait_for(&mut ce, Duration::from_secs(10), "the spotlight", |e| {
-        matches!(e, RoomEvent::Floor { state } if state.spotlight.as_deref() == Some("tp-vinh-le-loi"))
-            .then_some(())
-    })
-    .await;
+    spotlight(&chair, &mut ce, "tp-vinh-le-loi").await;
     until_sizes(
         &chair,
         &[("tp-vinh-le-loi", "640x360"), ("tp-vinh", "320x180")],
         limit,
     )
     .await;
-    let r = chair.report().await;
-    for x in &r.received {
-        assert_eq!(x.video_decode_errors, 0, "from {}: {x:?}", x.site);
-        assert_eq!(x.video_frames_out_of_order, 0, "from {}: {x:?}", x.site);
-    }
+    assert_clean_moves(&chair.report().await);
     chair.leave().await;
     le_loi.leave().await;
     relay.stop();

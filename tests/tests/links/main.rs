@@ -54,6 +54,21 @@ fn here() -> Command {
     Command::new(workspace_bin("diemcau-cli"))
 }
 
+/// `diemcau-cli` run inside `link`'s namespace.
+fn behind(link: &EmulatedLink) -> Command {
+    link.command(&workspace_bin("diemcau-cli"))
+}
+
+/// A thin rural line: `kbit` kbit/s, 40 ms one way, a 0.5 s buffer.
+fn thin_line(kbit: u32) -> Shape {
+    Shape {
+        rate_kbit: Some(kbit),
+        delay: Duration::from_millis(40),
+        queue: Duration::from_millis(500),
+        ..Shape::default()
+    }
+}
+
 /// Asks a site to leave now (SIGTERM: it leaves the room and prints its report).
 fn stop(p: &Proc) {
     let pid = p.0.id().to_string();
@@ -331,7 +346,7 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     link.shape_both(thin);
     let shaped = Instant::now();
     let (mut commune, _ec) = site(
-        link.command(&workspace_bin("diemcau-cli")),
+        behind(&link),
         &url,
         "xa-chau-tien",
         110,
@@ -433,20 +448,9 @@ fn at_96_kbit_the_site_pauses_its_video_and_keeps_speech_then_sends_pictures_aga
     );
     // Too thin for sound and the smallest pictures together (Opus with its headers is
     // ~55 kbit/s, 320x180 needs at least 60 more).
-    let thin = Shape {
-        rate_kbit: Some(96),
-        delay: Duration::from_millis(40),
-        queue: Duration::from_millis(500),
-        ..Shape::default()
-    };
+    let thin = thin_line(96);
     link.shape_both(thin);
-    let (mut commune, mut ec) = site(
-        link.command(&workspace_bin("diemcau-cli")),
-        &url,
-        "xa-chau-tien",
-        140,
-        &[],
-    );
+    let (mut commune, mut ec) = site(behind(&link), &url, "xa-chau-tien", 140, &[]);
     let joined = Instant::now();
     ec.wait(Duration::from_secs(45), "video paused for the link", |l| {
         l.contains("tạm dừng gửi hình")
@@ -505,15 +509,10 @@ fn with_a_thin_downlink_the_site_stops_receiving_pictures_keeps_the_sound_and_ta
     // The province sends pictures and sound; the commune sends nothing and its downlink is
     // far too thin for the province's pictures (320x180: there is no lower layer to send).
     let (mut province, _ep) = site(here(), &url, "nghe-an", 150, &[]);
-    let thin = Shape {
-        rate_kbit: Some(128),
-        delay: Duration::from_millis(40),
-        queue: Duration::from_millis(500),
-        ..Shape::default()
-    };
+    let thin = thin_line(128);
     link.shape(Shape::default(), thin);
     let (mut commune, mut ec) = site(
-        link.command(&workspace_bin("diemcau-cli")),
+        behind(&link),
         &url,
         "xa-chau-tien",
         140,
@@ -575,15 +574,10 @@ fn on_a_thin_downlink_a_site_gets_the_low_layer_while_a_site_with_room_gets_the_
         140,
         &["--video", "none", "--audio", "none"],
     );
-    let thin = Shape {
-        rate_kbit: Some(350),
-        delay: Duration::from_millis(40),
-        queue: Duration::from_millis(500),
-        ..Shape::default()
-    };
+    let thin = thin_line(350);
     link.shape(Shape::default(), thin);
     let (mut commune, mut ec) = site(
-        link.command(&workspace_bin("diemcau-cli")),
+        behind(&link),
         &url,
         "xa-chau-tien",
         130,
@@ -683,13 +677,7 @@ fn a_site_whose_media_handshake_stalls_opens_its_connection_again_by_itself() {
             ..Shape::default()
         },
     );
-    let (mut commune, mut ec) = site(
-        link.command(&workspace_bin("diemcau-cli")),
-        &url,
-        "xa-chau-tien",
-        80,
-        &[],
-    );
+    let (mut commune, mut ec) = site(behind(&link), &url, "xa-chau-tien", 80, &[]);
     let started = Instant::now();
     ec.wait(Duration::from_secs(40), "the stall noticed", |l| {
         l.contains("media handshake stalled")
