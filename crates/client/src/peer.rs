@@ -24,6 +24,7 @@ use rtc::peer_connection::configuration::media_engine::{
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
     RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
@@ -82,9 +83,12 @@ pub struct LinkStats {
     /// it reported lost (what the controller's loss figure is made of).
     pub reported: AtomicU64,
     pub reported_lost: AtomicU64,
-    /// Of those reported lost, the ones in runs taken as lost feedback and left out of the
-    /// estimate ([`without_lost_feedback`]).
+    /// Of those reported lost, the ones no feedback that arrived covered: taken as a lost
+    /// feedback and left out of the estimate ([`without_lost_feedback`]).
     pub left_out: AtomicU64,
+    /// What the far end acknowledged receiving over the last [`ACKED_WINDOW`], in bits per
+    /// second, as `f64::to_bits` (0 until feedback came): what the path has shown it carries.
+    acked_bps: AtomicU64,
 }
 
 impl LinkStats {
@@ -93,6 +97,15 @@ impl LinkStats {
         match self.loss_ppm.load(Ordering::Relaxed) {
             0 => None,
             p => Some((p - 1) as f64 / 10_000.0),
+        }
+    }
+
+    /// What the far end acknowledged receiving over the last [`ACKED_WINDOW`] (bps), once
+    /// feedback came.
+    pub fn acked_bps(&self) -> Option<f64> {
+        match self.acked_bps.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(f64::from_bits(b)),
         }
     }
 
@@ -110,53 +123,310 @@ struct ReportingEstimator<E: BandwidthEstimator> {
     inner: E,
     target: Arc<AtomicU64>,
     link: Arc<LinkStats>,
+    /// Bytes the feedback acknowledged, by when the feedback came, over [`ACKED_WINDOW`].
+    acked: AckedRate,
+    /// When the estimate was last written to the debug log.
+    logged: Option<Instant>,
+    /// What the feedback that arrived covered.
+    coverage: Arc<std::sync::Mutex<FeedbackCoverage>>,
+    /// The queue on the path, and the ceiling it puts on the target.
+    queue: QueueDelay,
+    cap: DelayCap,
 }
 
 impl<E: BandwidthEstimator> ReportingEstimator<E> {
+    fn new(inner: E, target: Arc<AtomicU64>, link: Arc<LinkStats>) -> Self {
+        ReportingEstimator {
+            inner,
+            target,
+            link,
+            acked: AckedRate::default(),
+            logged: None,
+            coverage: Arc::default(),
+            queue: QueueDelay::default(),
+            cap: DelayCap::default(),
+        }
+    }
+
     fn publish(&self) {
         self.target
-            .store(self.inner.target_bitrate().to_bits(), Ordering::Relaxed);
+            .store(self.target_bitrate().to_bits(), Ordering::Relaxed);
     }
 }
 
-/// Of a run of packets reported lost, this many in a row or more are taken as a lost
-/// feedback rather than lost packets (see [`without_lost_feedback`]).
-pub const LOST_FEEDBACK_RUN: usize = 5;
+/// Queueing delay on the path above which the sender is taken to overuse it (ms).
+pub const QUEUE_OVERUSE_MS: f64 = 60.0;
+/// Below this the path is clear, and a ceiling set by a queue is raised again (ms).
+pub const QUEUE_CLEAR_MS: f64 = 20.0;
+/// How far back the path's least one-way delay is looked for.
+const QUEUE_BASE_WINDOW: Duration = Duration::from_secs(30);
+/// A ceiling is lowered at most this often, so each cut is seen before the next.
+const QUEUE_CUT_EVERY: Duration = Duration::from_millis(300);
+/// On a queue the ceiling goes to this share of the acknowledged rate (GCC's own back-off).
+const QUEUE_BACKOFF: f64 = 0.85;
+/// While the path is clear the ceiling rises this much per second.
+const QUEUE_CEILING_GROWTH: f64 = 1.2;
 
-/// The reports without the runs of [`LOST_FEEDBACK_RUN`] or more consecutive packets
-/// reported lost.
+/// The queue on the path: each feedback's least one-way delay (the far end's arrival clock
+/// less our departure clock, whose offset is unknown but steady) above the least of them
+/// over [`QUEUE_BASE_WINDOW`]. The least of a feedback's packets: if even that one waited,
+/// the queue is real, not one packet's jitter.
+#[derive(Debug, Default)]
+pub struct QueueDelay {
+    epoch: Option<Instant>,
+    /// Each feedback's least one-way delay (ms, plus the unknown offset), with when.
+    least: VecDeque<(Instant, f64)>,
+}
+
+impl QueueDelay {
+    /// Folds in one feedback's reports; returns the queue (ms), once known.
+    pub fn add(&mut self, now: Instant, reports: &[PacketReport]) -> Option<f64> {
+        let epoch = *self.epoch.get_or_insert(now);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let least = reports
+            .iter()
+            .filter(|r| r.arrived)
+            .filter_map(|r| {
+                let sent = match r.departure.checked_duration_since(epoch) {
+                    Some(d) => ms(d),
+                    None => -ms(epoch.duration_since(r.departure)),
+                };
+                Some(ms(r.arrival?) - sent)
+            })
+            .fold(f64::INFINITY, f64::min);
+        if least.is_finite() {
+            while self
+                .least
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > QUEUE_BASE_WINDOW)
+            {
+                self.least.pop_front();
+            }
+            self.least.push_back((now, least));
+        }
+        let (_, last) = *self.least.back()?;
+        let base = self
+            .least
+            .iter()
+            .map(|(_, d)| *d)
+            .fold(f64::INFINITY, f64::min);
+        Some(last - base)
+    }
+}
+
+/// A ceiling on GCC's target from the queue on the path.
+///
+/// webrtc-rs 0.21's GCC compares each packet group's delay change with a threshold of
+/// 12.5 ms; a sender overloading a link by half again grows the queue by less than that per
+/// group, so its delay half never saw one (a unit model: it climbed from 0.9 to 3.9 Mbit/s
+/// over a 500 kbit/s link while the queue grew to 17 s). Only loss held it, and only once
+/// the link's buffer overflowed. This reads the queue itself ([`QueueDelay`]): over
+/// [`QUEUE_OVERUSE_MS`] the ceiling goes to [`QUEUE_BACKOFF`] × what the far end
+/// acknowledged receiving (what the link carries), at most every [`QUEUE_CUT_EVERY`]; under
+/// [`QUEUE_CLEAR_MS`] it rises by [`QUEUE_CEILING_GROWTH`] a second, and goes once GCC's
+/// own target is below it.
+#[derive(Debug, Default)]
+pub struct DelayCap {
+    ceiling: Option<f64>,
+    last_cut: Option<Instant>,
+    last_update: Option<Instant>,
+}
+
+impl DelayCap {
+    pub fn update(&mut self, now: Instant, queue_ms: Option<f64>, acked_bps: f64, target: f64) {
+        let since = self
+            .last_update
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_update = Some(now);
+        let Some(queue) = queue_ms else {
+            return;
+        };
+        if queue > QUEUE_OVERUSE_MS {
+            if acked_bps > 0.0
+                && self
+                    .last_cut
+                    .is_none_or(|t| now.saturating_duration_since(t) >= QUEUE_CUT_EVERY)
+            {
+                let cut = (QUEUE_BACKOFF * acked_bps).max(BWE_MIN_BPS);
+                self.ceiling = Some(self.ceiling.map_or(cut, |c| c.min(cut)).min(target));
+                self.last_cut = Some(now);
+            }
+        } else if queue < QUEUE_CLEAR_MS {
+            if let Some(c) = self.ceiling {
+                let grown = c * QUEUE_CEILING_GROWTH.powf(since.as_secs_f64().min(1.0));
+                self.ceiling = (grown < target).then_some(grown);
+            }
+        }
+    }
+
+    /// GCC's `target` under the ceiling.
+    pub fn apply(&self, target: f64) -> f64 {
+        self.ceiling.map_or(target, |c| target.min(c))
+    }
+}
+
+/// The window over which [`LinkStats::acked_bps`] is measured.
+pub const ACKED_WINDOW: Duration = Duration::from_secs(1);
+
+/// The rate the far end acknowledged receiving: bytes of the packets feedback reported
+/// arrived, by when the feedback came, over the last [`ACKED_WINDOW`].
+#[derive(Debug, Default)]
+pub struct AckedRate {
+    seen: VecDeque<(Instant, u64)>,
+    bytes: u64,
+}
+
+impl AckedRate {
+    /// Folds in one feedback's reports; returns the rate (bps).
+    pub fn add(&mut self, now: Instant, reports: &[PacketReport]) -> f64 {
+        let bytes: u64 = reports
+            .iter()
+            .filter(|r| r.arrived)
+            .map(|r| r.size as u64)
+            .sum();
+        self.seen.push_back((now, bytes));
+        self.bytes += bytes;
+        while let Some(&(at, b)) = self.seen.front() {
+            if now.saturating_duration_since(at) < ACKED_WINDOW {
+                break;
+            }
+            self.seen.pop_front();
+            self.bytes -= b;
+        }
+        // What came after the oldest feedback kept, over the time since it: each feedback
+        // acknowledges what arrived since the one before.
+        match self.seen.front() {
+            Some(&(first, b)) if now.saturating_duration_since(first) >= ACKED_WINDOW / 4 => {
+                ((self.bytes - b) * 8) as f64 / now.saturating_duration_since(first).as_secs_f64()
+            }
+            _ => (self.bytes * 8) as f64 / ACKED_WINDOW.as_secs_f64(),
+        }
+    }
+}
+
+/// The transport-wide sequence numbers the far end's feedback covered lately.
+///
+/// Each TWCC feedback names a range, with the packets in it that arrived and the ones that
+/// did not; str0m starts each range at the first packet it received after the last one
+/// reported, so packets lost just before it fall between two feedbacks. Consecutive
+/// feedbacks (their feedback counts follow on) cover that gap too: nothing else could have
+/// reported it. Where a count is skipped, a feedback was lost, and its range and the gap
+/// before the next stay uncovered.
+#[derive(Debug, Default)]
+pub struct FeedbackCoverage {
+    /// (first sequence number, packet count), the newest last.
+    ranges: VecDeque<(u16, u16)>,
+    /// The last feedback's count, and the sequence number after its range.
+    last: Option<(u8, u16)>,
+}
+
+impl FeedbackCoverage {
+    /// Feedbacks remembered (about 25 s of them).
+    const KEEP: usize = 256;
+
+    /// A feedback (its feedback count, base sequence number and packet status count) came.
+    pub fn add(&mut self, feedback: u8, base: u16, count: u16) {
+        let end = base.wrapping_add(count);
+        let first = match self.last {
+            // The gap since the one before (a few hundred packets at most).
+            Some((n, after))
+                if feedback == n.wrapping_add(1) && base.wrapping_sub(after) < 1024 =>
+            {
+                after
+            }
+            _ => base,
+        };
+        self.last = Some((feedback, end));
+        if self.ranges.len() == Self::KEEP {
+            self.ranges.pop_front();
+        }
+        self.ranges.push_back((first, end.wrapping_sub(first)));
+    }
+
+    /// Whether a feedback that arrived covered packet `seq`.
+    pub fn covers(&self, seq: u16) -> bool {
+        self.ranges
+            .iter()
+            .rev()
+            .any(|&(base, count)| seq.wrapping_sub(base) < count)
+    }
+}
+
+/// The reports without the packets reported lost that no feedback covered.
 ///
 /// webrtc-rs's send history reports every packet below the newest one acknowledged that no
 /// feedback mentioned as lost. A TWCC feedback lost on the way back (the downlink loses too)
-/// therefore reads as every packet it covered lost: a burst that pushes GCC's smoothed loss
-/// over its 10 % threshold and cuts the target, again and again on a link losing 5 % each
-/// way, until pictures pause. Independent loss of a few per cent practically never takes
-/// five packets in a row; such a run is left out of the count (neither lost nor received).
-/// Loss that really comes in runs — a queue overflowing — also builds delay, which GCC's
-/// delay half sees.
-pub fn without_lost_feedback(reports: &[PacketReport]) -> Vec<PacketReport> {
-    let mut keep = Vec::with_capacity(reports.len());
-    let mut run: Vec<PacketReport> = Vec::new();
-    for r in reports {
-        if r.arrived {
-            if run.len() < LOST_FEEDBACK_RUN {
-                keep.append(&mut run);
+/// therefore reads as every packet it covered lost: on a link losing 5 % each way that
+/// nearly doubled the loss GCC saw, and its loss half, which cuts above 10 % and climbs only
+/// below 2 %, drifted down until pictures paused. A packet no arrived feedback covered
+/// ([`FeedbackCoverage`], recorded wire-most by [`FeedbackSeen`]) is left out of the count:
+/// neither lost nor received.
+pub fn without_lost_feedback(
+    reports: &[PacketReport],
+    coverage: &FeedbackCoverage,
+) -> Vec<PacketReport> {
+    reports
+        .iter()
+        .filter(|r| r.arrived || !r.is_twcc || coverage.covers(r.twcc_sequence_number))
+        .cloned()
+        .collect()
+}
+
+/// Records which packets each inbound TWCC feedback covers ([`FeedbackCoverage`]), before
+/// the congestion controller reads it (wire-most on the read leg); passes everything on.
+struct FeedbackSeen {
+    coverage: Arc<std::sync::Mutex<FeedbackCoverage>>,
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackSeen {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = webrtc::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for p in packets {
+                if let Some(fb) = p.as_any().downcast_ref::<TransportLayerCc>() {
+                    self.coverage.lock().expect("lock poisoned").add(
+                        fb.fb_pkt_count,
+                        fb.base_sequence_number,
+                        fb.packet_status_count,
+                    );
+                }
             }
-            run.clear();
-            keep.push(r.clone());
-        } else {
-            run.push(r.clone());
         }
+        self.read.push_back(msg);
+        Ok(())
     }
-    if run.len() < LOST_FEEDBACK_RUN {
-        keep.append(&mut run);
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
     }
-    keep
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for FeedbackSeen {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }
 
 impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
-        let kept = without_lost_feedback(reports);
+        let kept = {
+            let coverage = self.coverage.lock().expect("lock poisoned");
+            without_lost_feedback(reports, &coverage)
+        };
         self.inner.on_reports(now, &kept);
         let lost = reports.iter().filter(|r| !r.arrived).count() as u64;
         self.link
@@ -166,11 +436,35 @@ impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
         self.link
             .left_out
             .fetch_add((reports.len() - kept.len()) as u64, Ordering::Relaxed);
+        let acked = self.acked.add(now, reports);
+        let queue = self.queue.add(now, reports);
+        self.cap
+            .update(now, queue, acked, self.inner.target_bitrate());
+        self.link
+            .acked_bps
+            .store(acked.max(1.0).to_bits(), Ordering::Relaxed);
         self.publish();
-        self.link.record(&self.inner.stats());
+        let stats = self.inner.stats();
+        self.link.record(&stats);
+        if self
+            .logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.logged = Some(now);
+            tracing::debug!(
+                target = self.target_bitrate() as u64,
+                gcc = self.inner.target_bitrate() as u64,
+                queue_ms = queue.map(|q| q.round()),
+                delay = stats.delay_based_bitrate.map(|b| b as u64),
+                loss = stats.loss_based_bitrate.map(|b| b as u64),
+                loss_pct = stats.packet_loss.map(|l| (l * 1000.0).round() / 10.0),
+                acked = acked as u64,
+                "uplink estimate"
+            );
+        }
     }
     fn target_bitrate(&self) -> f64 {
-        self.inner.target_bitrate()
+        self.cap.apply(self.inner.target_bitrate())
     }
     fn handle_timeout(&mut self, now: Instant) {
         self.inner.handle_timeout(now);
@@ -330,16 +624,16 @@ pub async fn build(
         },
         RtpCodecKind::Video,
     );
-    let estimator = ReportingEstimator {
+    let estimator = ReportingEstimator::new(
         // A reconnect starts from the estimate the last connection had reached.
-        inner: Gcc::new(
+        Gcc::new(
             f64::from_bits(bwe_bps.load(Ordering::Relaxed)).clamp(BWE_MIN_BPS, BWE_MAX_BPS),
             BWE_MIN_BPS,
             BWE_MAX_BPS,
         ),
-        target: bwe_bps.clone(),
+        bwe_bps.clone(),
         link,
-    };
+    );
     // What libwebrtc's congestion control needs from the far end (TWCC feedback and its
     // header extension), the controller, and our own pacer in place of webrtc-rs's.
     for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
@@ -359,7 +653,13 @@ pub async fn build(
         )
         .map_err(ClientError::webrtc)?;
     }
+    let feedback_seen = FeedbackSeen {
+        coverage: estimator.coverage.clone(),
+        read: VecDeque::new(),
+        write: VecDeque::new(),
+    };
     let registry = Registry::new()
+        .with(Slot::from(500), feedback_seen)
         .with(
             Slot::CongestionControl,
             CongestionControlBuilder::new(estimator).build(),
@@ -465,6 +765,7 @@ mod tests {
     /// after the first 5 s.
     fn lowest_target(
         estimator: &mut dyn BandwidthEstimator,
+        coverage: &std::sync::Mutex<FeedbackCoverage>,
         lost: impl Fn(u64) -> bool,
         feedback_lost: impl Fn(u64) -> bool,
     ) -> f64 {
@@ -499,6 +800,11 @@ mod tests {
                 }
                 continue;
             }
+            // This feedback covers the packets sent since the one before.
+            coverage
+                .lock()
+                .unwrap()
+                .add(step as u8, (id - 11) as u16, 12);
             estimator.on_reports(now, &std::mem::take(&mut pending));
             if step * 150 > 5_000 {
                 lowest = lowest.min(estimator.target_bitrate());
@@ -508,11 +814,92 @@ mod tests {
     }
 
     fn ours(start: f64) -> ReportingEstimator<Gcc> {
-        ReportingEstimator {
-            inner: Gcc::new(start, BWE_MIN_BPS, BWE_MAX_BPS),
-            target: Arc::new(AtomicU64::new(0)),
-            link: Arc::new(LinkStats::default()),
+        ReportingEstimator::new(
+            Gcc::new(start, BWE_MIN_BPS, BWE_MAX_BPS),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(LinkStats::default()),
+        )
+    }
+
+    /// A sender at 960 kbit/s into a 500 kbit/s link (40 ms each way, packets every 10 ms,
+    /// feedback every 100 ms for what has arrived): the target after each second, and the
+    /// queue then (ms).
+    fn into_a_queue(estimator: &mut dyn BandwidthEstimator) -> Vec<(f64, f64)> {
+        let t0 = Instant::now();
+        let mut id = 0u64;
+        let mut link_free = Duration::ZERO;
+        let mut pending = Vec::new();
+        let mut out = Vec::new();
+        for ms in 0..10_000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            if ms % 10 == 0 {
+                id += 1;
+                let start = link_free.max(Duration::from_millis(ms));
+                link_free = start + Duration::from_micros(1200 * 8 * 2);
+                pending.push(PacketReport {
+                    ssrc: 1,
+                    id,
+                    rtp_sequence_number: id as u16,
+                    is_twcc: true,
+                    twcc_sequence_number: id as u16,
+                    size: 1200,
+                    arrived: true,
+                    departure: now,
+                    arrival: Some(link_free + Duration::from_millis(40)),
+                    ecn: Ecn::NotEct,
+                });
+            }
+            if ms % 100 == 0 {
+                let (done, rest): (Vec<PacketReport>, Vec<PacketReport>) =
+                    pending.into_iter().partition(|p| {
+                        p.arrival.unwrap() + Duration::from_millis(40) <= Duration::from_millis(ms)
+                    });
+                pending = rest;
+                if !done.is_empty() {
+                    estimator.on_reports(now, &done);
+                }
+            }
+            if ms % 1000 == 999 {
+                let queue = link_free.saturating_sub(Duration::from_millis(ms));
+                out.push((estimator.target_bitrate(), queue.as_secs_f64() * 1000.0));
+            }
         }
+        out
+    }
+
+    /// GCC alone never sees the queue; with the ceiling the target comes down to about what
+    /// the link carries within a second or two, and the queue stops growing.
+    #[test]
+    fn a_growing_queue_brings_the_target_down_to_the_link() {
+        let alone = into_a_queue(&mut Gcc::new(900_000.0, BWE_MIN_BPS, BWE_MAX_BPS));
+        assert!(alone.iter().all(|(t, _)| *t >= 900_000.0), "{alone:?}");
+        assert!(alone.last().unwrap().1 > 4_000.0, "{alone:?}");
+        let ours = into_a_queue(&mut ours(900_000.0));
+        for (t, _) in &ours[2..] {
+            assert!(*t < 500_000.0, "{ours:?}");
+        }
+        // (The model's sender does not follow the target: the queue still grows, and the
+        // ceiling stays at the link's rate less the back-off.)
+        assert!(ours[9].0 >= 0.8 * 425_000.0, "{ours:?}");
+    }
+
+    /// What the feedback acknowledged: the stream's rate, less what was lost.
+    #[test]
+    fn the_acknowledged_rate_is_what_arrived() {
+        let mut est = ours(300_000.0);
+        let coverage = est.coverage.clone();
+        lowest_target(&mut est, &coverage, |_| false, |_| false);
+        let all = est.link.acked_bps().unwrap();
+        assert!((all - 199_680.0).abs() < 4_000.0, "{all}");
+        let mut est = ours(300_000.0);
+        let coverage = est.coverage.clone();
+        lowest_target(&mut est, &coverage, |id| id % 4 == 0, |_| false);
+        let three_quarters = est.link.acked_bps().unwrap();
+        assert!(
+            (three_quarters - 149_760.0).abs() < 4_000.0,
+            "{three_quarters}"
+        );
+        assert_eq!(ours(1.0).link.acked_bps(), None);
     }
 
     /// 5 % of packets, at (pseudo-)random.
@@ -528,48 +915,70 @@ mod tests {
         let every_20th = |n: u64| n % 20 == 7;
         let raw = lowest_target(
             &mut Gcc::new(start, BWE_MIN_BPS, BWE_MAX_BPS),
+            &Default::default(),
             five_percent,
             every_20th,
         );
-        let kept = lowest_target(&mut ours(start), five_percent, every_20th);
+        let mut est = ours(start);
+        let coverage = est.coverage.clone();
+        let kept = lowest_target(&mut est, &coverage, five_percent, every_20th);
         assert!(raw < start * 0.5, "GCC alone: {raw}");
         assert!(
             kept >= start * 0.9,
             "without lost feedback: {kept} (GCC alone {raw})"
         );
         // Loss of 20 % of the packets is cut either way.
-        let heavy = lowest_target(&mut ours(start), |id| id % 5 == 0, |_| false);
+        let mut est = ours(start);
+        let coverage = est.coverage.clone();
+        let heavy = lowest_target(&mut est, &coverage, |id| id % 5 == 0, |_| false);
         assert!(heavy < start * 0.5, "20 % loss: {heavy}");
     }
 
     #[test]
-    fn only_runs_of_five_or_more_lost_are_left_out() {
+    fn only_packets_reported_lost_that_no_feedback_covered_are_left_out() {
         let t = Instant::now();
-        let r = |id: u64, arrived: bool| PacketReport {
+        let r = |seq: u16, arrived: bool| PacketReport {
             ssrc: 1,
-            id,
-            rtp_sequence_number: id as u16,
+            id: u64::from(seq),
+            rtp_sequence_number: seq,
             is_twcc: true,
-            twcc_sequence_number: id as u16,
+            twcc_sequence_number: seq,
             size: 100,
             arrived,
             departure: t,
             arrival: arrived.then_some(Duration::ZERO),
             ecn: Ecn::NotEct,
         };
-        let pattern = [
-            true, false, false, false, false, true, false, false, false, false, false, true, false,
-        ];
-        let reports: Vec<PacketReport> = pattern
+        let mut coverage = FeedbackCoverage::default();
+        // Feedbacks 7 (65530..=65535) and 9 (3..=6) came, across the wrap; feedback 8, for
+        // 0..=2, was lost. Feedback 10 starts at 9: 7 and 8 were lost before it arrived.
+        coverage.add(7, 65_530, 6);
+        coverage.add(9, 3, 4);
+        coverage.add(10, 9, 2);
+        let reports: Vec<PacketReport> = [
+            (65_533, false),
+            (65_534, true),
+            (0, false),
+            (1, false),
+            (2, false),
+            (3, true),
+            (4, false),
+            (5, true),
+            (7, false),
+            (8, false),
+            (9, true),
+            (11, false),
+        ]
+        .into_iter()
+        .map(|(seq, arrived)| r(seq, arrived))
+        .collect();
+        let kept: Vec<u16> = without_lost_feedback(&reports, &coverage)
             .iter()
-            .enumerate()
-            .map(|(i, a)| r(i as u64, *a))
+            .map(|x| x.twcc_sequence_number)
             .collect();
-        let kept: Vec<u64> = without_lost_feedback(&reports)
-            .iter()
-            .map(|x| x.id)
-            .collect();
-        // The run of four stays; the run of five goes; a trailing single loss stays.
-        assert_eq!(kept, vec![0, 1, 2, 3, 4, 5, 11, 12]);
+        // Real losses stay (65533, 4, 7, 8); the lost feedback's packets and one not yet
+        // covered go.
+        assert_eq!(kept, vec![65_533, 65_534, 3, 4, 5, 7, 8, 9]);
+        assert!(!FeedbackCoverage::default().covers(0));
     }
 }

@@ -6,6 +6,7 @@
 //! the encoder's bitrate when it has changed by more than 15 %. A keyframe request (PLI/FIR
 //! from the server) sets a flag the thread checks before encoding.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use diemcau_media::processing::AudioProcessor;
 use diemcau_media::{AudioEncoder, AudioSource, I420Frame, SourceError, VideoEncoder, VideoSource};
+use diemcau_protocol::padding::with_padding;
 use rtc::media::Sample;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -32,6 +34,8 @@ pub struct Encoded {
     pub duration: Duration,
     /// Pictures: the simulcast layer (0 = the lowest), whose track carries it.
     pub layer: usize,
+    /// Pictures: bytes of probe padding in `data` ([`LayerProbe`]).
+    pub padding: usize,
 }
 
 /// A site sends its camera in at most this many layers (simulcast), each on a track of its
@@ -61,6 +65,10 @@ pub struct SendCounters {
     pub video_paused_ms: AtomicU64,
     /// Video is paused for the link right now.
     pub video_paused: AtomicBool,
+    /// Probe padding sent in pictures ([`LayerProbe`]), bytes; not in `video_bytes`.
+    pub probe_bytes: AtomicU64,
+    /// Times the uplink was probed before starting a layer.
+    pub layer_probes: AtomicU64,
 }
 
 impl SendCounters {
@@ -204,6 +212,122 @@ pub fn send_layers(
     let lower: u32 = rates.iter().sum();
     rates.push(target_bps.saturating_sub(lower).min(max_bps).max(1));
     rates
+}
+
+/// [`send_layers`] for the `target`, except that no more layers than the `proven` target
+/// allows start beyond the `sending` ones (at least one is always sent); and whether a layer
+/// the target allows waits for proof ([`LayerProbe`]).
+pub fn proven_layers(
+    (target, proven): (u32, u32),
+    sizes: &[(usize, usize)],
+    fps: u32,
+    sending: usize,
+    max_bps: u32,
+) -> (Vec<u32>, bool) {
+    let rates = send_layers(target, sizes, fps, sending, max_bps);
+    if rates.len() <= sending.max(1) {
+        return (rates, false);
+    }
+    let ceiling = send_layers(proven, sizes, fps, sending, max_bps)
+        .len()
+        .max(sending)
+        .max(1);
+    if ceiling >= rates.len() {
+        return (rates, false);
+    }
+    (
+        send_layers(target, &sizes[..ceiling], fps, sending, max_bps),
+        true,
+    )
+}
+
+/// The most the estimate may be trusted for, when the far end has acknowledged receiving
+/// `acked_bps`: half as much again, and a little more (libwebrtc bounds its estimate the
+/// same way). GCC raises its estimate as long as nothing queues; a sender that does not fill
+/// its target (an encoder that needs fewer bits than it is given for a still picture) lets it
+/// climb far above a thin link, and a layer started on that runs into the link's queue.
+pub fn proven_bps(acked_bps: f64) -> f64 {
+    1.5 * acked_bps + 10_000.0
+}
+
+/// How long a probe of the uplink lasts: long enough for a full [`crate::peer::ACKED_WINDOW`]
+/// of its feedback to come back.
+pub const LAYER_PROBE_FOR: Duration = Duration::from_millis(1600);
+/// A probe starts at most this often (from the start of one to the next), so a thin link
+/// that fails them is loaded for one second in four at most.
+pub const LAYER_PROBE_EVERY: Duration = Duration::from_secs(4);
+/// While probing, what is sent (pictures and sound) is padded up to this share of the
+/// estimate: what comes back acknowledged then proves ([`proven_bps`]) the whole estimate.
+pub const LAYER_PROBE_SHARE: f64 = 0.8;
+/// What sound takes of the wire, counted out of the probe's padding.
+const PROBE_SOUND_BPS: f64 = 45_000.0;
+/// The most padding one picture carries.
+const PROBE_MAX_BYTES: usize = 24_000;
+
+/// Probing the uplink before starting a layer the estimate allows but the path has not
+/// shown it carries ([`proven_bps`]): for [`LAYER_PROBE_FOR`] the pictures carry padding up
+/// to [`LAYER_PROBE_SHARE`] of the estimate (a server removes it before forwarding), at
+/// most once every [`LAYER_PROBE_EVERY`]. If the link carries it, the acknowledged rate
+/// proves the estimate and the layer starts; if not, GCC sees the queue and lowers its
+/// estimate, and the layer was never started.
+#[derive(Debug, Default, Clone)]
+pub struct LayerProbe {
+    until: Option<Instant>,
+    next: Option<Instant>,
+}
+
+impl LayerProbe {
+    /// Whether to pad at `now`, when `wanted` says a layer waits for proof.
+    pub fn update(&mut self, now: Instant, wanted: bool) -> bool {
+        if !wanted {
+            self.until = None;
+            return false;
+        }
+        if let Some(until) = self.until {
+            if now < until {
+                return true;
+            }
+            self.until = None;
+        }
+        if self.next.is_some_and(|n| now < n) {
+            return false;
+        }
+        self.until = Some(now + LAYER_PROBE_FOR);
+        self.next = Some(now + LAYER_PROBE_EVERY);
+        true
+    }
+
+    /// Padding for one picture while probing: what brings pictures and sound up to
+    /// [`LAYER_PROBE_SHARE`] of `estimate_bps`, given the pictures' own `video_bps`.
+    pub fn padding_bytes(estimate_bps: f64, video_bps: f64, fps: u32) -> usize {
+        let short = estimate_bps * LAYER_PROBE_SHARE - PROBE_SOUND_BPS - video_bps;
+        ((short.max(0.0) / 8.0 / f64::from(fps.max(1))) as usize).min(PROBE_MAX_BYTES)
+    }
+}
+
+/// The rate of what the encoders produced over the last second.
+#[derive(Debug, Default)]
+struct EncodedRate {
+    seen: VecDeque<(Instant, usize)>,
+    bytes: usize,
+}
+
+impl EncodedRate {
+    fn add(&mut self, now: Instant, bytes: usize) {
+        self.seen.push_back((now, bytes));
+        self.bytes += bytes;
+        while let Some(&(at, b)) = self.seen.front() {
+            if now.saturating_duration_since(at) < Duration::from_secs(1) {
+                break;
+            }
+            self.seen.pop_front();
+            self.bytes -= b;
+        }
+    }
+
+    fn bps(&self) -> f64 {
+        (self.bytes * 8) as f64
+    }
 }
 
 /// One stream (`--layers 1`, no simulcast): the size to send it at — the divisor of the
@@ -444,6 +568,7 @@ pub fn spawn_video_thread(
     mut fallback: Option<VideoFallback>,
     max_bitrate_bps: u32,
     bwe_bps: Arc<AtomicU64>,
+    link: Arc<crate::peer::LinkStats>,
     control: Arc<CaptureControl>,
     counters: Arc<SendCounters>,
     out: mpsc::Sender<Encoded>,
@@ -466,6 +591,9 @@ pub fn spawn_video_thread(
             let mut drawn = 1;
             let mut was_off = false;
             let mut gate = VideoGate::default();
+            let mut probe = LayerProbe::default();
+            let mut was_probing = false;
+            let mut encoded_rate = EncodedRate::default();
             // When the current pause began, and the paused time before it (ms).
             let mut paused_at: Option<(Instant, u64)> = None;
             // However the thread ends, nothing is left marked paused.
@@ -573,7 +701,29 @@ pub fn spawn_video_thread(
                         sending = 0;
                     }
                 }
-                let rates = send_layers(target, &sizes, fps, sending, max_bitrate_bps);
+                // A layer more than is sent starts only on an estimate the path has shown it
+                // carries; until then the uplink is probed.
+                let proven = link.acked_bps().map_or(0.0, proven_bps);
+                let proven_target =
+                    video_share(gate.usable(now, estimate.min(proven)), max_bitrate_bps);
+                let (rates, unproven) = proven_layers(
+                    (target, proven_target),
+                    &sizes,
+                    fps,
+                    sending,
+                    max_bitrate_bps,
+                );
+                let mut padding = 0;
+                let probing = probe.update(now, unproven);
+                if probing {
+                    padding = LayerProbe::padding_bytes(estimate, encoded_rate.bps(), fps);
+                    if padding > 0 && !std::mem::replace(&mut was_probing, true) {
+                        counters.layer_probes.fetch_add(1, Ordering::Relaxed);
+                        debug!(estimate, padding, "probing the uplink for another layer");
+                    }
+                } else {
+                    was_probing = false;
+                }
                 if rates.len() != sending {
                     let (w, h) = sizes[rates.len() - 1];
                     info!(
@@ -643,11 +793,21 @@ pub fn spawn_video_thread(
                         .unwrap_or(&frame.picture);
                     match enc.encode(picture) {
                         Ok(Some(au)) => {
+                            encoded_rate.add(now, au.data.len());
+                            // The probe's padding rides on the top layer sent.
+                            let (data, padded) = if padding > 0 && i + 1 == rates.len() {
+                                let data = with_padding(&au.data, padding);
+                                let n = data.len() - au.data.len();
+                                (data, n)
+                            } else {
+                                (au.data, 0)
+                            };
                             let e = Encoded {
-                                data: Bytes::from(au.data),
+                                data: Bytes::from(data),
                                 keyframe: au.keyframe,
                                 duration,
                                 layer: i,
+                                padding: padded,
                             };
                             // Full queue: the writer is behind or not connected yet. Drop
                             // the frame and ask for a keyframe so the layer restarts cleanly.
@@ -728,6 +888,7 @@ pub fn spawn_audio_thread(
                             keyframe: false,
                             duration: Duration::from_millis(20),
                             layer: 0,
+                            padding: 0,
                         });
                     }
                     Err(e) => {
@@ -799,7 +960,8 @@ pub async fn write_track(
             continue;
         }
         waiting_keyframe[e.layer] = false;
-        let len = e.data.len() as u64;
+        let len = (e.data.len() - e.padding) as u64;
+        let padding = e.padding as u64;
         let sample = Sample {
             data: e.data,
             duration: e.duration,
@@ -815,6 +977,7 @@ pub async fn write_track(
                 counters.video_frames.fetch_add(1, Ordering::Relaxed);
             }
             counters.video_bytes.fetch_add(len, Ordering::Relaxed);
+            counters.probe_bytes.fetch_add(padding, Ordering::Relaxed);
             if e.keyframe {
                 counters.video_keyframes.fetch_add(1, Ordering::Relaxed);
             }
@@ -884,6 +1047,7 @@ mod tests {
             Some(fallback),
             500_000,
             Arc::new(AtomicU64::new(1_000_000f64.to_bits())),
+            Arc::default(),
             control.clone(),
             Arc::new(SendCounters::default()),
             tx,
@@ -1040,6 +1204,63 @@ mod tests {
         // A minute without a pause resets the hold.
         assert_eq!(g.update(at(t + 61.0), 500_000.0), None);
         assert_eq!(g.hold(), RESUME_HOLD);
+    }
+
+    /// A layer the estimate allows but the acknowledged rate does not prove waits (and the
+    /// uplink is probed); layers already sent are not stopped for want of proof.
+    #[test]
+    fn a_layer_starts_only_on_a_proven_estimate() {
+        let vga = [(320, 180), (640, 360)];
+        // 480 kbit/s of estimate: two layers; 200 kbit/s acknowledged proves 310 kbit/s.
+        let target = video_share(480_000.0, 1_500_000);
+        let proven = video_share(480_000f64.min(proven_bps(200_000.0)), 1_500_000);
+        let (rates, unproven) = proven_layers((target, proven), &vga, 15, 1, 1_500_000);
+        assert_eq!((rates, unproven), (vec![target], true));
+        // Proved: both, with the top one getting the rest.
+        let proven = video_share(480_000f64.min(proven_bps(330_000.0)), 1_500_000);
+        let (rates, unproven) = proven_layers((target, proven), &vga, 15, 1, 1_500_000);
+        assert_eq!(rates.len(), 2);
+        assert!(!unproven);
+        // Already sending two: kept on the estimate alone.
+        let proven = video_share(proven_bps(50_000.0), 1_500_000);
+        let (rates, unproven) = proven_layers((target, proven), &vga, 15, 2, 1_500_000);
+        assert_eq!((rates.len(), unproven), (2, false));
+        // Nothing acknowledged yet: one layer, however high the estimate (a reconnect).
+        let (rates, unproven) = proven_layers((target, 0), &vga, 15, 0, 1_500_000);
+        assert_eq!((rates, unproven), (vec![target], true));
+        // A target for one layer: nothing waits.
+        let (rates, unproven) = proven_layers((200_000, 0), &vga, 15, 1, 1_500_000);
+        assert_eq!((rates, unproven), (vec![200_000], false));
+        // Three layers allowed, two proven: two.
+        let hd = [(320, 180), (640, 360), (1280, 720)];
+        let (rates, unproven) = proven_layers((1_400_000, 800_000), &hd, 30, 1, 1_500_000);
+        assert_eq!((rates.len(), unproven), (2, true));
+    }
+
+    #[test]
+    fn the_uplink_is_probed_for_a_while_and_not_too_often() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut p = LayerProbe::default();
+        assert!(!p.update(at(0), false));
+        assert!(p.update(at(100), true));
+        assert!(p.update(at(1000), true));
+        assert!(!p.update(at(1800), true), "over after {LAYER_PROBE_FOR:?}");
+        assert!(!p.update(at(3000), true));
+        assert!(
+            p.update(at(4200), true),
+            "again after {LAYER_PROBE_EVERY:?}"
+        );
+        // The layer started (or the estimate fell): the probe ends at once.
+        assert!(!p.update(at(4300), false));
+        assert!(!p.update(at(4400), true));
+        assert!(p.update(at(8300), true));
+        // Padding fills up to the probe's share of the estimate.
+        let pad = LayerProbe::padding_bytes(500_000.0, 150_000.0, 15);
+        let want = (500_000.0 * LAYER_PROBE_SHARE - PROBE_SOUND_BPS - 150_000.0) / 8.0 / 15.0;
+        assert!((pad as f64 - want).abs() < 1.0, "{pad}");
+        assert_eq!(LayerProbe::padding_bytes(200_000.0, 150_000.0, 15), 0);
+        assert_eq!(LayerProbe::padding_bytes(1e9, 0.0, 15), PROBE_MAX_BYTES);
     }
 
     #[test]

@@ -33,6 +33,12 @@ pub struct Sent {
     /// Time spent so paused (ms).
     #[serde(default)]
     pub video_paused_ms: u64,
+    /// Probe padding sent in pictures before starting a layer (bytes, not in `video_bytes`;
+    /// the server removes it), and how many probes.
+    #[serde(default)]
+    pub probe_bytes: u64,
+    #[serde(default)]
+    pub layer_probes: u64,
 }
 
 /// What arrived from one remote site.
@@ -114,8 +120,8 @@ pub struct Report {
     pub uplink_packets_reported: u64,
     #[serde(default)]
     pub uplink_packets_reported_lost: u64,
-    /// Of those reported lost, the ones in runs of five or more, taken as a lost feedback
-    /// rather than lost packets and left out of the bandwidth estimate.
+    /// Of those reported lost, the ones no feedback that arrived covered, taken as a lost
+    /// feedback rather than lost packets and left out of the bandwidth estimate.
     #[serde(default)]
     pub uplink_packets_left_out: u64,
     /// The hand queue as this site last saw it.

@@ -329,6 +329,34 @@ mod tests {
         );
     }
 
+    /// A picture carrying probe padding (an SEI the server normally removes) decodes to the
+    /// same picture as without it: a decoder given it by a server that does not know it skips it.
+    #[test]
+    fn probe_padding_does_not_change_the_picture() {
+        use diemcau_protocol::padding::with_padding;
+        let mut enc = VideoEncoder::new(300_000, 15.0).unwrap();
+        let (mut plain, mut padded) = (VideoDecoder::new().unwrap(), VideoDecoder::new().unwrap());
+        let mut compared = 0;
+        for n in 0..10u32 {
+            let s = Stamp {
+                frame: n,
+                time_us: n * 1000,
+                site_tag: 3,
+            };
+            let Some(au) = enc.encode(&test_picture(320, 180, s)).unwrap() else {
+                continue;
+            };
+            let a = plain.decode(&au.data).unwrap().expect("a picture");
+            let b = padded
+                .decode(&with_padding(&au.data, 3000))
+                .unwrap()
+                .expect("a picture with padding");
+            assert_eq!((a.y, a.u, a.v), (b.y, b.u, b.v), "frame {n}");
+            compared += 1;
+        }
+        assert!(compared >= 8, "{compared}");
+    }
+
     #[test]
     fn decoder_rejects_garbage_without_panicking() {
         let mut dec = VideoDecoder::new().unwrap();

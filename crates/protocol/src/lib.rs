@@ -12,6 +12,7 @@
 
 pub mod directory;
 pub mod meeting;
+pub mod padding;
 pub mod token;
 
 use serde::{Deserialize, Serialize};

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diemcau_protocol::meeting::roll_call_csv;
+use diemcau_protocol::padding::without_padding;
 use diemcau_protocol::token::{Claims, Key, TokenError};
 use diemcau_protocol::{
     ChairCommand, ClientMessage, Directory, ErrorCode, LeaveReason, Level, MediaKind as WireKind,
@@ -159,6 +160,8 @@ pub struct Stats {
     pub relay_up_audio_max: AtomicU64,
     /// Relay side: times the link to the parent came up (media connected).
     pub uplinks: AtomicU64,
+    /// Probe padding removed from pictures before forwarding (bytes; protocol §5).
+    pub probe_bytes_in: AtomicU64,
 }
 
 /// Engine settings.
@@ -2128,7 +2131,7 @@ impl Engine {
         }
     }
 
-    fn forward(&mut self, from: ConnId, d: MediaData) {
+    fn forward(&mut self, from: ConnId, mut d: MediaData) {
         self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_in
@@ -2179,6 +2182,13 @@ impl Engine {
         };
         let via = p.via;
         let (kind, layer) = if let Some(i) = p.video.iter().position(|l| l.mid == d.mid) {
+            // A sender's probe padding goes no further than here.
+            if let Some((picture, removed)) = without_padding(&d.data) {
+                d.data = picture.into();
+                self.stats
+                    .probe_bytes_in
+                    .fetch_add(removed as u64, Ordering::Relaxed);
+            }
             let l = &mut p.video[i];
             l.bytes += d.data.len() as u64;
             l.last_frame = Some(Instant::now());

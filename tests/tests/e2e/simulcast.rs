@@ -133,9 +133,24 @@ async fn the_speaker_view_gets_the_top_layer_and_thumbnails_the_lowest_and_a_spo
     )
     .await;
     // Every site sends both layers: what it sends does not depend on who receives what.
+    // Each started its top layer only once a probe had proved the uplink (the low layer
+    // and the sound alone never prove the estimate two layers need), and the server took the
+    // padding out of the pictures before forwarding them.
+    let mut padding_sent = 0;
     for r in [&tp_vinh, &dien_chau, &province] {
-        assert_eq!(r.report().await.sent.video_layers, 2);
+        let sent = r.report().await.sent;
+        assert_eq!(sent.video_layers, 2);
+        assert!(sent.layer_probes >= 1 && sent.probe_bytes > 0, "{sent:?}");
+        padding_sent += sent.probe_bytes;
     }
+    let removed = server
+        .stats
+        .probe_bytes_in
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        removed > padding_sent / 2 && removed <= padding_sent,
+        "the server removed {removed} bytes of padding of {padding_sent} sent"
+    );
 
     // A spotlight on dien-chau: it becomes the speaker view everywhere, on its top layer,
     // and the chair's picture goes down to a thumbnail at tp-vinh.
