@@ -89,6 +89,11 @@ pub struct LinkStats {
     /// What the far end acknowledged receiving over the last [`ACKED_WINDOW`], in bits per
     /// second, as `f64::to_bits` (0 until feedback came): what the path has shown it carries.
     acked_bps: AtomicU64,
+    /// GCC's own target before the queue's ceiling ([`DelayCap`]), as `f64::to_bits`.
+    gcc_bps: AtomicU64,
+    /// The sender is probing the path (padding its pictures, [`crate::publish::LayerProbe`]):
+    /// what gets through without a queue raises the ceiling.
+    pub probing: std::sync::atomic::AtomicBool,
 }
 
 impl LinkStats {
@@ -104,6 +109,14 @@ impl LinkStats {
     /// feedback came.
     pub fn acked_bps(&self) -> Option<f64> {
         match self.acked_bps.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(f64::from_bits(b)),
+        }
+    }
+
+    /// GCC's own target, before the queue's ceiling (bps), once known.
+    pub fn gcc_bps(&self) -> Option<f64> {
+        match self.gcc_bps.load(Ordering::Relaxed) {
             0 => None,
             b => Some(f64::from_bits(b)),
         }
@@ -151,6 +164,9 @@ impl<E: BandwidthEstimator> ReportingEstimator<E> {
     fn publish(&self) {
         self.target
             .store(self.target_bitrate().to_bits(), Ordering::Relaxed);
+        self.link
+            .gcc_bps
+            .store(self.inner.target_bitrate().to_bits(), Ordering::Relaxed);
     }
 }
 
@@ -223,8 +239,9 @@ impl QueueDelay {
 /// the link's buffer overflowed. This reads the queue itself ([`QueueDelay`]): over
 /// [`QUEUE_OVERUSE_MS`] the ceiling goes to [`QUEUE_BACKOFF`] × what the far end
 /// acknowledged receiving (what the link carries), at most every [`QUEUE_CUT_EVERY`]; under
-/// [`QUEUE_CLEAR_MS`] it rises by [`QUEUE_CEILING_GROWTH`] a second, and goes once GCC's
-/// own target is below it.
+/// [`QUEUE_CLEAR_MS`] it rises by [`QUEUE_CEILING_GROWTH`] a second — and, while the sender
+/// probes, at once to what the probe proved ([`crate::publish::proven_bps`] of the
+/// acknowledged rate) — and goes once GCC's own target is below it.
 #[derive(Debug, Default)]
 pub struct DelayCap {
     ceiling: Option<f64>,
@@ -233,7 +250,14 @@ pub struct DelayCap {
 }
 
 impl DelayCap {
-    pub fn update(&mut self, now: Instant, queue_ms: Option<f64>, acked_bps: f64, target: f64) {
+    pub fn update(
+        &mut self,
+        now: Instant,
+        queue_ms: Option<f64>,
+        acked_bps: f64,
+        target: f64,
+        probing: bool,
+    ) {
         let since = self
             .last_update
             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
@@ -253,7 +277,10 @@ impl DelayCap {
             }
         } else if queue < QUEUE_CLEAR_MS {
             if let Some(c) = self.ceiling {
-                let grown = c * QUEUE_CEILING_GROWTH.powf(since.as_secs_f64().min(1.0));
+                let mut grown = c * QUEUE_CEILING_GROWTH.powf(since.as_secs_f64().min(1.0));
+                if probing {
+                    grown = grown.max(crate::publish::proven_bps(acked_bps));
+                }
                 self.ceiling = (grown < target).then_some(grown);
             }
         }
@@ -438,8 +465,9 @@ impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
             .fetch_add((reports.len() - kept.len()) as u64, Ordering::Relaxed);
         let acked = self.acked.add(now, reports);
         let queue = self.queue.add(now, reports);
+        let probing = self.link.probing.load(Ordering::Relaxed);
         self.cap
-            .update(now, queue, acked, self.inner.target_bitrate());
+            .update(now, queue, acked, self.inner.target_bitrate(), probing);
         self.link
             .acked_bps
             .store(acked.max(1.0).to_bits(), Ordering::Relaxed);
@@ -881,6 +909,42 @@ mod tests {
         // (The model's sender does not follow the target: the queue still grows, and the
         // ceiling stays at the link's rate less the back-off.)
         assert!(ours[9].0 >= 0.8 * 425_000.0, "{ours:?}");
+    }
+
+    #[test]
+    fn a_queue_lowers_the_ceiling_and_a_clear_probe_lifts_it() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut cap = DelayCap::default();
+        let gcc = 1_000_000.0;
+        cap.update(at(0), Some(5.0), 250_000.0, gcc, false);
+        assert_eq!(cap.apply(gcc), gcc, "no queue, no ceiling");
+        cap.update(at(100), Some(90.0), 250_000.0, gcc, false);
+        assert_eq!(cap.apply(gcc), 212_500.0);
+        // Cut again only after a while, never up.
+        cap.update(at(200), Some(90.0), 200_000.0, gcc, false);
+        assert_eq!(cap.apply(gcc), 212_500.0);
+        cap.update(at(450), Some(90.0), 200_000.0, gcc, false);
+        assert_eq!(cap.apply(gcc), 170_000.0);
+        // Between the two marks: held. Clear: a fifth more a second.
+        cap.update(at(1450), Some(40.0), 200_000.0, gcc, false);
+        assert_eq!(cap.apply(gcc), 170_000.0);
+        cap.update(at(2450), Some(5.0), 200_000.0, gcc, false);
+        assert!(
+            (cap.apply(gcc) - 204_000.0).abs() < 1.0,
+            "{}",
+            cap.apply(gcc)
+        );
+        // A probe that got 300 kbit/s through without a queue proves 460.
+        cap.update(at(2550), Some(5.0), 300_000.0, gcc, true);
+        assert!(
+            (cap.apply(gcc) - 460_000.0).abs() < 1.0,
+            "{}",
+            cap.apply(gcc)
+        );
+        // Once GCC's own target is under it, the ceiling goes.
+        cap.update(at(2650), Some(5.0), 300_000.0, 400_000.0, false);
+        assert_eq!(cap.apply(1e9), 1e9);
     }
 
     /// What the feedback acknowledged: the stream's rate, less what was lost.

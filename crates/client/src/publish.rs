@@ -264,27 +264,31 @@ const PROBE_SOUND_BPS: f64 = 45_000.0;
 /// The most padding one picture carries.
 const PROBE_MAX_BYTES: usize = 24_000;
 
-/// Probing the uplink before starting a layer the estimate allows but the path has not
-/// shown it carries ([`proven_bps`]): for [`LAYER_PROBE_FOR`] the pictures carry padding up
-/// to [`LAYER_PROBE_SHARE`] of the estimate (a server removes it before forwarding), at
-/// most once every [`LAYER_PROBE_EVERY`]. If the link carries it, the acknowledged rate
-/// proves the estimate and the layer starts; if not, GCC sees the queue and lowers its
-/// estimate, and the layer was never started.
+/// Probing the uplink before starting a layer GCC allows but the path has not shown it
+/// carries ([`proven_bps`]), or a queue held it back from ([`crate::peer::DelayCap`]): for
+/// [`LAYER_PROBE_FOR`] the pictures carry padding (a server removes it before forwarding)
+/// up to [`LAYER_PROBE_SHARE`] of the estimate the next layer needs, at most once every
+/// [`LAYER_PROBE_EVERY`]. If the link carries it without a queue, the acknowledged rate
+/// proves that estimate and lifts the queue's ceiling, and the layer starts; if a queue
+/// shows, the ceiling comes down, the probe ends there, and no layer was started into it.
 #[derive(Debug, Default, Clone)]
 pub struct LayerProbe {
     until: Option<Instant>,
     next: Option<Instant>,
+    /// The estimate when the probe started.
+    from: f64,
 }
 
 impl LayerProbe {
-    /// Whether to pad at `now`, when `wanted` says a layer waits for proof.
-    pub fn update(&mut self, now: Instant, wanted: bool) -> bool {
+    /// Whether to pad at `now`, when `wanted` says a layer waits, with the published
+    /// `estimate_bps` (a probe ends when the estimate falls a tenth below where it began).
+    pub fn update(&mut self, now: Instant, wanted: bool, estimate_bps: f64) -> bool {
         if !wanted {
             self.until = None;
             return false;
         }
         if let Some(until) = self.until {
-            if now < until {
+            if now < until && estimate_bps >= 0.9 * self.from {
                 return true;
             }
             self.until = None;
@@ -294,15 +298,43 @@ impl LayerProbe {
         }
         self.until = Some(now + LAYER_PROBE_FOR);
         self.next = Some(now + LAYER_PROBE_EVERY);
+        self.from = estimate_bps;
         true
     }
 
     /// Padding for one picture while probing: what brings pictures and sound up to
-    /// [`LAYER_PROBE_SHARE`] of `estimate_bps`, given the pictures' own `video_bps`.
-    pub fn padding_bytes(estimate_bps: f64, video_bps: f64, fps: u32) -> usize {
-        let short = estimate_bps * LAYER_PROBE_SHARE - PROBE_SOUND_BPS - video_bps;
+    /// [`LAYER_PROBE_SHARE`] of `need_bps` (the estimate the next layer needs), given the
+    /// pictures' own `video_bps`.
+    pub fn padding_bytes(need_bps: f64, video_bps: f64, fps: u32) -> usize {
+        let short = need_bps * LAYER_PROBE_SHARE - PROBE_SOUND_BPS - video_bps;
         ((short.max(0.0) / 8.0 / f64::from(fps.max(1))) as usize).min(PROBE_MAX_BYTES)
     }
+}
+
+/// The least estimate at which more than `count` layers are sent ([`send_layers`] of
+/// [`video_share`]), if any is.
+pub fn estimate_for_more_layers(
+    count: usize,
+    sizes: &[(usize, usize)],
+    fps: u32,
+    sending: usize,
+    max_bps: u32,
+) -> Option<f64> {
+    let more =
+        |e: f64| send_layers(video_share(e, max_bps), sizes, fps, sending, max_bps).len() > count;
+    let (mut lo, mut hi) = (0.0, crate::peer::BWE_MAX_BPS);
+    if !more(hi) {
+        return None;
+    }
+    for _ in 0..24 {
+        let mid = (lo + hi) / 2.0;
+        if more(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
 }
 
 /// The rate of what the encoders produced over the last second.
@@ -706,20 +738,33 @@ pub fn spawn_video_thread(
                 let proven = link.acked_bps().map_or(0.0, proven_bps);
                 let proven_target =
                     video_share(gate.usable(now, estimate.min(proven)), max_bitrate_bps);
-                let (rates, unproven) = proven_layers(
+                let (rates, _) = proven_layers(
                     (target, proven_target),
                     &sizes,
                     fps,
                     sending,
                     max_bitrate_bps,
                 );
+                // GCC's own target (above the queue's ceiling) would send more: probe.
+                let gcc = link.gcc_bps().unwrap_or(estimate);
+                let gcc_target = video_share(gate.usable(now, gcc), max_bitrate_bps);
+                let need = (send_layers(gcc_target, &sizes, fps, sending, max_bitrate_bps).len()
+                    > rates.len())
+                .then(|| {
+                    estimate_for_more_layers(rates.len(), &sizes, fps, sending, max_bitrate_bps)
+                })
+                .flatten();
                 let mut padding = 0;
-                let probing = probe.update(now, unproven);
-                if probing {
-                    padding = LayerProbe::padding_bytes(estimate, encoded_rate.bps(), fps);
+                let probing = probe.update(now, need.is_some(), estimate);
+                link.probing.store(probing, Ordering::Relaxed);
+                if let (true, Some(need)) = (probing, need) {
+                    padding = LayerProbe::padding_bytes(need, encoded_rate.bps(), fps);
                     if padding > 0 && !std::mem::replace(&mut was_probing, true) {
                         counters.layer_probes.fetch_add(1, Ordering::Relaxed);
-                        debug!(estimate, padding, "probing the uplink for another layer");
+                        debug!(
+                            estimate,
+                            need, padding, "probing the uplink for another layer"
+                        );
                     }
                 } else {
                     was_probing = false;
@@ -1238,23 +1283,41 @@ mod tests {
     }
 
     #[test]
+    fn the_estimate_for_one_more_layer_is_where_send_layers_adds_it() {
+        let vga = [(320, 180), (640, 360)];
+        let e = estimate_for_more_layers(1, &vga, 15, 1, 1_500_000).unwrap();
+        let layers = |e: f64| send_layers(video_share(e, 1_500_000), &vga, 15, 1, 1_500_000).len();
+        assert_eq!((layers(e), layers(e - 1_000.0)), (2, 1), "{e}");
+        assert!((400_000.0..480_000.0).contains(&e), "{e}");
+        assert_eq!(estimate_for_more_layers(2, &vga, 15, 1, 1_500_000), None);
+    }
+
+    #[test]
     fn the_uplink_is_probed_for_a_while_and_not_too_often() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut p = LayerProbe::default();
-        assert!(!p.update(at(0), false));
-        assert!(p.update(at(100), true));
-        assert!(p.update(at(1000), true));
-        assert!(!p.update(at(1800), true), "over after {LAYER_PROBE_FOR:?}");
-        assert!(!p.update(at(3000), true));
+        let e = 400_000.0;
+        assert!(!p.update(at(0), false, e));
+        assert!(p.update(at(100), true, e));
+        assert!(p.update(at(1000), true, e));
         assert!(
-            p.update(at(4200), true),
+            !p.update(at(1800), true, e),
+            "over after {LAYER_PROBE_FOR:?}"
+        );
+        assert!(!p.update(at(3000), true, e));
+        assert!(
+            p.update(at(4200), true, e),
             "again after {LAYER_PROBE_EVERY:?}"
         );
-        // The layer started (or the estimate fell): the probe ends at once.
-        assert!(!p.update(at(4300), false));
-        assert!(!p.update(at(4400), true));
-        assert!(p.update(at(8300), true));
+        // The layer started: the probe ends at once.
+        assert!(!p.update(at(4300), false, e));
+        assert!(!p.update(at(4400), true, e));
+        assert!(p.update(at(8300), true, e));
+        // A queue brought the estimate down: the probe ends too.
+        assert!(p.update(at(8600), true, 0.95 * e));
+        assert!(!p.update(at(8700), true, 0.85 * e));
+        assert!(!p.update(at(9000), true, e));
         // Padding fills up to the probe's share of the estimate.
         let pad = LayerProbe::padding_bytes(500_000.0, 150_000.0, 15);
         let want = (500_000.0 * LAYER_PROBE_SHARE - PROBE_SOUND_BPS - 150_000.0) / 8.0 / 15.0;

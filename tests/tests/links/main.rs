@@ -424,10 +424,12 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
         rc["sent"]["probe_bytes"],
         thin_up.delivered_bytes as f64 * 8.0 / thin_for / 1000.0,
     );
-    // Goals: 95 % of sound frames and the top layer back within 10 s. The figures go to
-    // docs/benchmarks.md (sound is 92–99.5 % here, so the goal is not reliably met); the
-    // bounds below are safety nets that catch a broken mechanism, not the goals.
-    assert!((heard + repaired) / sent >= 0.85, "audio {got} of {sent}");
+    // The goals: 95 % of sound frames delivered or repaired, pictures going on at the low
+    // layer (never paused), and the top layer back within 10 s. (In 20 runs: 98.9-99.7 %,
+    // no pause, back after 2.0-10.1 s and, since probing lifts the queue's ceiling, 2.0-5.0 s;
+    // docs/benchmarks.md.)
+    assert!((heard + repaired) / sent >= 0.95, "audio {got} of {sent}");
+    assert_eq!(rc["sent"]["video_pauses"], 0, "{rc}");
     // The link loses both ways: some losses the server reported (the uplink's), and some
     // packets only a feedback lost on the way down would have covered, left out.
     let (lost, left_out) = (
@@ -436,7 +438,7 @@ fn at_256_kbit_5_percent_loss_and_150_ms_rtt_speech_gets_through_and_video_drops
     );
     assert!(0 < left_out && left_out < lost, "{left_out} of {lost}");
     assert!(
-        back <= Duration::from_secs(20),
+        back <= Duration::from_secs(10),
         "top layer back after {back:?}"
     );
     assert_eq!(rp["layers_received"]["xa-chau-tien"][1], "320x180", "{rp}");
