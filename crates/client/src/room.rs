@@ -187,6 +187,9 @@ struct Shared {
     sites_seen: Mutex<BTreeMap<SiteId, Vec<SiteId>>>,
     errors: Mutex<Vec<String>>,
     meeting: Mutex<MeetingView>,
+    /// Our hand when the last connection was lost (when it went up, by the server's clock):
+    /// raised again at that time if the server we come back to lost it (it restarted).
+    hand_before_loss: Mutex<Option<u64>>,
     requests: Arc<Requests>,
     started: Instant,
     /// Set when the site leaves: from then on nothing is lost and nothing reconnects.
@@ -482,6 +485,7 @@ impl Room {
             sites_seen: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(Vec::new()),
             meeting: Mutex::new(MeetingView::default()),
+            hand_before_loss: Mutex::new(None),
             requests: Arc::new(Requests::default()),
             started,
             closed: AtomicBool::new(false),
@@ -749,7 +753,7 @@ impl Room {
     }
 
     pub fn raise_hand(&self) {
-        self.send(ClientMessage::RaiseHand);
+        self.send(ClientMessage::RaiseHand { raised_at_ms: None });
     }
 
     pub fn lower_hand(&self) {
@@ -902,6 +906,15 @@ async fn supervise(
             },
         };
         info!("connection lost ({why}); reconnecting");
+        let hand = shared
+            .meeting
+            .lock()
+            .expect("lock poisoned")
+            .hands
+            .iter()
+            .find(|h| h.site == shared.options.site)
+            .map(|h| h.raised_at_ms);
+        *shared.hand_before_loss.lock().expect("lock poisoned") = hand;
         let _ = shared.events.send(RoomEvent::Reconnecting {
             reason: why.clone(),
         });
@@ -1168,8 +1181,10 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         let shared = shared.clone();
         let mut state = peer.state.clone();
         let mut inbox = sig.inbox;
+        let outbox = sig.outbox.clone();
         async move {
             for msg in backlog {
+                restore_hand(&msg, &shared, &outbox);
                 on_server_message(msg, &shared);
             }
             loop {
@@ -1188,6 +1203,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
                                     shared.closed.store(true, Ordering::Relaxed);
                                 }
                             }
+                            restore_hand(&m, &shared, &outbox);
                             on_server_message(m, &shared)
                         }
                         None => {
@@ -1247,6 +1263,33 @@ pub struct MeetingView {
     pub hands: Vec<Hand>,
     pub hands_total: u32,
     pub floor: Option<FloorState>,
+}
+
+/// After a reconnect, the first `hands` says whether the server still holds our hand; if it
+/// does not, the hand goes up again at the time it first went up (a server that restarted
+/// puts it back in its old place; one that kept it, or saw it lowered, ignores the time).
+fn restore_hand(
+    msg: &ServerMessage,
+    shared: &Shared,
+    outbox: &mpsc::UnboundedSender<ClientMessage>,
+) {
+    let ServerMessage::Hands { queue, .. } = msg else {
+        return;
+    };
+    let Some(at) = shared
+        .hand_before_loss
+        .lock()
+        .expect("lock poisoned")
+        .take()
+    else {
+        return;
+    };
+    if !queue.iter().any(|h| h.site == shared.options.site) {
+        info!(at, "raising the hand again where it was");
+        let _ = outbox.send(ClientMessage::RaiseHand {
+            raised_at_ms: Some(at),
+        });
+    }
 }
 
 fn on_server_message(msg: ServerMessage, shared: &Shared) {

@@ -154,7 +154,16 @@ pub enum ClientMessage {
         site: SiteId,
         secret: String,
     },
-    RaiseHand,
+    /// Raises the site's hand. `raised_at_ms`: when it first went up (the server's time, as
+    /// the site last saw it in `hands`), sent by a site that comes back (`resume`) to a server
+    /// that no longer holds it — one that restarted — so the hand takes its old place among
+    /// the others coming back. A server honours it only from such a connection, once, and for
+    /// a time in the last 24 h; from any other connection a `raise_hand` carrying it is
+    /// ignored (the hand was lowered meanwhile, or never lost).
+    RaiseHand {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        raised_at_ms: Option<u64>,
+    },
     LowerHand,
     /// A chair command; answered with `ack` or `error` carrying the same `id`.
     Chair {
@@ -592,7 +601,10 @@ mod tests {
                 site: "s".into(),
                 secret: "k".into(),
             },
-            ClientMessage::RaiseHand,
+            ClientMessage::RaiseHand { raised_at_ms: None },
+            ClientMessage::RaiseHand {
+                raised_at_ms: Some(1_764_000_000_000),
+            },
             ClientMessage::LowerHand,
             ClientMessage::Chair {
                 id: 1,

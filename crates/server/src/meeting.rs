@@ -51,6 +51,18 @@ impl Meeting {
         self.spotlight.as_deref()
     }
 
+    /// Raises a site's hand as it went up at `at_ms` (a hand brought back after a restart):
+    /// after every hand that went up no later. A hand already up keeps its place. True if it
+    /// changed.
+    pub fn raise_at(&mut self, site: &str, at_ms: u64) -> bool {
+        if self.hands.iter().any(|(s, _)| s == site) {
+            return false;
+        }
+        let place = self.hands.partition_point(|(_, t)| *t <= at_ms);
+        self.hands.insert(place, (site.to_string(), at_ms));
+        true
+    }
+
     /// Raises a site's hand; a hand already up keeps its place. True if it changed.
     pub fn raise(&mut self, site: &str, now_ms: u64) -> bool {
         if self.hands.iter().any(|(s, _)| s == site) {
@@ -319,6 +331,20 @@ mod tests {
             path: vec![],
             path_names: Vec::new(),
         })
+    }
+
+    #[test]
+    fn hands_brought_back_after_a_restart_take_their_old_places() {
+        let mut m = Meeting::default();
+        // Back in another order than they went up; one raised afresh meanwhile.
+        assert!(m.raise_at("b", 200));
+        assert!(m.raise("fresh", 900));
+        assert!(m.raise_at("c", 300));
+        assert!(m.raise_at("a", 100));
+        assert!(!m.raise_at("a", 50), "a hand already up keeps its place");
+        let order: Vec<&str> = m.hands().iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(order, ["a", "b", "c", "fresh"]);
+        assert_eq!(m.hands()[0].1, 100);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum Command {
     },
     RaiseHand {
         conn: ConnId,
+        /// A hand brought back after a restart: when it first went up.
+        raised_at_ms: Option<u64>,
     },
     LowerHand {
         conn: ConnId,
@@ -305,6 +307,9 @@ struct Peer {
     /// Relay and uplink: the mapping as last declared, applied again when m-lines or the
     /// sites it names appear later (the declaration can overtake both).
     declared: Vec<SlotAssignment>,
+    /// Came back (`resume`) to a room that held nothing of it (this server restarted): its
+    /// first `raise_hand` may bring its hand back at the time it first went up.
+    may_restore_hand: bool,
 }
 
 impl Peer {
@@ -346,6 +351,7 @@ impl Peer {
             in_mids: Vec::new(),
             in_active: HashMap::new(),
             declared: Vec::new(),
+            may_restore_hand: false,
         }
     }
 
@@ -418,6 +424,9 @@ pub struct JoinAsk {
     pub resume: bool,
     pub relay: bool,
 }
+
+/// A hand brought back after a restart may have gone up at most this long ago (ms).
+const DAY_MS: u64 = 24 * 3600 * 1000;
 
 /// How long after a dropped connection a site may still resume into a locked room.
 const RESUME_WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -751,8 +760,8 @@ impl Engine {
                 from,
                 to_client,
             } => self.enroll(room, site, secret, from, to_client),
-            Command::RaiseHand { conn } => self.hand(conn, true),
-            Command::LowerHand { conn } => self.hand(conn, false),
+            Command::RaiseHand { conn, raised_at_ms } => self.hand(conn, true, raised_at_ms),
+            Command::LowerHand { conn } => self.hand(conn, false, None),
             Command::Chair { conn, id, command } => self.chair(conn, id, command),
             Command::UnmuteReply { conn, accept } => self.unmute_reply(conn, accept),
             Command::Offer { conn, sdp } => self.offer(conn, &sdp),
@@ -875,7 +884,7 @@ impl Engine {
             ClientMessage::RelaySources { sources } => self.set_sources(conn, &sources),
             ClientMessage::RelayHand { site, up } => {
                 if let Some(x) = self.proxy_of(conn, &site) {
-                    self.hand(x, up);
+                    self.hand(x, up, None);
                 }
             }
             ClientMessage::RelayUnmuteReply { site, accept } => {
@@ -1395,6 +1404,7 @@ impl Engine {
         let mut peer = Peer::blank(info, role, room.clone(), from, to_client, self.next_seq);
         peer.control = control;
         peer.relay = relay;
+        peer.may_restore_hand = resume && !control && !relay && !returning;
         // A control session has no media to wait for.
         peer.connected = control;
         self.peers.insert(conn, peer);
@@ -1627,13 +1637,19 @@ impl Engine {
             .collect()
     }
 
-    fn hand(&mut self, conn: ConnId, up: bool) {
-        let Some(p) = self.peers.get(&conn) else {
+    fn hand(&mut self, conn: ConnId, up: bool, raised_at_ms: Option<u64>) {
+        let Some(p) = self.peers.get_mut(&conn) else {
             return;
         };
         if !p.in_roster() {
             return;
         }
+        // A hand brought back: only from a site this server lost (it restarted), once.
+        let restore = match raised_at_ms {
+            Some(at) if std::mem::take(&mut p.may_restore_hand) => Some(at),
+            Some(_) => return,
+            None => None,
+        };
         let (room, site) = (p.room.clone(), p.site.id.clone());
         if let Some(u) = self.linked(&room) {
             // The parent keeps the queue; its state comes back in `relay_meeting`.
@@ -1641,7 +1657,9 @@ impl Engine {
             return;
         }
         let now = unix_ms();
-        let changed = if up {
+        let changed = if let Some(at) = restore.filter(|at| *at <= now && now - at < DAY_MS) {
+            self.meeting(&room).raise_at(&site, at)
+        } else if up {
             self.meeting(&room).raise(&site, now)
         } else {
             self.meeting(&room).lower(&site)

@@ -347,8 +347,8 @@ where
             ClientMessage::ReceiveVideo { on } => {
                 let _ = engine.send(Command::ReceiveVideo { conn, on });
             }
-            ClientMessage::RaiseHand => {
-                let _ = engine.send(Command::RaiseHand { conn });
+            ClientMessage::RaiseHand { raised_at_ms } => {
+                let _ = engine.send(Command::RaiseHand { conn, raised_at_ms });
             }
             ClientMessage::LowerHand => {
                 let _ = engine.send(Command::LowerHand { conn });

@@ -289,7 +289,8 @@ async fn the_hand_queue_keeps_raise_order_across_reconnects() {
             c.join(s, room, None, false).await,
             ServerMessage::Welcome { .. }
         ));
-        c.send(&ClientMessage::RaiseHand).await;
+        c.send(&ClientMessage::RaiseHand { raised_at_ms: None })
+            .await;
         // Wait until the chair sees this hand before the next goes up.
         assert_eq!(
             chair_queue(&mut chair, i as u32 + 1).await,
@@ -310,7 +311,8 @@ async fn the_hand_queue_keeps_raise_order_across_reconnects() {
         back.join(sites[1], room, None, false).await,
         ServerMessage::Welcome { .. }
     ));
-    back.send(&ClientMessage::RaiseHand).await;
+    back.send(&ClientMessage::RaiseHand { raised_at_ms: None })
+        .await;
     let place = back
         .wait("own hand", |m| match m {
             ServerMessage::Hands { queue, .. } => {
@@ -853,4 +855,143 @@ async fn resume_replaces_a_held_connection_and_re_enters_a_locked_room_only_for_
         .join_as("do-luong", room, Some(&token("do-luong")), false, true)
         .await;
     assert!(refused(&m, ErrorCode::RoomLocked), "{m:?}");
+}
+
+/// A restarted server has lost the hand queue. Each site comes back by itself and raises its
+/// hand again at the time it first went up, so the queue is as it was, in its old order
+/// (whatever order the sites come back in), and the times are the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_keeps_the_hand_queue_in_its_order() {
+    let _guard = MEDIA.lock().await;
+    // The same address before and after the restart, as a real server keeps its port.
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let start = || async move {
+        let mut cfg = ServerConfig::dev(addr);
+        cfg.connect_timeout = Duration::from_secs(10);
+        diemcau_server::start(cfg).await.expect("server starts")
+    };
+    let room = "khoi-dong-lai";
+    let first = start().await;
+    let (chair, mut ce) = diemcau_e2e::join_with(
+        &first,
+        "nghe-an",
+        room,
+        Some(dev_token("nghe-an", Role::Chair, room)),
+    )
+    .await;
+    let sites = ["tp-vinh-le-loi", "nam-dan-kim-lien", "tp-vinh-ben-thuy"];
+    let mut rooms = Vec::new();
+    for (i, s) in sites.iter().enumerate() {
+        let (r, _e) = diemcau_e2e::join(&first, s, room).await;
+        r.raise_hand();
+        // Each goes up after the one before is in the queue.
+        wait_for(&mut ce, Duration::from_secs(10), "the hand", |e| match e {
+            RoomEvent::Hands { queue, .. } if queue.len() == i + 1 => Some(()),
+            _ => None,
+        })
+        .await;
+        rooms.push(r);
+    }
+    let before = chair.meeting().hands;
+    assert_eq!(
+        before.iter().map(|h| h.site.as_str()).collect::<Vec<_>>(),
+        sites
+    );
+    first.stop();
+    wait_for(&mut ce, Duration::from_secs(15), "the loss", |e| {
+        matches!(e, RoomEvent::Reconnecting { .. }).then_some(())
+    })
+    .await;
+    let _second = start().await;
+    // Back: the same queue, in the same order, at the same times.
+    let after = wait_for(
+        &mut ce,
+        Duration::from_secs(30),
+        "the queue again",
+        |e| match e {
+            RoomEvent::Hands { queue, .. } if queue.len() == sites.len() => Some(queue.clone()),
+            _ => None,
+        },
+    )
+    .await;
+    let key = |h: &diemcau_protocol::Hand| (h.site.clone(), h.place, h.raised_at_ms);
+    assert_eq!(
+        after.iter().map(key).collect::<Vec<_>>(),
+        before.iter().map(key).collect::<Vec<_>>()
+    );
+    // Each came back on its own, once (counted when its new connection is up, which can
+    // be just after its hand went up again).
+    for r in &rooms {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r.report().await.reconnects == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(r.report().await.reconnects, 1);
+    }
+}
+
+/// The time a hand is brought back with counts only from a site the server lost: from a
+/// site it still holds, or one that just joined, `raise_hand` with a time does nothing.
+#[tokio::test]
+async fn a_hand_is_brought_back_at_its_old_time_only_by_a_site_the_server_lost() {
+    let server = server_with(true, None, Directory::sample(), None).await;
+    let room = "tay-2";
+    let mut chair = chair_connection(&server, room, true).await;
+    let mut a = Raw::connect(&server.url()).await;
+    assert!(matches!(
+        a.join("tp-vinh-le-loi", room, None, false).await,
+        ServerMessage::Welcome { .. }
+    ));
+    a.send(&ClientMessage::RaiseHand { raised_at_ms: None })
+        .await;
+    assert_eq!(chair_queue(&mut chair, 1).await, vec!["tp-vinh-le-loi"]);
+    // A new site claims to have raised its hand long ago: ignored.
+    let mut b = Raw::connect(&server.url()).await;
+    assert!(matches!(
+        b.join("nam-dan-kim-lien", room, None, false).await,
+        ServerMessage::Welcome { .. }
+    ));
+    b.send(&ClientMessage::RaiseHand {
+        raised_at_ms: Some(1_000),
+    })
+    .await;
+    // A site coming back (resume) to a server that never saw it: honoured once, in place.
+    let mut c = Raw::connect(&server.url()).await;
+    c.send(&ClientMessage::Join {
+        v: PROTOCOL_VERSION,
+        room: room.into(),
+        site: "tp-vinh-ben-thuy".into(),
+        token: None,
+        control: false,
+        resume: true,
+        relay: false,
+    })
+    .await;
+    c.wait("welcome", |m| {
+        matches!(m, ServerMessage::Welcome { .. }).then_some(())
+    })
+    .await;
+    let long_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 60_000;
+    c.send(&ClientMessage::RaiseHand {
+        raised_at_ms: Some(long_ago),
+    })
+    .await;
+    assert_eq!(
+        chair_queue(&mut chair, 2).await,
+        vec!["tp-vinh-ben-thuy", "tp-vinh-le-loi"]
+    );
+    // b's claim changed nothing; b raising its hand now goes to the end.
+    b.send(&ClientMessage::RaiseHand { raised_at_ms: None })
+        .await;
+    assert_eq!(
+        chair_queue(&mut chair, 3).await,
+        vec!["tp-vinh-ben-thuy", "tp-vinh-le-loi", "nam-dan-kim-lien"]
+    );
+    server.stop();
 }
