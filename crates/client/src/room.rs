@@ -19,8 +19,8 @@ use diemcau_media::source::AudioFailover;
 use diemcau_media::synthetic::{percentile, SyntheticCamera, SyntheticTone};
 use diemcau_media::{AudioSource, VideoSource};
 use diemcau_protocol::{
-    ChairCommand, ClientMessage, ErrorCode, FloorState, Hand, ServerMessage, SiteId,
-    PROTOCOL_VERSION,
+    ChairCommand, ClientMessage, ErrorCode, FloorMode, FloorState, Hand, Role, ServerMessage,
+    SiteId, PROTOCOL_VERSION,
 };
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
@@ -190,6 +190,11 @@ struct Shared {
     /// Our hand when the last connection was lost (when it went up, by the server's clock):
     /// raised again at that time if the server we come back to lost it (it restarted).
     hand_before_loss: Mutex<Option<u64>>,
+    /// The chair's floor when the last connection was lost: given again if the server we
+    /// come back to has forgotten it (it restarted).
+    floor_before_loss: Mutex<Option<FloorState>>,
+    /// Our role, as the last `welcome` gave it.
+    role: Mutex<Option<Role>>,
     requests: Arc<Requests>,
     started: Instant,
     /// Set when the site leaves: from then on nothing is lost and nothing reconnects.
@@ -486,6 +491,8 @@ impl Room {
             errors: Mutex::new(Vec::new()),
             meeting: Mutex::new(MeetingView::default()),
             hand_before_loss: Mutex::new(None),
+            floor_before_loss: Mutex::new(None),
+            role: Mutex::new(None),
             requests: Arc::new(Requests::default()),
             started,
             closed: AtomicBool::new(false),
@@ -915,6 +922,10 @@ async fn supervise(
             .find(|h| h.site == shared.options.site)
             .map(|h| h.raised_at_ms);
         *shared.hand_before_loss.lock().expect("lock poisoned") = hand;
+        let chair = *shared.role.lock().expect("lock poisoned") == Some(Role::Chair);
+        *shared.floor_before_loss.lock().expect("lock poisoned") = chair
+            .then(|| shared.meeting.lock().expect("lock poisoned").floor.clone())
+            .flatten();
         let _ = shared.events.send(RoomEvent::Reconnecting {
             reason: why.clone(),
         });
@@ -1009,6 +1020,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         .lock()
         .expect("lock poisoned")
         .extend(sites.iter().map(|s| (s.id.clone(), s.path.clone())));
+    *shared.role.lock().expect("lock poisoned") = Some(role);
     let _ = shared.events.send(RoomEvent::Joined { you, role, sites });
     // Sound only, chosen in an earlier connection (or while this one was opening; see below).
     let mut receiving = true;
@@ -1185,6 +1197,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         async move {
             for msg in backlog {
                 restore_hand(&msg, &shared, &outbox);
+                restore_floor(&msg, &shared, &outbox);
                 on_server_message(msg, &shared);
             }
             loop {
@@ -1204,6 +1217,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
                                 }
                             }
                             restore_hand(&m, &shared, &outbox);
+                            restore_floor(&m, &shared, &outbox);
                             on_server_message(m, &shared)
                         }
                         None => {
@@ -1290,6 +1304,83 @@ fn restore_hand(
             raised_at_ms: Some(at),
         });
     }
+}
+
+/// How long a chair coming back to a restarted server keeps trying to give a site back what
+/// it had (the site has to be back in the room first).
+const FLOOR_RESTORE_FOR: Duration = Duration::from_secs(120);
+
+/// After a reconnect, the chair's first `floor` says whether the server still holds the
+/// meeting. A server that restarted shows a room as new (open, nothing granted, muted or in
+/// the spotlight) where it was not: the chair gives it all back — the floor mode at once, and
+/// each grant, mute and the spotlight once that site is back in the room (tried every
+/// second for [`FLOOR_RESTORE_FOR`]). The lock is not given back: it would keep out the sites
+/// still coming back.
+fn restore_floor(
+    msg: &ServerMessage,
+    shared: &Arc<Shared>,
+    outbox: &mpsc::UnboundedSender<ClientMessage>,
+) {
+    let ServerMessage::Floor { state } = msg else {
+        return;
+    };
+    let Some(old) = shared
+        .floor_before_loss
+        .lock()
+        .expect("lock poisoned")
+        .take()
+    else {
+        return;
+    };
+    let fresh = |f: &FloorState| {
+        f.mode == FloorMode::default()
+            && f.granted.is_empty()
+            && f.muted.is_empty()
+            && f.spotlight.is_none()
+            && !f.locked
+    };
+    if !fresh(state) || fresh(&old) {
+        return;
+    }
+    info!(?old, "the server forgot the meeting: giving the floor back");
+    let mut todo: Vec<ChairCommand> = Vec::new();
+    if old.mode != FloorMode::default() {
+        todo.push(ChairCommand::FloorMode { mode: old.mode });
+    }
+    todo.extend(
+        old.muted
+            .iter()
+            .map(|s| ChairCommand::Mute { site: s.clone() }),
+    );
+    todo.extend(
+        old.granted
+            .iter()
+            .map(|s| ChairCommand::Grant { site: s.clone() }),
+    );
+    if let Some(site) = old.spotlight.clone() {
+        todo.push(ChairCommand::Spotlight { site: Some(site) });
+    }
+    let (outbox, requests) = (outbox.clone(), shared.requests.clone());
+    tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + FLOOR_RESTORE_FOR;
+        while !todo.is_empty() && tokio::time::Instant::now() < until {
+            let mut left = Vec::new();
+            for c in todo {
+                match control::send_command(&outbox, &requests, c.clone()).await {
+                    Ok(_) => {}
+                    Err(ClientError::ServerClosed) => return,
+                    Err(e) => {
+                        debug!("{} not given back yet: {e}", c.name());
+                        left.push(c);
+                    }
+                }
+            }
+            todo = left;
+            if !todo.is_empty() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
 }
 
 fn on_server_message(msg: ServerMessage, shared: &Shared) {

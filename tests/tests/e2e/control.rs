@@ -857,11 +857,12 @@ async fn resume_replaces_a_held_connection_and_re_enters_a_locked_room_only_for_
     assert!(refused(&m, ErrorCode::RoomLocked), "{m:?}");
 }
 
-/// A restarted server has lost the hand queue. Each site comes back by itself and raises its
-/// hand again at the time it first went up, so the queue is as it was, in its old order
-/// (whatever order the sites come back in), and the times are the old ones.
+/// A restarted server has lost the hand queue and the floor. Each site comes back by itself
+/// and raises its hand again at the time it first went up, so the queue is as it was, in its
+/// old order (whatever order the sites come back in), at the old times; the chair gives the
+/// floor mode, the grant, the mute and the spotlight back as their sites return.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_restart_keeps_the_hand_queue_in_its_order() {
+async fn a_server_restart_keeps_the_hand_queue_in_its_order_and_the_chair_gives_the_floor_back() {
     let _guard = MEDIA.lock().await;
     // The same address before and after the restart, as a real server keeps its port.
     let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
@@ -894,10 +895,55 @@ async fn a_server_restart_keeps_the_hand_queue_in_its_order() {
         .await;
         rooms.push(r);
     }
+    assert_eq!(
+        chair
+            .meeting()
+            .hands
+            .iter()
+            .map(|h| h.site.as_str())
+            .collect::<Vec<_>>(),
+        sites
+    );
+    for command in [
+        ChairCommand::FloorMode {
+            mode: FloorMode::Granted,
+        },
+        ChairCommand::Grant {
+            site: sites[1].into(),
+        },
+        ChairCommand::Mute {
+            site: sites[2].into(),
+        },
+        ChairCommand::Spotlight {
+            site: Some(sites[0].into()),
+        },
+    ] {
+        chair.chair(command).await.expect("the chair may");
+    }
+    let floor = |f: &diemcau_protocol::FloorState| {
+        (
+            f.mode,
+            f.granted.clone(),
+            f.muted.clone(),
+            f.spotlight.clone(),
+        )
+    };
+    let given = (
+        FloorMode::Granted,
+        vec![sites[1].to_string()],
+        vec![sites[2].to_string()],
+        Some(sites[0].to_string()),
+    );
+    wait_for(&mut ce, Duration::from_secs(10), "the floor", |e| match e {
+        RoomEvent::Floor { state } if floor(state) == given => Some(()),
+        _ => None,
+    })
+    .await;
+    // The grant answered that site's hand.
     let before = chair.meeting().hands;
     assert_eq!(
         before.iter().map(|h| h.site.as_str()).collect::<Vec<_>>(),
-        sites
+        [sites[0], sites[2]]
     );
     first.stop();
     wait_for(&mut ce, Duration::from_secs(15), "the loss", |e| {
@@ -911,7 +957,7 @@ async fn a_server_restart_keeps_the_hand_queue_in_its_order() {
         Duration::from_secs(30),
         "the queue again",
         |e| match e {
-            RoomEvent::Hands { queue, .. } if queue.len() == sites.len() => Some(queue.clone()),
+            RoomEvent::Hands { queue, .. } if queue.len() == before.len() => Some(queue.clone()),
             _ => None,
         },
     )
@@ -921,6 +967,16 @@ async fn a_server_restart_keeps_the_hand_queue_in_its_order() {
         after.iter().map(key).collect::<Vec<_>>(),
         before.iter().map(key).collect::<Vec<_>>()
     );
+    let floor_now = || chair.meeting().floor.as_ref().map(floor);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while floor_now() != Some(given.clone()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the floor is {:?}",
+            floor_now()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Each came back on its own, once (counted when its new connection is up, which can
     // be just after its hand went up again).
     for r in &rooms {
