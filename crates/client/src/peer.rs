@@ -149,6 +149,10 @@ struct ReportingEstimator<E: BandwidthEstimator> {
 
 impl<E: BandwidthEstimator> ReportingEstimator<E> {
     fn new(inner: E, target: Arc<AtomicU64>, link: Arc<LinkStats>) -> Self {
+        // What the last connection acknowledged proves nothing about this one.
+        link.acked_bps.store(0, Ordering::Relaxed);
+        link.gcc_bps.store(0, Ordering::Relaxed);
+        link.probing.store(false, Ordering::Relaxed);
         ReportingEstimator {
             inner,
             target,

@@ -254,7 +254,7 @@ pub fn proven_bps(acked_bps: f64) -> f64 {
 /// of its feedback to come back.
 pub const LAYER_PROBE_FOR: Duration = Duration::from_millis(1600);
 /// A probe starts at most this often (from the start of one to the next), so a thin link
-/// that fails them is loaded for one second in four at most.
+/// that fails them is loaded for 1.6 s in four at most (less: a queue ends a probe).
 pub const LAYER_PROBE_EVERY: Duration = Duration::from_secs(4);
 /// While probing, what is sent (pictures and sound) is padded up to this share of the
 /// estimate: what comes back acknowledged then proves ([`proven_bps`]) the whole estimate.
@@ -396,13 +396,18 @@ pub fn layer_for(
     best
 }
 
-/// Clears the thin-link flags when the video thread ends.
-struct ClearLinkFlags(Arc<CaptureControl>, Arc<SendCounters>);
+/// Clears the thin-link and probing flags when the video thread ends.
+struct ClearLinkFlags(
+    Arc<CaptureControl>,
+    Arc<SendCounters>,
+    Arc<crate::peer::LinkStats>,
+);
 
 impl Drop for ClearLinkFlags {
     fn drop(&mut self) {
         self.0.link_thin.store(false, Ordering::Relaxed);
         self.1.video_paused.store(false, Ordering::Relaxed);
+        self.2.probing.store(false, Ordering::Relaxed);
     }
 }
 
@@ -629,9 +634,10 @@ pub fn spawn_video_thread(
             // When the current pause began, and the paused time before it (ms).
             let mut paused_at: Option<(Instant, u64)> = None;
             // However the thread ends, nothing is left marked paused.
-            let _clear = ClearLinkFlags(control.clone(), counters.clone());
+            let _clear = ClearLinkFlags(control.clone(), counters.clone(), link.clone());
             while !control.stop.load(Ordering::Relaxed) {
                 if control.camera_off.load(Ordering::Relaxed) {
+                    link.probing.store(false, Ordering::Relaxed);
                     if !was_off {
                         // A pause for the link ends here: no pictures are sent anyway.
                         paused_at = None;
@@ -701,6 +707,7 @@ pub fn spawn_video_thread(
                     let _ = events.send(crate::RoomEvent::VideoPausedForLink { paused });
                 }
                 if let Some((at, before)) = paused_at {
+                    link.probing.store(false, Ordering::Relaxed);
                     counters
                         .video_paused_ms
                         .store(before + at.elapsed().as_millis() as u64, Ordering::Relaxed);

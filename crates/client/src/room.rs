@@ -195,6 +195,9 @@ struct Shared {
     floor_before_loss: Mutex<Option<FloorState>>,
     /// Our role, as the last `welcome` gave it.
     role: Mutex<Option<Role>>,
+    /// Chair commands the person gave ([`Room::chair`]): a floor being given back after a
+    /// restart stops at the first one (the chair has moved on).
+    chair_commands: AtomicU64,
     requests: Arc<Requests>,
     started: Instant,
     /// Set when the site leaves: from then on nothing is lost and nothing reconnects.
@@ -493,6 +496,7 @@ impl Room {
             hand_before_loss: Mutex::new(None),
             floor_before_loss: Mutex::new(None),
             role: Mutex::new(None),
+            chair_commands: AtomicU64::new(0),
             requests: Arc::new(Requests::default()),
             started,
             closed: AtomicBool::new(false),
@@ -777,6 +781,7 @@ impl Room {
         let Some(c) = self.current() else {
             return Err(ClientError::Timeout("reconnecting"));
         };
+        self.shared.chair_commands.fetch_add(1, Ordering::Relaxed);
         control::send_command(&c.outbox, &self.shared.requests, command).await
     }
 
@@ -1314,8 +1319,8 @@ const FLOOR_RESTORE_FOR: Duration = Duration::from_secs(120);
 /// meeting. A server that restarted shows a room as new (open, nothing granted, muted or in
 /// the spotlight) where it was not: the chair gives it all back — the floor mode at once, and
 /// each grant, mute and the spotlight once that site is back in the room (tried every
-/// second for [`FLOOR_RESTORE_FOR`]). The lock is not given back: it would keep out the sites
-/// still coming back.
+/// second for [`FLOOR_RESTORE_FOR`], and not after the chair gives a command of its own: it
+/// has moved on). The lock is not given back: it would keep out the sites still coming back.
 fn restore_floor(
     msg: &ServerMessage,
     shared: &Arc<Shared>,
@@ -1360,10 +1365,15 @@ fn restore_floor(
     if let Some(site) = old.spotlight.clone() {
         todo.push(ChairCommand::Spotlight { site: Some(site) });
     }
-    let (outbox, requests) = (outbox.clone(), shared.requests.clone());
+    let (outbox, shared) = (outbox.clone(), shared.clone());
+    let given = shared.chair_commands.load(Ordering::Relaxed);
     tokio::spawn(async move {
+        let requests = shared.requests.clone();
         let until = tokio::time::Instant::now() + FLOOR_RESTORE_FOR;
-        while !todo.is_empty() && tokio::time::Instant::now() < until {
+        while !todo.is_empty()
+            && tokio::time::Instant::now() < until
+            && shared.chair_commands.load(Ordering::Relaxed) == given
+        {
             let mut left = Vec::new();
             for c in todo {
                 match control::send_command(&outbox, &requests, c.clone()).await {

@@ -157,9 +157,10 @@ pub enum ClientMessage {
     /// Raises the site's hand. `raised_at_ms`: when it first went up (the server's time, as
     /// the site last saw it in `hands`), sent by a site that comes back (`resume`) to a server
     /// that no longer holds it — one that restarted — so the hand takes its old place among
-    /// the others coming back. A server honours it only from such a connection, once, and for
-    /// a time in the last 24 h; from any other connection a `raise_hand` carrying it is
-    /// ignored (the hand was lowered meanwhile, or never lost).
+    /// the others coming back. A server honours it only as the first hand command of a
+    /// `resume` within 15 min of its start, for a time before that start and in the last
+    /// 24 h; any other `raise_hand` carrying it is ignored (the hand was lowered meanwhile,
+    /// or never lost). docs/protocol.md §11.5.
     RaiseHand {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         raised_at_ms: Option<u64>,

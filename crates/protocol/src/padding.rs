@@ -94,29 +94,25 @@ pub fn with_padding(picture: &[u8], len: usize) -> Vec<u8> {
 }
 
 /// `picture` without its padding, and how many bytes that removed; `None` when it has none
-/// (the common case costs one scan and no copy).
+/// (the common case costs one scan and no copy of the picture).
 pub fn without_padding(picture: &[u8]) -> Option<(Vec<u8>, usize)> {
     let units = units(picture);
-    let ends: Vec<usize> = units
-        .iter()
-        .skip(1)
-        .map(|&(s, _)| s)
-        .chain(std::iter::once(picture.len()))
-        .collect();
-    let padded: Vec<bool> = units
-        .iter()
-        .zip(&ends)
-        .map(|(&(_, h), &end)| is_padding(&picture[h..end]))
-        .collect();
-    if !padded.contains(&true) {
+    // Each unit: where it starts, where its header is, where it ends.
+    let spans = || {
+        units.iter().enumerate().map(|(i, &(start, h))| {
+            let end = units.get(i + 1).map_or(picture.len(), |&(s, _)| s);
+            (start, h, end)
+        })
+    };
+    if !spans().any(|(_, h, end)| is_padding(&picture[h..end])) {
         return None;
     }
     let mut out = Vec::with_capacity(picture.len());
     if let Some(&(first, _)) = units.first() {
         out.extend_from_slice(&picture[..first]);
     }
-    for ((&(start, _), &end), pad) in units.iter().zip(&ends).zip(padded) {
-        if !pad {
+    for (start, h, end) in spans() {
+        if !is_padding(&picture[h..end]) {
             out.extend_from_slice(&picture[start..end]);
         }
     }

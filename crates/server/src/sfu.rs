@@ -391,6 +391,10 @@ pub struct Engine {
     /// Sites whose connection dropped (not left), by room: they may resume into a room
     /// locked since, within [`RESUME_WINDOW`].
     dropped: HashMap<(String, SiteId), Instant>,
+    /// When this server started: hands brought back after a restart must have gone up
+    /// before it, and come back within [`RESUME_WINDOW`] of it.
+    started: Instant,
+    started_ms: u64,
     /// Relay side: the link to the parent, while there is one.
     uplink: Option<Uplink>,
     /// Ids for members with no signalling connection of their own (proxies, the uplink).
@@ -556,6 +560,8 @@ impl Engine {
             next_seq: 0,
             last_loudness_tick: Instant::now(),
             dropped: HashMap::new(),
+            started: Instant::now(),
+            started_ms: unix_ms(),
             uplink: None,
             next_internal: 1 << 62,
             uplink_was_up: false,
@@ -1404,7 +1410,9 @@ impl Engine {
         let mut peer = Peer::blank(info, role, room.clone(), from, to_client, self.next_seq);
         peer.control = control;
         peer.relay = relay;
-        peer.may_restore_hand = resume && !control && !relay && !returning;
+        // Only a server that started lately can have lost what a returning site brings back.
+        peer.may_restore_hand =
+            resume && !control && !relay && self.started.elapsed() < RESUME_WINDOW;
         // A control session has no media to wait for.
         peer.connected = control;
         self.peers.insert(conn, peer);
@@ -1644,9 +1652,12 @@ impl Engine {
         if !p.in_roster() {
             return;
         }
-        // A hand brought back: only from a site this server lost (it restarted), once.
+        // A hand brought back after a restart: only as the first hand command of a site
+        // that came back (`resume`) within RESUME_WINDOW of this server's start, and only for
+        // a time before that start (the hand went up on the server that was lost).
+        let may = std::mem::take(&mut p.may_restore_hand);
         let restore = match raised_at_ms {
-            Some(at) if std::mem::take(&mut p.may_restore_hand) => Some(at),
+            Some(at) if may && at < self.started_ms => Some(at),
             Some(_) => return,
             None => None,
         };
@@ -1657,7 +1668,7 @@ impl Engine {
             return;
         }
         let now = unix_ms();
-        let changed = if let Some(at) = restore.filter(|at| *at <= now && now - at < DAY_MS) {
+        let changed = if let Some(at) = restore.filter(|at| now.saturating_sub(*at) < DAY_MS) {
             self.meeting(&room).raise_at(&site, at)
         } else if up {
             self.meeting(&room).raise(&site, now)

@@ -1013,7 +1013,8 @@ async fn a_hand_is_brought_back_at_its_old_time_only_by_a_site_the_server_lost()
         raised_at_ms: Some(1_000),
     })
     .await;
-    // A site coming back (resume) to a server that never saw it: honoured once, in place.
+    // A site coming back (resume) to a server started lately, with a time before that
+    // start: honoured, in place.
     let mut c = Raw::connect(&server.url()).await;
     c.send(&ClientMessage::Join {
         v: PROTOCOL_VERSION,
@@ -1048,6 +1049,20 @@ async fn a_hand_is_brought_back_at_its_old_time_only_by_a_site_the_server_lost()
     assert_eq!(
         chair_queue(&mut chair, 3).await,
         vec!["tp-vinh-ben-thuy", "tp-vinh-le-loi", "nam-dan-kim-lien"]
+    );
+    // Once only: lowered, c cannot bring its old place back (the claim is ignored, and a
+    // plain raise goes to the end).
+    c.send(&ClientMessage::LowerHand).await;
+    assert_eq!(chair_queue(&mut chair, 2).await.len(), 2);
+    c.send(&ClientMessage::RaiseHand {
+        raised_at_ms: Some(long_ago),
+    })
+    .await;
+    c.send(&ClientMessage::RaiseHand { raised_at_ms: None })
+        .await;
+    assert_eq!(
+        chair_queue(&mut chair, 3).await,
+        vec!["tp-vinh-le-loi", "nam-dan-kim-lien", "tp-vinh-ben-thuy"]
     );
     server.stop();
 }
