@@ -3,7 +3,7 @@
 //! Interceptor chain: NACK generator/responder, RTCP sender/receiver reports, TWCC with the
 //! GCC send-side estimator (its target bitrate is published to the encoder through an
 //! atomic), our audio-first pacer ([`crate::pacing`]) in place of webrtc-rs's, and,
-//! application-most, [`KeyframeRequests`], which hands inbound PLI/FIR to the
+//! application-most, [`keyframe_requests`], which hands inbound PLI/FIR to the
 //! application so the encoder can answer them with an IDR.
 
 use std::collections::VecDeque;
@@ -108,18 +108,12 @@ impl LinkStats {
     /// What the far end acknowledged receiving over the last [`ACKED_WINDOW`] (bps), once
     /// feedback came.
     pub fn acked_bps(&self) -> Option<f64> {
-        match self.acked_bps.load(Ordering::Relaxed) {
-            0 => None,
-            b => Some(f64::from_bits(b)),
-        }
+        known_f64(&self.acked_bps)
     }
 
     /// GCC's own target, before the queue's ceiling (bps), once known.
     pub fn gcc_bps(&self) -> Option<f64> {
-        match self.gcc_bps.load(Ordering::Relaxed) {
-            0 => None,
-            b => Some(f64::from_bits(b)),
-        }
+        known_f64(&self.gcc_bps)
     }
 
     fn record(&self, stats: &EstimatorStats) {
@@ -127,6 +121,14 @@ impl LinkStats {
             let ppm = (loss.clamp(0.0, 1.0) * 1e6) as u64;
             self.loss_ppm.store(ppm + 1, Ordering::Relaxed);
         }
+    }
+}
+
+/// An `f64` kept as its bits, 0 until one is stored.
+fn known_f64(a: &AtomicU64) -> Option<f64> {
+    match a.load(Ordering::Relaxed) {
+        0 => None,
+        b => Some(f64::from_bits(b)),
     }
 }
 
@@ -299,12 +301,63 @@ impl DelayCap {
 /// The window over which [`LinkStats::acked_bps`] is measured.
 pub const ACKED_WINDOW: Duration = Duration::from_secs(1);
 
-/// The rate the far end acknowledged receiving: bytes of the packets feedback reported
-/// arrived, by when the feedback came, over the last [`ACKED_WINDOW`].
-#[derive(Debug, Default)]
-pub struct AckedRate {
+/// Bytes counted over a sliding span of time (the oldest dropped as time goes on).
+#[derive(Debug)]
+pub struct ByteWindow {
+    span: Duration,
     seen: VecDeque<(Instant, u64)>,
     bytes: u64,
+}
+
+impl ByteWindow {
+    pub fn new(span: Duration) -> Self {
+        ByteWindow {
+            span,
+            seen: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Counts `bytes` at `now`, and drops what is older than the span.
+    pub fn add(&mut self, now: Instant, bytes: u64) {
+        self.seen.push_back((now, bytes));
+        self.bytes += bytes;
+        while let Some(&(at, b)) = self.seen.front() {
+            if now.saturating_duration_since(at) < self.span {
+                break;
+            }
+            self.seen.pop_front();
+            self.bytes -= b;
+        }
+    }
+
+    /// What the span holds, over the whole span (bps).
+    pub fn bps(&self) -> f64 {
+        (self.bytes * 8) as f64 / self.span.as_secs_f64()
+    }
+
+    /// For counts that each stand for what came since the one before (feedbacks): what
+    /// came after the oldest count kept, over the time since it (bps); [`Self::bps`] until
+    /// that is a quarter of the span.
+    pub fn since_oldest_bps(&self, now: Instant) -> f64 {
+        match self.seen.front() {
+            Some(&(first, b)) if now.saturating_duration_since(first) >= self.span / 4 => {
+                ((self.bytes - b) * 8) as f64 / now.saturating_duration_since(first).as_secs_f64()
+            }
+            _ => self.bps(),
+        }
+    }
+}
+
+/// The rate the far end acknowledged receiving: bytes of the packets feedback reported
+/// arrived, by when the feedback came, over the last [`ACKED_WINDOW`].
+#[derive(Debug)]
+pub struct AckedRate(ByteWindow);
+
+impl Default for AckedRate {
+    fn default() -> Self {
+        AckedRate(ByteWindow::new(ACKED_WINDOW))
+    }
 }
 
 impl AckedRate {
@@ -315,23 +368,9 @@ impl AckedRate {
             .filter(|r| r.arrived)
             .map(|r| r.size as u64)
             .sum();
-        self.seen.push_back((now, bytes));
-        self.bytes += bytes;
-        while let Some(&(at, b)) = self.seen.front() {
-            if now.saturating_duration_since(at) < ACKED_WINDOW {
-                break;
-            }
-            self.seen.pop_front();
-            self.bytes -= b;
-        }
-        // What came after the oldest feedback kept, over the time since it: each feedback
-        // acknowledges what arrived since the one before.
-        match self.seen.front() {
-            Some(&(first, b)) if now.saturating_duration_since(first) >= ACKED_WINDOW / 4 => {
-                ((self.bytes - b) * 8) as f64 / now.saturating_duration_since(first).as_secs_f64()
-            }
-            _ => (self.bytes * 8) as f64 / ACKED_WINDOW.as_secs_f64(),
-        }
+        self.0.add(now, bytes);
+        // Each feedback acknowledges what arrived since the one before.
+        self.0.since_oldest_bps(now)
     }
 }
 
@@ -390,7 +429,7 @@ impl FeedbackCoverage {
 /// therefore reads as every packet it covered lost: on a link losing 5 % each way that
 /// nearly doubled the loss GCC saw, and its loss half, which cuts above 10 % and climbs only
 /// below 2 %, drifted down until pictures paused. A packet no arrived feedback covered
-/// ([`FeedbackCoverage`], recorded wire-most by [`FeedbackSeen`]) is left out of the count:
+/// ([`FeedbackCoverage`], recorded wire-most by [`feedback_seen`]) is left out of the count:
 /// neither lost nor received.
 pub fn without_lost_feedback(
     reports: &[PacketReport],
@@ -401,55 +440,6 @@ pub fn without_lost_feedback(
         .filter(|r| r.arrived || !r.is_twcc || coverage.covers(r.twcc_sequence_number))
         .cloned()
         .collect()
-}
-
-/// Records which packets each inbound TWCC feedback covers ([`FeedbackCoverage`]), before
-/// the congestion controller reads it (wire-most on the read leg); passes everything on.
-struct FeedbackSeen {
-    coverage: Arc<std::sync::Mutex<FeedbackCoverage>>,
-    read: VecDeque<TaggedPacket>,
-    write: VecDeque<TaggedPacket>,
-}
-
-impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackSeen {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = webrtc::error::Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            for p in packets {
-                if let Some(fb) = p.as_any().downcast_ref::<TransportLayerCc>() {
-                    self.coverage.lock().expect("lock poisoned").add(
-                        fb.fb_pkt_count,
-                        fb.base_sequence_number,
-                        fb.packet_status_count,
-                    );
-                }
-            }
-        }
-        self.read.push_back(msg);
-        Ok(())
-    }
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.read.pop_front()
-    }
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.write.push_back(msg);
-        Ok(())
-    }
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.write.pop_front()
-    }
-}
-
-impl Interceptor for FeedbackSeen {
-    fn bind_local_stream(&mut self, _: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }
 
 impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
@@ -510,38 +500,37 @@ impl<E: BandwidthEstimator> BandwidthEstimator for ReportingEstimator<E> {
     }
 }
 
-/// Marks inbound PLI/FIR for delivery to the application (inbound RTCP otherwise stops at
-/// the end of the chain) and lets everything else end there as usual.
-#[derive(Default)]
-struct KeyframeRequests {
+/// An interceptor that passes what is written straight on and hands each packet read to
+/// `on_read`, which may change it, or end it there (`None`).
+struct ReadTap<F> {
+    on_read: F,
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
+impl<F: FnMut(TaggedPacket) -> Option<TaggedPacket>> ReadTap<F> {
+    fn new(on_read: F) -> Self {
+        ReadTap {
+            on_read,
+            read: VecDeque::new(),
+            write: VecDeque::new(),
+        }
+    }
+}
+
+impl<F: FnMut(TaggedPacket) -> Option<TaggedPacket>> Protocol<TaggedPacket, TaggedPacket, ()>
+    for ReadTap<F>
+{
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
     type Error = webrtc::error::Error;
     type Time = Instant;
 
-    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            let keep: Vec<Box<dyn rtc::rtcp::Packet>> = packets
-                .iter()
-                .filter(|p| {
-                    let a = p.as_any();
-                    a.is::<PictureLossIndication>() || a.is::<FullIntraRequest>()
-                })
-                .cloned()
-                .collect();
-            if keep.is_empty() {
-                return Ok(());
-            }
-            msg.message.packet = Packet::Rtcp(keep);
-            msg.message.add(Attribute::DeliverToApplication);
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Some(msg) = (self.on_read)(msg) {
+            self.read.push_back(msg);
         }
-        self.read.push_back(msg);
         Ok(())
     }
     fn poll_read(&mut self) -> Option<TaggedPacket> {
@@ -556,11 +545,53 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
     }
 }
 
-impl Interceptor for KeyframeRequests {
+impl<F: FnMut(TaggedPacket) -> Option<TaggedPacket> + Send + Sync> Interceptor for ReadTap<F> {
     fn bind_local_stream(&mut self, _: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
+/// Application-most: marks inbound PLI/FIR for delivery to the application (inbound RTCP
+/// otherwise stops at the end of the chain) and lets everything else end there as usual.
+fn keyframe_requests(mut msg: TaggedPacket) -> Option<TaggedPacket> {
+    if let Packet::Rtcp(packets) = &msg.message.packet {
+        let keep: Vec<Box<dyn rtc::rtcp::Packet>> = packets
+            .iter()
+            .filter(|p| {
+                let a = p.as_any();
+                a.is::<PictureLossIndication>() || a.is::<FullIntraRequest>()
+            })
+            .cloned()
+            .collect();
+        if keep.is_empty() {
+            return None;
+        }
+        msg.message.packet = Packet::Rtcp(keep);
+        msg.message.add(Attribute::DeliverToApplication);
+    }
+    Some(msg)
+}
+
+/// Wire-most: records which packets each inbound TWCC feedback covers
+/// ([`FeedbackCoverage`]) before the congestion controller reads it, and passes it on.
+fn feedback_seen(
+    coverage: Arc<std::sync::Mutex<FeedbackCoverage>>,
+) -> impl FnMut(TaggedPacket) -> Option<TaggedPacket> + Send + Sync {
+    move |msg| {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for p in packets {
+                if let Some(fb) = p.as_any().downcast_ref::<TransportLayerCc>() {
+                    coverage.lock().expect("lock poisoned").add(
+                        fb.fb_pkt_count,
+                        fb.base_sequence_number,
+                        fb.packet_status_count,
+                    );
+                }
+            }
+        }
+        Some(msg)
+    }
 }
 
 /// Forwards the peer connection's callbacks into channels (callbacks run on the
@@ -685,11 +716,7 @@ pub async fn build(
         )
         .map_err(ClientError::webrtc)?;
     }
-    let feedback_seen = FeedbackSeen {
-        coverage: estimator.coverage.clone(),
-        read: VecDeque::new(),
-        write: VecDeque::new(),
-    };
+    let feedback_seen = ReadTap::new(feedback_seen(estimator.coverage.clone()));
     let registry = Registry::new()
         .with(Slot::from(500), feedback_seen)
         .with(
@@ -700,7 +727,7 @@ pub async fn build(
         .with(Slot::TwccSender, TwccSenderBuilder::new().build());
     // (The TWCC receiver, for the server's feedback needs, comes with the defaults below.)
     let registry = register_default_interceptors(registry, &mut me).map_err(ClientError::webrtc)?;
-    let registry = registry.with(Slot::from(14_000), KeyframeRequests::default());
+    let registry = registry.with(Slot::from(14_000), ReadTap::new(keyframe_requests));
 
     // webrtc-rs counts only STUN towards ICE liveness (media does not count), so with the
     // default 2 s consent checks an overloaded uplink that drops two or three of them in a

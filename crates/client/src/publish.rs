@@ -6,7 +6,6 @@
 //! the encoder's bitrate when it has changed by more than 15 %. A keyframe request (PLI/FIR
 //! from the server) sets a flag the thread checks before encoding.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -337,31 +336,6 @@ pub fn estimate_for_more_layers(
     Some(hi)
 }
 
-/// The rate of what the encoders produced over the last second.
-#[derive(Debug, Default)]
-struct EncodedRate {
-    seen: VecDeque<(Instant, usize)>,
-    bytes: usize,
-}
-
-impl EncodedRate {
-    fn add(&mut self, now: Instant, bytes: usize) {
-        self.seen.push_back((now, bytes));
-        self.bytes += bytes;
-        while let Some(&(at, b)) = self.seen.front() {
-            if now.saturating_duration_since(at) < Duration::from_secs(1) {
-                break;
-            }
-            self.seen.pop_front();
-            self.bytes -= b;
-        }
-    }
-
-    fn bps(&self) -> f64 {
-        (self.bytes * 8) as f64
-    }
-}
-
 /// One stream (`--layers 1`, no simulcast): the size to send it at — the divisor of the
 /// camera's size: 1 (full), 2 or 4 — for the encoder's `target_bps`. A layer is used when the target covers what it needs (the
 /// full size never needs more than 80 % of `max_bps`, so a configured cap below a camera's
@@ -630,7 +604,8 @@ pub fn spawn_video_thread(
             let mut gate = VideoGate::default();
             let mut probe = LayerProbe::default();
             let mut was_probing = false;
-            let mut encoded_rate = EncodedRate::default();
+            // What the encoders produced over the last second.
+            let mut encoded_rate = crate::peer::ByteWindow::new(Duration::from_secs(1));
             // When the current pause began, and the paused time before it (ms).
             let mut paused_at: Option<(Instant, u64)> = None;
             // However the thread ends, nothing is left marked paused.
@@ -755,16 +730,18 @@ pub fn spawn_video_thread(
                 // GCC's own target (above the queue's ceiling) would send more: probe.
                 let gcc = link.gcc_bps().unwrap_or(estimate);
                 let gcc_target = video_share(gate.usable(now, gcc), max_bitrate_bps);
-                let need = (send_layers(gcc_target, &sizes, fps, sending, max_bitrate_bps).len()
-                    > rates.len())
-                .then(|| {
-                    estimate_for_more_layers(rates.len(), &sizes, fps, sending, max_bitrate_bps)
-                })
-                .flatten();
+                let wanted = send_layers(gcc_target, &sizes, fps, sending, max_bitrate_bps).len()
+                    > rates.len();
                 let mut padding = 0;
-                let probing = probe.update(now, need.is_some(), estimate);
+                let probing = probe.update(now, wanted, estimate);
                 link.probing.store(probing, Ordering::Relaxed);
-                if let (true, Some(need)) = (probing, need) {
+                // The estimate the next layer needs, worked out only while probing.
+                let need = probing
+                    .then(|| {
+                        estimate_for_more_layers(rates.len(), &sizes, fps, sending, max_bitrate_bps)
+                    })
+                    .flatten();
+                if let Some(need) = need {
                     padding = LayerProbe::padding_bytes(need, encoded_rate.bps(), fps);
                     if padding > 0 && !std::mem::replace(&mut was_probing, true) {
                         counters.layer_probes.fetch_add(1, Ordering::Relaxed);
@@ -845,7 +822,7 @@ pub fn spawn_video_thread(
                         .unwrap_or(&frame.picture);
                     match enc.encode(picture) {
                         Ok(Some(au)) => {
-                            encoded_rate.add(now, au.data.len());
+                            encoded_rate.add(now, au.data.len() as u64);
                             // The probe's padding rides on the top layer sent.
                             let (data, padded) = if padding > 0 && i + 1 == rates.len() {
                                 let data = with_padding(&au.data, padding);

@@ -1201,8 +1201,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
         let outbox = sig.outbox.clone();
         async move {
             for msg in backlog {
-                restore_hand(&msg, &shared, &outbox);
-                restore_floor(&msg, &shared, &outbox);
+                restore_forgotten(&msg, &shared, &outbox);
                 on_server_message(msg, &shared);
             }
             loop {
@@ -1221,8 +1220,7 @@ async fn open_session(shared: &Arc<Shared>, resume: bool) -> Result<Session, Cli
                                     shared.closed.store(true, Ordering::Relaxed);
                                 }
                             }
-                            restore_hand(&m, &shared, &outbox);
-                            restore_floor(&m, &shared, &outbox);
+                            restore_forgotten(&m, &shared, &outbox);
                             on_server_message(m, &shared)
                         }
                         None => {
@@ -1282,6 +1280,16 @@ pub struct MeetingView {
     pub hands: Vec<Hand>,
     pub hands_total: u32,
     pub floor: Option<FloorState>,
+}
+
+/// After a reconnect, what a restarted server forgot: our hand, and as chair the floor.
+fn restore_forgotten(
+    msg: &ServerMessage,
+    shared: &Arc<Shared>,
+    outbox: &mpsc::UnboundedSender<ClientMessage>,
+) {
+    restore_hand(msg, shared, outbox);
+    restore_floor(msg, shared, outbox);
 }
 
 /// After a reconnect, the first `hands` says whether the server still holds our hand; if it
