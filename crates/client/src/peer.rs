@@ -182,17 +182,21 @@ pub const QUEUE_OVERUSE_MS: f64 = 60.0;
 pub const QUEUE_CLEAR_MS: f64 = 20.0;
 /// How far back the path's least one-way delay is looked for.
 const QUEUE_BASE_WINDOW: Duration = Duration::from_secs(30);
+/// The queue now is the least one-way delay over this long: on a jittery path (4G) every
+/// feedback can have all its packets late, while over half a second some packet still
+/// gets through at once; a standing queue delays them all (as LEDBAT's current delay).
+const QUEUE_NOW_WINDOW: Duration = Duration::from_millis(500);
 /// A ceiling is lowered at most this often, so each cut is seen before the next.
-const QUEUE_CUT_EVERY: Duration = Duration::from_millis(300);
+const QUEUE_CUT_EVERY: Duration = Duration::from_millis(500);
 /// On a queue the ceiling goes to this share of the acknowledged rate (GCC's own back-off).
 const QUEUE_BACKOFF: f64 = 0.85;
 /// While the path is clear the ceiling rises this much per second.
 const QUEUE_CEILING_GROWTH: f64 = 1.2;
 
-/// The queue on the path: each feedback's least one-way delay (the far end's arrival clock
-/// less our departure clock, whose offset is unknown but steady) above the least of them
-/// over [`QUEUE_BASE_WINDOW`]. The least of a feedback's packets: if even that one waited,
-/// the queue is real, not one packet's jitter.
+/// The queue on the path: the least one-way delay (the far end's arrival clock less our
+/// departure clock, whose offset is unknown but steady) over the last [`QUEUE_NOW_WINDOW`]
+/// of feedback, above the least over [`QUEUE_BASE_WINDOW`]. The least of the packets: if
+/// even that one waited, the queue is real, not jitter.
 #[derive(Debug, Default)]
 pub struct QueueDelay {
     epoch: Option<Instant>,
@@ -226,7 +230,14 @@ impl QueueDelay {
             }
             self.least.push_back((now, least));
         }
-        let (_, last) = *self.least.back()?;
+        let (last_at, _) = *self.least.back()?;
+        let last = self
+            .least
+            .iter()
+            .rev()
+            .take_while(|(at, _)| last_at.saturating_duration_since(*at) <= QUEUE_NOW_WINDOW)
+            .map(|(_, d)| *d)
+            .fold(f64::INFINITY, f64::min);
         let base = self
             .least
             .iter()
@@ -942,6 +953,57 @@ mod tests {
         assert!(ours[9].0 >= 0.8 * 425_000.0, "{ours:?}");
     }
 
+    /// Feedback every 100 ms on packets every 10 ms, each `extra(i)` ms later than the
+    /// path's 40 ms: the queue read after each feedback.
+    fn queue_of(extra: impl Fn(u64) -> f64) -> Vec<f64> {
+        let t0 = Instant::now();
+        let mut q = QueueDelay::default();
+        (0..100u64)
+            .filter_map(|f| {
+                let reports: Vec<PacketReport> = (f * 10..f * 10 + 10)
+                    .map(|i| PacketReport {
+                        ssrc: 1,
+                        id: i,
+                        rtp_sequence_number: i as u16,
+                        is_twcc: true,
+                        twcc_sequence_number: i as u16,
+                        size: 1200,
+                        arrived: true,
+                        departure: t0 + Duration::from_millis(i * 10),
+                        arrival: Some(Duration::from_secs_f64(
+                            (i as f64 * 10.0 + 40.0 + extra(i)) / 1000.0,
+                        )),
+                        ecn: Ecn::NotEct,
+                    })
+                    .collect();
+                q.add(t0 + Duration::from_millis(f * 100 + 100), &reports)
+            })
+            .collect()
+    }
+
+    /// On a 4G-like path, whole feedbacks come 60-120 ms late now and then, but within half
+    /// a second some packet gets through at once: no queue. A standing queue delays every
+    /// packet, and is read as one.
+    #[test]
+    fn jitter_is_not_a_queue_but_a_standing_delay_is() {
+        // Every other feedback's ten packets all 60-120 ms late.
+        let jittery = queue_of(|i| {
+            if (i / 10) % 2 == 1 {
+                60.0 + (i % 7) as f64 * 10.0
+            } else {
+                (i % 3) as f64 * 5.0
+            }
+        });
+        assert!(jittery.iter().all(|&q| q < QUEUE_CLEAR_MS), "{jittery:?}");
+        // From the fifth second, a queue of 100 ms on every packet.
+        let standing = queue_of(|i| if i >= 500 { 100.0 } else { 0.0 });
+        assert!(standing[..50].iter().all(|&q| q == 0.0), "{standing:?}");
+        assert!(
+            standing[55..].iter().all(|&q| (q - 100.0).abs() < 0.01),
+            "{standing:?}"
+        );
+    }
+
     #[test]
     fn a_queue_lowers_the_ceiling_and_a_clear_probe_lifts_it() {
         let t0 = Instant::now();
@@ -955,7 +1017,7 @@ mod tests {
         // Cut again only after a while, never up.
         cap.update(at(200), Some(90.0), 200_000.0, gcc, false);
         assert_eq!(cap.apply(gcc), 212_500.0);
-        cap.update(at(450), Some(90.0), 200_000.0, gcc, false);
+        cap.update(at(650), Some(90.0), 200_000.0, gcc, false);
         assert_eq!(cap.apply(gcc), 170_000.0);
         // Between the two marks: held. Clear: a fifth more a second.
         cap.update(at(1450), Some(40.0), 200_000.0, gcc, false);

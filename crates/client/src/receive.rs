@@ -233,7 +233,12 @@ pub async fn run_track(
                         // even when the site it carries changes (the room resets it then).
                         if let Some(mx) = &remote.mixer {
                             if let Ok(mut mx) = mx.lock() {
-                                mx.push(m, pkt.header.sequence_number, &pkt.payload);
+                                mx.push(
+                                    m,
+                                    pkt.header.sequence_number,
+                                    &pkt.payload,
+                                    Instant::now(),
+                                );
                             }
                         }
                         let Ok(pcm) = dec.decode(&pkt.payload) else {

@@ -11,6 +11,30 @@ pub struct Latency {
     pub p95: Option<f64>,
 }
 
+/// The others' sound as the speaker played it, all sites together: 20 ms turns, and the
+/// jitter buffers' depth.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Playout {
+    /// Turns played with sound: decoded, rebuilt from FEC, or invented.
+    pub frames: u64,
+    pub decoded: u64,
+    pub fec: u64,
+    /// Invented by concealment for a lost packet.
+    pub concealed: u64,
+    /// Invented by concealment while waiting for a late packet (the buffer grew a frame).
+    pub expanded: u64,
+    /// Left out to bring a buffer back down to the depth it aims for.
+    pub dropped: u64,
+    /// Packets that came after their turn and were not played.
+    pub late: u64,
+    /// How long packets waited in a buffer, from arrival to playout (ms): over the meeting,
+    /// and averaged over the last second (the longest of the buffers).
+    pub delay_ms: Latency,
+    pub delay_now_ms: f64,
+    /// The depth the buffers aim for now (ms): more while packets come unevenly.
+    pub target_ms: f64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sent {
     pub video_frames: u64,
@@ -124,6 +148,9 @@ pub struct Report {
     /// feedback rather than lost packets and left out of the bandwidth estimate.
     #[serde(default)]
     pub uplink_packets_left_out: u64,
+    /// What the speaker played of the others' sound; `None` without a speaker.
+    #[serde(default)]
+    pub audio_playout: Option<Playout>,
     /// The hand queue as this site last saw it.
     pub hand_queue: Vec<Hand>,
     /// The floor as this site last saw it.

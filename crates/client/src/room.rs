@@ -38,7 +38,7 @@ use crate::peer::{self, Transports};
 use crate::publish::{self, CaptureControl, Encoded, SendCounters};
 use crate::quality::{self, Grade, Quality, SiteSample, QUALITY_EVERY};
 use crate::receive::{self, Remote};
-use crate::report::{Latency, Received, Report, Sent};
+use crate::report::{Latency, Playout, Received, Report, Sent};
 use crate::signal;
 use crate::{ClientError, RoomEvent};
 
@@ -81,6 +81,10 @@ pub enum SpeakerOutput {
     Default,
     /// A playback device by cpal device id.
     Device(String),
+    /// No device: the others' sound is played out at a speaker's pace (a 20 ms frame every
+    /// 20 ms) into nothing, so the jitter buffers run as with a speaker and the report says
+    /// what they did (tests and measurements on machines without sound).
+    Null,
 }
 
 /// How to join.
@@ -428,6 +432,7 @@ impl Room {
         let mut speaker_error = None;
         let mixer = match &options.speaker {
             SpeakerOutput::None => None,
+            SpeakerOutput::Null => Some(Arc::new(Mutex::new(Mixer::new(3)))),
             out => {
                 let mixer = Arc::new(Mutex::new(Mixer::new(3)));
                 let id = match out {
@@ -523,6 +528,19 @@ impl Room {
                     debug!("device: {e}");
                     shared.errors.lock().expect("lock poisoned").push(e.clone());
                     let _ = shared.events.send(RoomEvent::DeviceError { message: e });
+                }
+            }));
+        }
+        // The null speaker's clock.
+        if let (SpeakerOutput::Null, Some(mixer)) = (&options.speaker, mixer.clone()) {
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                let mut frame = vec![0i16; diemcau_media::frame::AUDIO_FRAME_SAMPLES];
+                loop {
+                    tick.tick().await;
+                    if let Ok(mut m) = mixer.lock() {
+                        m.fill(&mut frame);
+                    }
                 }
             }));
         }
@@ -758,6 +776,24 @@ impl Room {
             uplink_packets_reported: ld(&shared.link.reported),
             uplink_packets_reported_lost: ld(&shared.link.reported_lost),
             uplink_packets_left_out: ld(&shared.link.left_out),
+            audio_playout: shared.remote.mixer.as_ref().and_then(|m| {
+                let s = m.lock().ok()?.summary();
+                Some(Playout {
+                    frames: s.stats.played(),
+                    decoded: s.stats.decoded,
+                    fec: s.stats.fec,
+                    concealed: s.stats.concealed,
+                    expanded: s.stats.expanded,
+                    dropped: s.stats.dropped,
+                    late: s.stats.late,
+                    delay_ms: Latency {
+                        p50: s.wait_ms(0.5),
+                        p95: s.wait_ms(0.95),
+                    },
+                    delay_now_ms: s.wait_now_ms,
+                    target_ms: s.target_now as f64 * 20.0,
+                })
+            }),
             hand_queue: meeting.hands,
             floor: meeting.floor,
         }

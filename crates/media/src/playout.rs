@@ -2,13 +2,47 @@
 //! out together in 20 ms frames, using Opus FEC to rebuild a lost packet when the next one
 //! is in, and concealment (PLC) when it is not.
 //!
+//! The buffer adapts its depth to the jitter of the path. It keeps ten seconds of arrival
+//! times and aims to hold the 95th percentile of how late packets came, in frames, plus one.
+//! It grows when a packet is late: it conceals a frame and waits for it, instead of
+//! skipping it. It shrinks when it has held more than it aims for for a while: it leaves a
+//! frame out, a quiet one when one comes within a second.
+//!
 //! The mixer is pulled by the speaker's clock (the output device callback asks for samples),
 //! so playout never drifts from what the device consumes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use crate::codec::AudioDecoder;
 use crate::frame::AUDIO_FRAME_SAMPLES;
+
+/// One frame of sound.
+const FRAME_US: i64 = 20_000;
+/// The share of packets (per mille) the buffer aims to hold for without waiting.
+const AIM_PERMILLE: usize = 950;
+/// How far back arrival times count towards the depth aimed for.
+const HISTORY: Duration = Duration::from_secs(10);
+/// The deepest the buffer aims for, in frames (300 ms). A packet later than that is given up.
+pub const MAX_DEPTH: usize = 15;
+/// Frames concealed in a row while the next packet is late (160 ms), before playout stops and
+/// buffers again.
+const MAX_EXPAND: u32 = 8;
+/// Turns between two frames left out to shrink the buffer (0.5 s); after a second, the next
+/// frame goes even when it is not quiet.
+const DROP_EVERY: u32 = 25;
+const DROP_ANYWAY: u32 = 50;
+/// Turns over which the depth held is taken (a second).
+const RECENT_TURNS: usize = 50;
+/// A frame this quiet (dBFS) is the one left out when the buffer shrinks.
+const QUIET_DBFS: f64 = -40.0;
+/// An arrival this far off the schedule of the ones before starts the history afresh: the
+/// sender stopped (muted, reconnected) and its sequence numbers ran on from where they were.
+const RESCHEDULE_US: i64 = 2_000_000;
+/// Waits counted in [`PlayoutSummary::waits`], 10 ms each; the last counts 630 ms or more.
+pub const WAIT_BINS: usize = 64;
+/// Packets over which the wait now is averaged (a second).
+const RECENT_WAITS: usize = 50;
 
 /// How a played frame was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +52,8 @@ pub enum FrameSource {
     Fec,
     /// Invented by the decoder's loss concealment.
     Concealed,
+    /// Invented by concealment while the next packet was late; the buffer grew by a frame.
+    Expanded,
 }
 
 /// Counters a jitter buffer keeps.
@@ -26,31 +62,180 @@ pub struct PlayoutStats {
     pub decoded: u64,
     pub fec: u64,
     pub concealed: u64,
+    /// Frames concealed while waiting for a late packet.
+    pub expanded: u64,
+    /// Frames left out to bring the buffer down to the depth it aims for.
+    pub dropped: u64,
     /// Packets that came after their turn had been played.
     pub late: u64,
+}
+
+impl PlayoutStats {
+    fn add(&mut self, o: &PlayoutStats) {
+        self.decoded += o.decoded;
+        self.fec += o.fec;
+        self.concealed += o.concealed;
+        self.expanded += o.expanded;
+        self.dropped += o.dropped;
+        self.late += o.late;
+    }
+
+    /// Frames played with sound in them: decoded, rebuilt or invented.
+    pub fn played(&self) -> u64 {
+        self.decoded + self.fec + self.concealed + self.expanded
+    }
+}
+
+/// What the buffers did, for the report: counters, and how long packets waited in them
+/// (from arrival to playout, as WebRTC's `jitterBufferDelay`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlayoutSummary {
+    pub stats: PlayoutStats,
+    /// Packets played by how long they waited, in 10 ms bins (the last: that long or more).
+    pub waits: [u64; WAIT_BINS],
+    /// The longest a buffer makes packets wait now (averaged over its last second, ms), and
+    /// the most frames one aims to hold.
+    pub wait_now_ms: f64,
+    pub target_now: usize,
+}
+
+impl Default for PlayoutSummary {
+    fn default() -> Self {
+        PlayoutSummary {
+            stats: PlayoutStats::default(),
+            waits: [0; WAIT_BINS],
+            wait_now_ms: 0.0,
+            target_now: 0,
+        }
+    }
+}
+
+impl PlayoutSummary {
+    fn add(&mut self, o: &PlayoutSummary) {
+        self.stats.add(&o.stats);
+        for (a, b) in self.waits.iter_mut().zip(o.waits) {
+            *a += b;
+        }
+        self.wait_now_ms = self.wait_now_ms.max(o.wait_now_ms);
+        self.target_now = self.target_now.max(o.target_now);
+    }
+
+    /// How long packets waited at quantile `q` (0..=1) of those played, in ms (the top of
+    /// its 10 ms bin); `None` before any.
+    pub fn wait_ms(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.waits.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        self.waits
+            .iter()
+            .position(|&n| {
+                seen += n;
+                seen >= rank
+            })
+            .map(|bin| (bin + 1) as f64 * 10.0)
+    }
+}
+
+/// Arrival times against the sender's schedule (a frame every 20 ms by sequence number).
+#[derive(Debug, Default)]
+struct Arrivals {
+    /// When a packet came, and how late against the schedule (µs, from an arbitrary origin).
+    seen: VecDeque<(Instant, i64)>,
+    /// The schedule's origin: an arrival and its extended sequence number.
+    origin: Option<(Instant, u64)>,
+}
+
+impl Arrivals {
+    fn add(&mut self, now: Instant, ext: u64) {
+        let lateness = |(t0, s0): (Instant, u64)| {
+            let since = now.saturating_duration_since(t0).as_micros() as i64;
+            since - (ext as i64 - s0 as i64) * FRAME_US
+        };
+        let origin = *self.origin.get_or_insert((now, ext));
+        let mut late = lateness(origin);
+        let least = self.seen.iter().map(|&(_, l)| l).min().unwrap_or(late);
+        if (late - least).abs() > RESCHEDULE_US {
+            self.seen.clear();
+            self.origin = Some((now, ext));
+            late = 0;
+        }
+        self.seen.push_back((now, late));
+        while self
+            .seen
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > HISTORY)
+        {
+            self.seen.pop_front();
+        }
+    }
+
+    /// How late the [`AIM_PERMILLE`] quantile came, against the earliest, in µs (0 with no
+    /// history).
+    fn spread_us(&self) -> i64 {
+        let mut l: Vec<i64> = self.seen.iter().map(|&(_, l)| l).collect();
+        if l.len() < 2 {
+            return 0;
+        }
+        l.sort_unstable();
+        let q = l[(l.len() * AIM_PERMILLE).div_ceil(1000).min(l.len()) - 1];
+        q - l[0]
+    }
 }
 
 /// Opus packets of one remote site, ordered by RTP sequence number.
 #[derive(Debug)]
 pub struct JitterBuffer {
-    packets: BTreeMap<u64, Vec<u8>>,
+    /// Packets by extended sequence number, with when each came.
+    packets: BTreeMap<u64, (Vec<u8>, Instant)>,
     next: Option<u64>,
     highest: Option<u64>,
-    /// Frames held before playout starts (and after it ran dry).
-    depth: usize,
+    /// The least depth held before playout starts (and after it ran dry), in frames.
+    min_depth: usize,
+    /// The depth aimed for: `min_depth`, or more while packets come unevenly.
+    target: usize,
+    arrivals: Arrivals,
+    /// Whether the target follows the arrivals (always, but in a test of what a fixed
+    /// target would do).
+    adapt: bool,
+    pushed: u32,
     playing: bool,
+    /// Frames concealed in a row waiting for a late packet.
+    expanding: u32,
+    /// Turns played since a frame was last left out.
+    since_drop: u32,
+    /// The depth held at each of the last 50 turns (a second). Its most is what the buffer
+    /// delays by: packets come in bursts on a jittery path, and the depth is greatest just
+    /// after one.
+    recent: VecDeque<usize>,
+    waits: [u64; WAIT_BINS],
+    /// How long the last second's packets waited, ms.
+    recent_waits: VecDeque<u32>,
     pub stats: PlayoutStats,
 }
 
 impl JitterBuffer {
-    /// `depth` frames of 20 ms are buffered before playing (2 = 40 ms).
+    /// At least `depth` frames of 20 ms are held before playing (2 = 40 ms); more when the
+    /// packets come unevenly.
     pub fn new(depth: usize) -> Self {
+        let min_depth = depth.clamp(1, MAX_DEPTH);
         JitterBuffer {
             packets: BTreeMap::new(),
             next: None,
             highest: None,
-            depth: depth.max(1),
+            min_depth,
+            target: min_depth,
+            arrivals: Arrivals::default(),
+            adapt: true,
+            pushed: 0,
             playing: false,
+            expanding: 0,
+            since_drop: 0,
+            recent: VecDeque::with_capacity(RECENT_TURNS + 1),
+            waits: [0; WAIT_BINS],
+            recent_waits: VecDeque::with_capacity(RECENT_WAITS + 1),
             stats: PlayoutStats::default(),
         }
     }
@@ -67,14 +252,22 @@ impl JitterBuffer {
             .expect("three candidates")
     }
 
-    pub fn push(&mut self, seq: u16, payload: &[u8]) {
+    /// Files a packet that arrived at `now`.
+    pub fn push(&mut self, seq: u16, payload: &[u8], now: Instant) {
         let ext = self.extend(seq);
+        self.arrivals.add(now, ext);
+        self.pushed = self.pushed.wrapping_add(1);
+        if self.adapt && self.pushed % 10 == 1 {
+            let spread = self.arrivals.spread_us().max(0) as u64;
+            let frames = spread.div_ceil(FRAME_US as u64) as usize + 1;
+            self.target = frames.clamp(self.min_depth, MAX_DEPTH);
+        }
         if self.next.is_some_and(|n| ext < n) {
             self.stats.late += 1;
             return;
         }
         self.highest = Some(self.highest.map_or(ext, |h| h.max(ext)));
-        self.packets.insert(ext, payload.to_vec());
+        self.packets.insert(ext, (payload.to_vec(), now));
         // Bound memory if playout stalls: keep at most 2 s.
         while self.packets.len() > 100 {
             let first = *self.packets.keys().next().expect("non-empty");
@@ -82,33 +275,95 @@ impl JitterBuffer {
         }
     }
 
-    /// Buffered frames from the playout point on.
+    /// Buffered packets from the playout point on.
     pub fn buffered(&self) -> usize {
         self.packets.len()
     }
 
-    /// The next 20 ms for playout, or `None` while buffering (silence).
-    pub fn pop(&mut self, dec: &mut AudioDecoder) -> Option<(Vec<i16>, FrameSource)> {
+    /// Frames held: from the playout point (or the first packet, while buffering) to the
+    /// newest packet, lost ones included.
+    pub fn depth(&self) -> usize {
+        let Some(h) = self.highest else { return 0 };
+        let from = if self.playing {
+            self.next
+        } else {
+            self.packets.keys().next().copied()
+        };
+        from.map_or(0, |f| (h + 1).saturating_sub(f) as usize)
+    }
+
+    /// The depth aimed for, in frames.
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    /// The next 20 ms for playout at `now`, or `None` while buffering (silence).
+    pub fn pop(&mut self, dec: &mut AudioDecoder, now: Instant) -> Option<(Vec<i16>, FrameSource)> {
         if !self.playing {
-            if self.packets.len() < self.depth {
+            if self.packets.is_empty() || self.depth() < self.target {
                 return None;
             }
             self.playing = true;
+            self.expanding = 0;
             self.next = self.packets.keys().next().copied();
         }
         let next = self.next?;
-        if self.packets.is_empty() {
-            // Ran dry: stop and buffer again rather than conceal forever.
+        let depth = self.depth();
+        self.recent.push_back(depth);
+        if self.recent.len() > RECENT_TURNS {
+            self.recent.pop_front();
+        }
+        if depth == 0 {
+            // Nothing from this turn on: its packet is late, or the site stopped. Conceal
+            // and wait for it, a frame longer each turn, for a while; then stop and buffer
+            // again rather than conceal forever.
+            if self.expanding < MAX_EXPAND {
+                self.expanding += 1;
+                self.stats.expanded += 1;
+                return dec.conceal().ok().map(|pcm| (pcm, FrameSource::Expanded));
+            }
             self.playing = false;
             return None;
         }
+        self.expanding = 0;
+        self.since_drop = self.since_drop.saturating_add(1);
+        // Held more than aimed for over the last second: leave a frame out, a quiet one if
+        // one comes.
+        let most = self.recent.iter().copied().max().unwrap_or(0);
+        let deep = depth > self.target && most > self.target + 1;
+        if deep && self.since_drop >= DROP_EVERY && self.packets.contains_key(&(next + 1)) {
+            if let Some((p, _)) = self.packets.remove(&next) {
+                self.next = Some(next + 1);
+                // Decoded either way, so the decoder's state runs on without a gap.
+                let pcm = dec.decode(&p).ok();
+                let quiet = p.len() <= 2 || pcm.as_deref().is_some_and(|s| dbfs(s) < QUIET_DBFS);
+                if quiet || self.since_drop >= DROP_ANYWAY {
+                    self.stats.dropped += 1;
+                    self.since_drop = 0;
+                    return self.play_next(dec, now);
+                }
+                self.stats.decoded += 1;
+                return pcm.map(|pcm| (pcm, FrameSource::Decoded));
+            }
+        }
+        self.play_next(dec, now)
+    }
+
+    /// The turn at the playout point, with something held from it on.
+    fn play_next(
+        &mut self,
+        dec: &mut AudioDecoder,
+        now: Instant,
+    ) -> Option<(Vec<i16>, FrameSource)> {
+        let next = self.next?;
         self.next = Some(next + 1);
-        if let Some(p) = self.packets.remove(&next) {
+        if let Some((p, came)) = self.packets.remove(&next) {
             self.stats.decoded += 1;
+            self.waited(now.saturating_duration_since(came));
             let pcm = dec.decode(&p).ok()?;
             return Some((pcm, FrameSource::Decoded));
         }
-        if let Some(following) = self.packets.get(&(next + 1)) {
+        if let Some((following, _)) = self.packets.get(&(next + 1)) {
             if let Ok(pcm) = dec.recover(following) {
                 self.stats.fec += 1;
                 return Some((pcm, FrameSource::Fec));
@@ -117,6 +372,40 @@ impl JitterBuffer {
         self.stats.concealed += 1;
         dec.conceal().ok().map(|pcm| (pcm, FrameSource::Concealed))
     }
+
+    fn waited(&mut self, wait: Duration) {
+        let ms = wait.as_millis().min(u128::from(u32::MAX)) as u32;
+        self.waits[(ms as usize / 10).min(WAIT_BINS - 1)] += 1;
+        self.recent_waits.push_back(ms);
+        if self.recent_waits.len() > RECENT_WAITS {
+            self.recent_waits.pop_front();
+        }
+    }
+
+    /// Counters and waits so far, how long packets wait now and the depth aimed for.
+    pub fn summary(&self) -> PlayoutSummary {
+        let n = self.recent_waits.len().max(1) as f64;
+        PlayoutSummary {
+            stats: self.stats,
+            waits: self.waits,
+            wait_now_ms: self.recent_waits.iter().map(|&w| f64::from(w)).sum::<f64>() / n,
+            target_now: self.target,
+        }
+    }
+}
+
+/// The level of 16-bit samples in dBFS (RMS; -100 for silence).
+fn dbfs(samples: &[i16]) -> f64 {
+    if samples.is_empty() {
+        return -100.0;
+    }
+    let sum: f64 = samples.iter().map(|&s| f64::from(s).powi(2)).sum();
+    let rms = (sum / samples.len() as f64).sqrt() / 32_768.0;
+    if rms <= 1e-5 {
+        -100.0
+    } else {
+        20.0 * rms.log10()
+    }
 }
 
 /// Mixes the playout of several streams into one 48 kHz mono stream. The client keys them
@@ -124,21 +413,26 @@ impl JitterBuffer {
 /// removes a slot's buffer when the site it carries changes.
 pub struct Mixer {
     sites: HashMap<String, (JitterBuffer, AudioDecoder)>,
+    /// What buffers removed since did, kept for the summary.
+    removed: PlayoutSummary,
     pending: Vec<i16>,
     depth: usize,
 }
 
 impl Mixer {
+    /// Each stream holds at least `depth` frames (more while its packets come unevenly).
     pub fn new(depth: usize) -> Self {
         Mixer {
             sites: HashMap::new(),
+            removed: PlayoutSummary::default(),
             pending: Vec::new(),
             depth,
         }
     }
 
-    /// Adds a packet of the stream `site` (any key: the client uses the slot's mid).
-    pub fn push(&mut self, site: &str, seq: u16, payload: &[u8]) {
+    /// Adds a packet of the stream `site` (any key: the client uses the slot's mid) that
+    /// arrived at `now`.
+    pub fn push(&mut self, site: &str, seq: u16, payload: &[u8], now: Instant) {
         if !self.sites.contains_key(site) {
             let Ok(dec) = AudioDecoder::new() else {
                 return;
@@ -147,19 +441,24 @@ impl Mixer {
                 .insert(site.to_string(), (JitterBuffer::new(self.depth), dec));
         }
         if let Some((jb, _)) = self.sites.get_mut(site) {
-            jb.push(seq, payload);
+            jb.push(seq, payload, now);
         }
     }
 
     pub fn remove(&mut self, site: &str) {
-        self.sites.remove(site);
+        if let Some((jb, _)) = self.sites.remove(site) {
+            let mut gone = jb.summary();
+            (gone.wait_now_ms, gone.target_now) = (0.0, 0);
+            self.removed.add(&gone);
+        }
     }
 
     /// One mixed 20 ms frame.
     pub fn mix_frame(&mut self) -> Vec<i16> {
+        let now = Instant::now();
         let mut acc = vec![0i32; AUDIO_FRAME_SAMPLES];
         for (jb, dec) in self.sites.values_mut() {
-            if let Some((pcm, _)) = jb.pop(dec) {
+            if let Some((pcm, _)) = jb.pop(dec, now) {
                 for (a, s) in acc.iter_mut().zip(pcm) {
                     *a += i32::from(s);
                 }
@@ -186,6 +485,15 @@ impl Mixer {
 
     pub fn stats(&self, site: &str) -> Option<PlayoutStats> {
         self.sites.get(site).map(|(jb, _)| jb.stats)
+    }
+
+    /// What every stream's buffer did, the removed ones included.
+    pub fn summary(&self) -> PlayoutSummary {
+        let mut all = self.removed.clone();
+        for (jb, _) in self.sites.values() {
+            all.add(&jb.summary());
+        }
+        all
     }
 }
 
@@ -255,26 +563,34 @@ mod tests {
             .collect()
     }
 
+    /// `ms` after `base`.
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
     #[test]
     fn jitter_buffer_reorders_rebuilds_with_fec_and_conceals() {
         let p = packets(10);
         let mut jb = JitterBuffer::new(2);
         let mut dec = AudioDecoder::new().unwrap();
-        // Arrival: 0, 2, 1 (reordered), 3, (4 lost), 5, 6, (7, 8 lost), 9.
-        for (seq, i) in [
-            (0u16, 0usize),
-            (2, 2),
-            (1, 1),
-            (3, 3),
-            (5, 5),
-            (6, 6),
-            (9, 9),
+        let t0 = Instant::now();
+        // Arrival: 0, 2, 1 (reordered), 3, (4 lost), 5, 6, (7, 8 lost), 9, each on time but
+        // for the reordered one.
+        for (seq, i, ms) in [
+            (0u16, 0usize, 0),
+            (2, 2, 40),
+            (1, 1, 41),
+            (3, 3, 60),
+            (5, 5, 100),
+            (6, 6, 120),
+            (9, 9, 180),
         ] {
-            jb.push(seq.wrapping_add(65_530), &p[i]);
+            jb.push(seq.wrapping_add(65_530), &p[i], at(t0, ms));
         }
         let mut kinds = Vec::new();
         let mut tones = Vec::new();
-        while let Some((pcm, k)) = jb.pop(&mut dec) {
+        for _ in 0..10 {
+            let (pcm, k) = jb.pop(&mut dec, at(t0, 200)).expect("playing");
             tones.push(detect_tone(&pcm));
             kinds.push(k);
         }
@@ -290,28 +606,152 @@ mod tests {
                 decoded: 7,
                 fec: 2,
                 concealed: 1,
-                late: 0
+                ..PlayoutStats::default()
             }
         );
-        jb.push(65_533, &p[3]);
+        jb.push(65_533, &p[3], at(t0, 200));
         assert_eq!(jb.stats.late, 1, "a packet after its turn is dropped");
+        // Nothing more: the next turns are concealed while the buffer waits, then it stops.
+        let waited = std::iter::from_fn(|| jb.pop(&mut dec, at(t0, 220))).count();
+        assert_eq!(waited as u32, MAX_EXPAND);
+        assert_eq!(jb.stats.expanded, u64::from(MAX_EXPAND));
+        assert!(jb.pop(&mut dec, at(t0, 400)).is_none(), "buffering again");
+    }
+
+    /// A tiny deterministic generator for jitter (xorshift), 0..1.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    /// Plays `p` through `jb` in virtual time: a packet sent every 20 ms arrives after
+    /// `delay_ms` plus up to `jitter_ms(i)` more, in order (a later packet never passes an
+    /// earlier one), and the speaker takes a frame every 20 ms. Returns what each turn
+    /// played after `from_ms` and the depth aimed for then, and the depth held at the end.
+    #[allow(clippy::type_complexity)]
+    fn play(
+        jb: &mut JitterBuffer,
+        p: &[Vec<u8>],
+        jitter_ms: impl Fn(usize) -> f64,
+        from_ms: u64,
+    ) -> (Vec<(Option<FrameSource>, usize)>, usize) {
+        let t0 = Instant::now();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut last = 0.0f64;
+        let arrivals: Vec<f64> = (0..p.len())
+            .map(|i| {
+                let a = (i as f64 * 20.0 + 30.0 + rng.next() * jitter_ms(i)).max(last);
+                last = a;
+                a
+            })
+            .collect();
+        let mut dec = AudioDecoder::new().unwrap();
+        let mut turns = Vec::new();
+        let mut next_packet = 0;
+        let end = p.len() as u64 * 20;
+        for ms in 0..end {
+            while next_packet < p.len() && arrivals[next_packet] <= ms as f64 {
+                jb.push(next_packet as u16, &p[next_packet], at(t0, ms));
+                next_packet += 1;
+            }
+            if ms % 20 == 5 {
+                let got = jb.pop(&mut dec, at(t0, ms)).map(|(_, k)| k);
+                if ms >= from_ms {
+                    turns.push((got, jb.target()));
+                }
+            }
+        }
+        (turns, jb.depth())
+    }
+
+    #[test]
+    fn on_a_jittery_path_the_buffer_deepens_to_wait_for_late_packets_then_shrinks_again() {
+        // 30 s with up to 120 ms of jitter, then 20 s without.
+        let p = packets(2_500);
+        let jittery = |i: usize| if i < 1_500 { 120.0 } else { 0.0 };
+        let invented = |t: &[(Option<FrameSource>, usize)]| {
+            t.iter()
+                .filter(|(k, _)| !matches!(k, Some(FrameSource::Decoded | FrameSource::Fec)))
+                .count()
+        };
+        let mut jb = JitterBuffer::new(3);
+        let (turns, depth_end) = play(&mut jb, &p, jittery, 2_000);
+        // The jittery turns after the first two seconds.
+        let rough = &turns[..1_400];
+        let adaptive = invented(rough);
+        // It aims for about the 95th percentile of the jitter, and waits for the rest: a few
+        // frames invented.
+        assert!(
+            adaptive * 100 <= rough.len() * 3,
+            "{adaptive} of {} turns invented: {:?}",
+            rough.len(),
+            jb.stats
+        );
+        let aimed = rough.last().unwrap().1;
+        assert!(aimed >= 6, "aimed for {aimed} frames");
+        let waited = jb.summary().wait_ms(0.95).unwrap();
+        assert!(waited >= 100.0, "95 % waited up to {waited} ms");
+        // The same buffer with its target held at 60 ms also waits for late packets, but
+        // then shrinks back and waits again: a glitch (a frame invented or left out) every
+        // second or so, against a handful.
+        let mut fixed = JitterBuffer::new(3);
+        fixed.adapt = false;
+        let (fixed_turns, _) = play(&mut fixed, &p, jittery, 2_000);
+        let fixed_invented = invented(&fixed_turns[..1_400]);
+        let glitches = |s: &PlayoutStats| s.expanded + s.concealed + s.dropped;
+        eprintln!(
+            "jittery 30 s then calm 20 s: adaptive invented {adaptive} of 1400 jittery turns, {} glitches in all ({:?}, aimed for {aimed} frames, 95 % waited up to {waited} ms); fixed 60 ms invented {fixed_invented}, {} glitches ({:?})",
+            glitches(&jb.stats), jb.stats, glitches(&fixed.stats), fixed.stats
+        );
+        assert!(glitches(&jb.stats) <= 10, "{:?}", jb.stats);
+        assert!(
+            glitches(&fixed.stats) >= 4 * glitches(&jb.stats).max(5),
+            "{:?}",
+            fixed.stats
+        );
+        // Without jitter, it comes back down to its least depth, leaving frames out.
+        assert!(depth_end <= 4, "{depth_end} frames held at the end");
+        assert!(jb.stats.dropped >= 3, "{:?}", jb.stats);
+        assert_eq!(jb.target(), 3);
+        let calm = &turns[turns.len() - 250..];
+        assert_eq!(invented(calm), 0, "{calm:?}");
+    }
+
+    #[test]
+    fn the_wait_quantiles_come_from_the_packets_played() {
+        let mut s = PlayoutSummary::default();
+        assert_eq!(s.wait_ms(0.5), None);
+        s.waits[5] = 90;
+        s.waits[12] = 10;
+        assert_eq!(s.wait_ms(0.5), Some(60.0));
+        assert_eq!(s.wait_ms(0.9), Some(60.0));
+        assert_eq!(s.wait_ms(0.95), Some(130.0));
     }
 
     #[test]
     fn mixer_sums_sites_and_waits_for_depth() {
         let p = packets(4);
         let mut m = Mixer::new(2);
-        m.push("a", 0, &p[0]);
+        let t0 = Instant::now();
+        m.push("a", 0, &p[0], t0);
         assert!(m.mix_frame().iter().all(|&s| s == 0), "still buffering");
-        m.push("a", 1, &p[1]);
-        m.push("b", 7, &p[0]);
-        m.push("b", 8, &p[1]);
+        m.push("a", 1, &p[1], at(t0, 20));
+        m.push("b", 7, &p[0], t0);
+        m.push("b", 8, &p[1], at(t0, 20));
         let f = m.mix_frame();
         assert_eq!(f.len(), AUDIO_FRAME_SAMPLES);
         assert!(f.iter().map(|&s| i32::from(s).abs()).max().unwrap() > 1000);
         let mut out = vec![0i16; 300];
         m.fill(&mut out);
         assert_eq!(m.stats("a").unwrap().decoded, 2);
+        // A removed stream still counts in the summary.
+        m.remove("a");
+        assert_eq!(m.summary().stats.decoded, 4);
     }
 
     #[test]

@@ -115,6 +115,16 @@ fn heard_in(line: &str, site: &str) -> Option<u64> {
         .ok()
 }
 
+/// How long sound waits in the buffer now, and the wait it aims for, in ms, in a progress
+/// line (a site with a speaker): "…; đệm tiếng 95 ms (mục tiêu 140 ms)".
+fn buffer_in(line: &str) -> Option<(f64, f64)> {
+    let rest = &line[line.find("; đệm tiếng ")? + "; đệm tiếng ".len()..];
+    let mut words = rest.split_whitespace();
+    let now = words.next()?.parse().ok()?;
+    let aim = words.nth(3)?.parse().ok()?;
+    Some((now, aim))
+}
+
 /// Sound from `site` in `lines`' progress lines over at least `span`: frames per second as a
 /// share of the 50 a site sends, and the window in seconds. `at_start` runs as the window
 /// opens (to read link counters over the same window).
@@ -318,6 +328,87 @@ fn progress_lines_are_read_per_site() {
     assert_eq!(heard_in(l, "xa-a"), Some(250));
     assert_eq!(heard_in(l, "xa-b"), Some(9));
     assert_eq!(heard_in(l, "xa-c"), None);
+    assert_eq!(buffer_in(l), None);
+    let l = "[nghe-an] đã gửi 0 hình, 0 tiếng; nhận xa-a: 70 hình (68 đã kiểm), 250 tiếng; đệm tiếng 95 ms (mục tiêu 140 ms)";
+    assert_eq!(heard_in(l, "xa-a"), Some(250));
+    assert_eq!(buffer_in(l), Some((95.0, 140.0)));
+}
+
+#[test]
+fn on_a_jittery_line_the_sound_buffer_deepens_so_speech_plays_whole_then_shrinks_when_it_calms() {
+    let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
+    let link = EmulatedLink::create();
+    let (_server, url) = spawn_server(&["--dev", "--listen", &format!("{}:0", link.host_ip)]);
+    // The province plays what it hears at a speaker's pace (into nothing: no sound card).
+    let (mut province, mut ep) = site(
+        here(),
+        &url,
+        "nghe-an",
+        120,
+        &[
+            "--video",
+            "none",
+            "--audio",
+            "none",
+            "--speaker",
+            "null",
+            "--progress-every",
+            "1",
+        ],
+    );
+    // A 4G line: 40 ms one way and up to 120 ms more per packet, in order (a late packet
+    // holds back the ones behind it). No loss: whatever is invented is the buffer's doing.
+    let jittery = Shape {
+        delay: Duration::from_millis(40),
+        jitter: Duration::from_millis(120),
+        ..Shape::default()
+    };
+    link.shape_both(jittery);
+    let (mut commune, _ec) = site(behind(&link), &url, "xa-chau-tien", 110, &[]);
+    // It aims deeper than the 60 ms of a calm line, and the sound plays on for 30 s.
+    ep.wait(Duration::from_secs(40), "the sound buffer deepening", |l| {
+        buffer_in(l).is_some_and(|(_, aim)| aim >= 100.0)
+    });
+    let (heard, _, _) = speech_over(&mut ep, "xa-chau-tien", Duration::from_secs(30), || ());
+    // The line calms: the buffer comes back down within 30 s (it remembers 10 s of
+    // arrivals, then leaves out a frame a second).
+    link.shape_both(Shape {
+        jitter: Duration::ZERO,
+        ..jittery
+    });
+    let calmed = Instant::now();
+    ep.wait(Duration::from_secs(30), "the sound buffer shrinking", |l| {
+        buffer_in(l).is_some_and(|(now, aim)| aim <= 60.0 && now <= 90.0)
+    });
+    let shrunk = calmed.elapsed();
+    stop(&commune);
+    let rc = report(&mut commune);
+    stop(&province);
+    let rp = report(&mut province);
+    let p = &rp["audio_playout"];
+    let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
+    // A glitch: a frame invented, or left out to shrink the buffer.
+    let glitches = n("concealed") + n("expanded") + n("dropped");
+    eprintln!(
+        "sound on a jittery line: {:.1} % of frames arrived while jittery; played {p}; back down {shrunk:?} after the line calmed",
+        heard * 100.0
+    );
+    assert!(heard >= 0.98, "sound arrived {heard}");
+    // At most one frame in a hundred played is a glitch. (A buffer held at 60 ms, waiting
+    // for late packets and shrinking back, makes one about every second on this line: the
+    // unit test beside the buffer.)
+    assert!(glitches * 100 <= n("frames"), "{p}");
+    assert!(n("late") * 100 <= n("frames"), "{p}");
+    assert!(n("dropped") >= 1, "{p}");
+    let p95 = p["delay_ms"]["p95"].as_f64().unwrap();
+    assert!((100.0..=300.0).contains(&p95), "{p}");
+    // Jitter is not congestion: the commune's pictures went on (before the queue was read
+    // over half a second, 4G's jitter looked like a queue, and they paused within 5 s).
+    assert_eq!(rc["sent"]["video_pauses"], 0, "{rc}");
+    let pictures = received_from(&rp, "xa-chau-tien")["video_frames_verified"]
+        .as_u64()
+        .unwrap();
+    assert!(pictures >= 15 * 40, "{pictures} pictures");
 }
 
 #[test]

@@ -119,8 +119,9 @@ struct JoinArgs {
     /// Sound source: synthetic | mic[:ID] | none (ids from `diemcau-cli devices`)
     #[arg(long, default_value = "synthetic")]
     audio: String,
-    /// Where remote sound plays: default | ID | none
-    #[arg(long, default_value = "default")]
+    /// Where remote sound plays: default | ID | none | null (played out at a speaker's pace
+    /// into nothing, for the report's audio_playout). Given twice, the last one counts.
+    #[arg(long, default_value = "default", overrides_with = "speaker")]
     speaker: String,
     /// Seconds to stay in the room.
     #[arg(long, default_value_t = 10.0)]
@@ -583,6 +584,7 @@ async fn join(args: JoinArgs) -> ExitCode {
     opts.speaker = match args.speaker.as_str() {
         "none" => SpeakerOutput::None,
         "default" => SpeakerOutput::Default,
+        "null" => SpeakerOutput::Null,
         id => SpeakerOutput::Device(id.to_string()),
     };
     eprintln!(
@@ -630,7 +632,8 @@ async fn join(args: JoinArgs) -> ExitCode {
                 let r = room.report().await;
                 let parts: Vec<String> = r.received.iter().map(|s| format!(
                     "{}: {} hình ({} đã kiểm), {} tiếng", s.site, s.video_frames, s.video_frames_verified, s.audio_frames)).collect();
-                eprintln!("[{}] đã gửi {} hình, {} tiếng; nhận {}", target.site, r.sent.video_frames, r.sent.audio_frames,
+                let buffer = r.audio_playout.as_ref().map(|p| format!("; đệm tiếng {:.0} ms (mục tiêu {:.0} ms)", p.delay_now_ms, p.target_ms)).unwrap_or_default();
+                eprintln!("[{}] đã gửi {} hình, {} tiếng; nhận {}{buffer}", target.site, r.sent.video_frames, r.sent.audio_frames,
                     if parts.is_empty() { "chưa có gì".to_string() } else { parts.join("; ") });
             }
             ev = events.recv() => match ev {
