@@ -1014,8 +1014,10 @@ mod tests {
         assert_eq!(cap.apply(gcc), gcc, "no queue, no ceiling");
         cap.update(at(100), Some(90.0), 250_000.0, gcc, false);
         assert_eq!(cap.apply(gcc), 212_500.0);
-        // Cut again only after a while, never up.
+        // Cut again only after half a second, never up.
         cap.update(at(200), Some(90.0), 200_000.0, gcc, false);
+        assert_eq!(cap.apply(gcc), 212_500.0);
+        cap.update(at(450), Some(90.0), 200_000.0, gcc, false);
         assert_eq!(cap.apply(gcc), 212_500.0);
         cap.update(at(650), Some(90.0), 200_000.0, gcc, false);
         assert_eq!(cap.apply(gcc), 170_000.0);

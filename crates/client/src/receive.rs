@@ -232,13 +232,9 @@ pub async fn run_track(
                         // Playout is per slot: a slot's RTP sequence numbers are continuous
                         // even when the site it carries changes (the room resets it then).
                         if let Some(mx) = &remote.mixer {
+                            let now = Instant::now();
                             if let Ok(mut mx) = mx.lock() {
-                                mx.push(
-                                    m,
-                                    pkt.header.sequence_number,
-                                    &pkt.payload,
-                                    Instant::now(),
-                                );
+                                mx.push(m, pkt.header.sequence_number, ts, &pkt.payload, now);
                             }
                         }
                         let Ok(pcm) = dec.decode(&pkt.payload) else {

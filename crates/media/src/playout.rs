@@ -28,8 +28,8 @@ pub const MAX_DEPTH: usize = 15;
 /// Frames concealed in a row while the next packet is late (160 ms), before playout stops and
 /// buffers again.
 const MAX_EXPAND: u32 = 8;
-/// Turns between two frames left out to shrink the buffer (0.5 s); after a second, the next
-/// frame goes even when it is not quiet.
+/// Turns between two frames left out to shrink the buffer (0.5 s); after a second deeper
+/// than aimed for, the next frame goes even when it is not quiet.
 const DROP_EVERY: u32 = 25;
 const DROP_ANYWAY: u32 = 50;
 /// Turns over which the depth held is taken (a second).
@@ -37,8 +37,15 @@ const RECENT_TURNS: usize = 50;
 /// A frame this quiet (dBFS) is the one left out when the buffer shrinks.
 const QUIET_DBFS: f64 = -40.0;
 /// An arrival this far off the schedule of the ones before starts the history afresh: the
-/// sender stopped (muted, reconnected) and its sequence numbers ran on from where they were.
+/// site came back with a timestamp from elsewhere.
 const RESCHEDULE_US: i64 = 2_000_000;
+/// So does one after this long without any: a muted sender sends nothing, and its RTP
+/// timestamps run on from where they stopped, so the first packet after would look late by
+/// the whole pause. (Jitter up to the deepest target leaves no such gap at 50 packets a
+/// second.)
+const ARRIVAL_GAP: Duration = Duration::from_millis(250);
+/// Opus's RTP clock: 48 kHz, so a tick is 1000/48 µs.
+const TICKS_PER_MS: i64 = 48;
 /// Waits counted in [`PlayoutSummary::waits`], 10 ms each; the last counts 630 ms or more.
 pub const WAIT_BINS: usize = 64;
 /// Packets over which the wait now is averaged (a second).
@@ -139,27 +146,33 @@ impl PlayoutSummary {
     }
 }
 
-/// Arrival times against the sender's schedule (a frame every 20 ms by sequence number).
+/// Arrival times against the sender's schedule: its RTP timestamps, not the sequence
+/// numbers, which the server renumbers (a frame lost before it takes none, and would make
+/// every packet after it look 20 ms late).
 #[derive(Debug, Default)]
 struct Arrivals {
     /// When a packet came, and how late against the schedule (µs, from an arbitrary origin).
     seen: VecDeque<(Instant, i64)>,
-    /// The schedule's origin: an arrival and its extended sequence number.
-    origin: Option<(Instant, u64)>,
+    /// The schedule's origin: an arrival and its sender's time (µs).
+    origin: Option<(Instant, i64)>,
 }
 
 impl Arrivals {
-    fn add(&mut self, now: Instant, ext: u64) {
-        let lateness = |(t0, s0): (Instant, u64)| {
-            let since = now.saturating_duration_since(t0).as_micros() as i64;
-            since - (ext as i64 - s0 as i64) * FRAME_US
+    /// A packet the sender stamped `sent_us` (its unwrapped RTP timestamp, in µs).
+    fn add(&mut self, now: Instant, sent_us: i64) {
+        let lateness = |(t0, s0): (Instant, i64)| {
+            now.saturating_duration_since(t0).as_micros() as i64 - (sent_us - s0)
         };
-        let origin = *self.origin.get_or_insert((now, ext));
+        let gap = self
+            .seen
+            .back()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > ARRIVAL_GAP);
+        let origin = *self.origin.get_or_insert((now, sent_us));
         let mut late = lateness(origin);
         let least = self.seen.iter().map(|&(_, l)| l).min().unwrap_or(late);
-        if (late - least).abs() > RESCHEDULE_US {
+        if gap || (late - least).abs() > RESCHEDULE_US {
             self.seen.clear();
-            self.origin = Some((now, ext));
+            self.origin = Some((now, sent_us));
             late = 0;
         }
         self.seen.push_back((now, late));
@@ -197,6 +210,8 @@ pub struct JitterBuffer {
     /// The depth aimed for: `min_depth`, or more while packets come unevenly.
     target: usize,
     arrivals: Arrivals,
+    /// The newest RTP timestamp seen, as sent and unwrapped.
+    newest_ts: Option<(u32, i64)>,
     /// Whether the target follows the arrivals (always, but in a test of what a fixed
     /// target would do).
     adapt: bool,
@@ -204,8 +219,10 @@ pub struct JitterBuffer {
     playing: bool,
     /// Frames concealed in a row waiting for a late packet.
     expanding: u32,
-    /// Turns played since a frame was last left out.
+    /// Turns played since a frame was last left out, and since the last second's depth
+    /// went over what is aimed for (or the last frame was left out).
     since_drop: u32,
+    deep_for: u32,
     /// The depth held at each of the last 50 turns (a second). Its most is what the buffer
     /// delays by: packets come in bursts on a jittery path, and the depth is greatest just
     /// after one.
@@ -228,11 +245,13 @@ impl JitterBuffer {
             min_depth,
             target: min_depth,
             arrivals: Arrivals::default(),
+            newest_ts: None,
             adapt: true,
             pushed: 0,
             playing: false,
             expanding: 0,
             since_drop: 0,
+            deep_for: 0,
             recent: VecDeque::with_capacity(RECENT_TURNS + 1),
             waits: [0; WAIT_BINS],
             recent_waits: VecDeque::with_capacity(RECENT_WAITS + 1),
@@ -252,12 +271,20 @@ impl JitterBuffer {
             .expect("three candidates")
     }
 
-    /// Files a packet that arrived at `now`.
-    pub fn push(&mut self, seq: u16, payload: &[u8], now: Instant) {
+    /// Files a packet with RTP timestamp `ts` that arrived at `now`.
+    pub fn push(&mut self, seq: u16, ts: u32, payload: &[u8], now: Instant) {
         let ext = self.extend(seq);
-        self.arrivals.add(now, ext);
+        let ext_ts = match self.newest_ts {
+            Some((raw, ext)) => ext + i64::from(ts.wrapping_sub(raw) as i32),
+            None => i64::from(ts),
+        };
+        if self.newest_ts.is_none_or(|(_, e)| ext_ts > e) {
+            self.newest_ts = Some((ts, ext_ts));
+        }
+        self.arrivals.add(now, ext_ts * 1000 / TICKS_PER_MS);
         self.pushed = self.pushed.wrapping_add(1);
-        if self.adapt && self.pushed % 10 == 1 {
+        // Worked out every tenth packet, and at once when the history started afresh.
+        if self.adapt && (self.pushed % 10 == 1 || self.arrivals.seen.len() == 1) {
             let spread = self.arrivals.spread_us().max(0) as u64;
             let frames = spread.div_ceil(FRAME_US as u64) as usize + 1;
             self.target = frames.clamp(self.min_depth, MAX_DEPTH);
@@ -305,6 +332,10 @@ impl JitterBuffer {
             }
             self.playing = true;
             self.expanding = 0;
+            // A new start: what was held before says nothing about now.
+            self.recent.clear();
+            self.since_drop = 0;
+            self.deep_for = 0;
             self.next = self.packets.keys().next().copied();
         }
         let next = self.next?;
@@ -330,19 +361,23 @@ impl JitterBuffer {
         // Held more than aimed for over the last second: leave a frame out, a quiet one if
         // one comes.
         let most = self.recent.iter().copied().max().unwrap_or(0);
-        let deep = depth > self.target && most > self.target + 1;
+        let over = most > self.target + 1;
+        self.deep_for = if over { self.deep_for + 1 } else { 0 };
+        let deep = depth > self.target && over;
         if deep && self.since_drop >= DROP_EVERY && self.packets.contains_key(&(next + 1)) {
-            if let Some((p, _)) = self.packets.remove(&next) {
+            if let Some((p, came)) = self.packets.remove(&next) {
                 self.next = Some(next + 1);
                 // Decoded either way, so the decoder's state runs on without a gap.
                 let pcm = dec.decode(&p).ok();
                 let quiet = p.len() <= 2 || pcm.as_deref().is_some_and(|s| dbfs(s) < QUIET_DBFS);
-                if quiet || self.since_drop >= DROP_ANYWAY {
+                if quiet || self.deep_for >= DROP_ANYWAY {
                     self.stats.dropped += 1;
                     self.since_drop = 0;
+                    self.deep_for = 0;
                     return self.play_next(dec, now);
                 }
                 self.stats.decoded += 1;
+                self.waited(now.saturating_duration_since(came));
                 return pcm.map(|pcm| (pcm, FrameSource::Decoded));
             }
         }
@@ -388,8 +423,13 @@ impl JitterBuffer {
         PlayoutSummary {
             stats: self.stats,
             waits: self.waits,
-            wait_now_ms: self.recent_waits.iter().map(|&w| f64::from(w)).sum::<f64>() / n,
-            target_now: self.target,
+            // A buffer that stopped (its site fell silent or left) holds nothing now.
+            wait_now_ms: if self.playing {
+                self.recent_waits.iter().map(|&w| f64::from(w)).sum::<f64>() / n
+            } else {
+                0.0
+            },
+            target_now: if self.playing { self.target } else { 0 },
         }
     }
 }
@@ -432,7 +472,7 @@ impl Mixer {
 
     /// Adds a packet of the stream `site` (any key: the client uses the slot's mid) that
     /// arrived at `now`.
-    pub fn push(&mut self, site: &str, seq: u16, payload: &[u8], now: Instant) {
+    pub fn push(&mut self, site: &str, seq: u16, ts: u32, payload: &[u8], now: Instant) {
         if !self.sites.contains_key(site) {
             let Ok(dec) = AudioDecoder::new() else {
                 return;
@@ -441,7 +481,7 @@ impl Mixer {
                 .insert(site.to_string(), (JitterBuffer::new(self.depth), dec));
         }
         if let Some((jb, _)) = self.sites.get_mut(site) {
-            jb.push(seq, payload, now);
+            jb.push(seq, ts, payload, now);
         }
     }
 
@@ -585,7 +625,12 @@ mod tests {
             (6, 6, 120),
             (9, 9, 180),
         ] {
-            jb.push(seq.wrapping_add(65_530), &p[i], at(t0, ms));
+            jb.push(
+                seq.wrapping_add(65_530),
+                u32::from(seq) * 960,
+                &p[i],
+                at(t0, ms),
+            );
         }
         let mut kinds = Vec::new();
         let mut tones = Vec::new();
@@ -609,7 +654,7 @@ mod tests {
                 ..PlayoutStats::default()
             }
         );
-        jb.push(65_533, &p[3], at(t0, 200));
+        jb.push(65_533, 3 * 960, &p[3], at(t0, 200));
         assert_eq!(jb.stats.late, 1, "a packet after its turn is dropped");
         // Nothing more: the next turns are concealed while the buffer waits, then it stops.
         let waited = std::iter::from_fn(|| jb.pop(&mut dec, at(t0, 220))).count();
@@ -656,7 +701,12 @@ mod tests {
         let end = p.len() as u64 * 20;
         for ms in 0..end {
             while next_packet < p.len() && arrivals[next_packet] <= ms as f64 {
-                jb.push(next_packet as u16, &p[next_packet], at(t0, ms));
+                jb.push(
+                    next_packet as u16,
+                    next_packet as u32 * 960,
+                    &p[next_packet],
+                    at(t0, ms),
+                );
                 next_packet += 1;
             }
             if ms % 20 == 5 {
@@ -722,6 +772,29 @@ mod tests {
         assert_eq!(invented(calm), 0, "{calm:?}");
     }
 
+    /// Frames lost before the server take no sequence number there: only the timestamps
+    /// show them. On a steady path they are not jitter, nor is a pause in the sound.
+    #[test]
+    fn upstream_loss_and_a_pause_are_not_jitter() {
+        let p = packets(600);
+        let mut jb = JitterBuffer::new(3);
+        let mut dec = AudioDecoder::new().unwrap();
+        let t0 = Instant::now();
+        let mut seq = 0u16;
+        for i in 0..600u64 {
+            // Every 20th frame lost before the server; from frame 300, a pause of 400 ms
+            // (muted: nothing sent, timestamps run on from where they stopped).
+            if i % 20 == 7 {
+                continue;
+            }
+            let arrival = if i < 300 { i * 20 } else { i * 20 + 400 };
+            jb.push(seq, i as u32 * 960, &p[i as usize], at(t0, arrival + 30));
+            seq = seq.wrapping_add(1);
+            jb.pop(&mut dec, at(t0, arrival + 35));
+            assert_eq!(jb.target(), 3, "frame {i}");
+        }
+    }
+
     #[test]
     fn the_wait_quantiles_come_from_the_packets_played() {
         let mut s = PlayoutSummary::default();
@@ -738,11 +811,11 @@ mod tests {
         let p = packets(4);
         let mut m = Mixer::new(2);
         let t0 = Instant::now();
-        m.push("a", 0, &p[0], t0);
+        m.push("a", 0, 0, &p[0], t0);
         assert!(m.mix_frame().iter().all(|&s| s == 0), "still buffering");
-        m.push("a", 1, &p[1], at(t0, 20));
-        m.push("b", 7, &p[0], t0);
-        m.push("b", 8, &p[1], at(t0, 20));
+        m.push("a", 1, 960, &p[1], at(t0, 20));
+        m.push("b", 7, 0, &p[0], t0);
+        m.push("b", 8, 960, &p[1], at(t0, 20));
         let f = m.mix_frame();
         assert_eq!(f.len(), AUDIO_FRAME_SAMPLES);
         assert!(f.iter().map(|&s| i32::from(s).abs()).max().unwrap() > 1000);
