@@ -117,19 +117,8 @@ impl CaptureControl {
     }
 }
 
-/// Loudness of 16-bit samples in dBFS (-100 for silence).
-pub fn level_dbfs(samples: &[i16]) -> f32 {
-    if samples.is_empty() {
-        return -100.0;
-    }
-    let sum: f64 = samples.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
-    let rms = (sum / samples.len() as f64).sqrt() / 32768.0;
-    if rms <= 1e-5 {
-        -100.0
-    } else {
-        (20.0 * rms.log10()) as f32
-    }
-}
+/// Loudness of 16-bit samples in dBFS (the meters and the speaking indicator use it from here).
+pub use diemcau_media::frame::level_dbfs;
 
 /// Bitrate the video encoder may use given the estimate for the whole connection.
 pub fn video_share(estimate_bps: f64, max_video_bps: u32) -> u32 {

@@ -147,6 +147,20 @@ pub struct AudioFrame {
     pub captured_us: u64,
 }
 
+/// Loudness of 16-bit samples in dBFS (-100 for silence).
+pub fn level_dbfs(samples: &[i16]) -> f32 {
+    if samples.is_empty() {
+        return -100.0;
+    }
+    let sum: f64 = samples.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
+    let rms = (sum / samples.len() as f64).sqrt() / 32768.0;
+    if rms <= 1e-5 {
+        -100.0
+    } else {
+        (20.0 * rms.log10()) as f32
+    }
+}
+
 /// Microseconds since the Unix epoch, from the wall clock. Sender and receiver on one
 /// machine share it, which is what glass-to-glass latency needs.
 pub fn now_us() -> u64 {

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::codec::AudioDecoder;
-use crate::frame::AUDIO_FRAME_SAMPLES;
+use crate::frame::{level_dbfs, AUDIO_FRAME_SAMPLES};
 
 /// One frame of sound.
 const FRAME_US: i64 = 20_000;
@@ -35,7 +35,7 @@ const DROP_ANYWAY: u32 = 50;
 /// Turns over which the depth held is taken (a second).
 const RECENT_TURNS: usize = 50;
 /// A frame this quiet (dBFS) is the one left out when the buffer shrinks.
-const QUIET_DBFS: f64 = -40.0;
+const QUIET_DBFS: f32 = -40.0;
 /// An arrival this far off the schedule of the ones before starts the history afresh: the
 /// site came back with a timestamp from elsewhere.
 const RESCHEDULE_US: i64 = 2_000_000;
@@ -369,7 +369,8 @@ impl JitterBuffer {
                 self.next = Some(next + 1);
                 // Decoded either way, so the decoder's state runs on without a gap.
                 let pcm = dec.decode(&p).ok();
-                let quiet = p.len() <= 2 || pcm.as_deref().is_some_and(|s| dbfs(s) < QUIET_DBFS);
+                let quiet =
+                    p.len() <= 2 || pcm.as_deref().is_some_and(|s| level_dbfs(s) < QUIET_DBFS);
                 if quiet || self.deep_for >= DROP_ANYWAY {
                     self.stats.dropped += 1;
                     self.since_drop = 0;
@@ -431,20 +432,6 @@ impl JitterBuffer {
             },
             target_now: if self.playing { self.target } else { 0 },
         }
-    }
-}
-
-/// The level of 16-bit samples in dBFS (RMS; -100 for silence).
-fn dbfs(samples: &[i16]) -> f64 {
-    if samples.is_empty() {
-        return -100.0;
-    }
-    let sum: f64 = samples.iter().map(|&s| f64::from(s).powi(2)).sum();
-    let rms = (sum / samples.len() as f64).sqrt() / 32_768.0;
-    if rms <= 1e-5 {
-        -100.0
-    } else {
-        20.0 * rms.log10()
     }
 }
 
